@@ -1,0 +1,190 @@
+"""Samplers: pure functions ``sample_<name>(denoiser, x, sigmas, *, generator=None, callback=None)``.
+
+Each takes ``x`` (B, C, H, W) already at noise level ``sigmas[0]`` (VE: pure noise is ``sigma_max * randn``)
+and a descending grid ``sigmas`` of shape (n + 1,) that ends at the final noise level (usually 0). It
+returns the sample at ``sigmas[-1]``. ``denoiser`` is any ``D(x, sigma, **cond) -> x0_hat``.
+
+``generator`` is a ``torch.Generator`` or a list of B generators, one per sample; with a list, sample i's
+noise comes from generator i alone, so results do not depend on how samples are batched.
+``callback(dict(i=, x=, sigma=, sigma_next=, denoised=))`` is called after every step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+Denoiser = Callable[..., torch.Tensor]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    SAMPLERS[fn.__name__.removeprefix("sample_")] = fn
+    return fn
+
+
+def randn(shape: Sequence[int], generator: Generator = None, *, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Standard normal noise of ``shape``; with a list of generators, row i is drawn from generator i."""
+    # Noise is drawn on the generator's own device, then moved, so a CPU generator gives the same numbers
+    # whether the model runs on CPU or GPU.
+    if generator is None:
+        return torch.randn(tuple(shape), dtype=dtype, device=device)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=generator.device).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample.")
+    rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=g.device) for g in generator]
+    return torch.stack(rows).to(device)
+
+
+def _d(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any] | None) -> torch.Tensor:
+    return denoiser(x, sigma.to(x.device, torch.float64).expand(x.shape[0]), **(cond or {}))
+
+
+@_register
+@torch.no_grad()
+def sample_ddim(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    eta: float = 0.0,
+    generator: Generator = None,
+    callback: Callable[[dict], None] | None = None,
+    cond: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, Eq. 12) written in VE sigmas.
+
+    With ``eps_hat = (x - x0_hat) / sigma``, one step to ``sigma'`` is
+    ``x' = x0_hat + sigma_down * eps_hat + sigma_up * z`` where
+    ``sigma_up = eta * sigma' * sqrt(1 - sigma'^2 / sigma^2)`` and ``sigma_down = sqrt(sigma'^2 - sigma_up^2)``:
+    Eq. 12 divided by ``sqrt(alpha_bar')``. ``eta = 0`` is deterministic (= Euler on the PF-ODE),
+    ``eta = 1`` is DDPM's ancestral sampler. For ``eta > 0`` one ``z`` is drawn at every step, the last included,
+    as diffusers' ``DDIMScheduler`` draws it, so the two agree on the same generator.
+    """
+    sigmas = sigmas.double()
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = _d(denoiser, x, s, cond)
+        eps = (x - x0) / s.to(x.dtype)
+        sigma_up = eta * s_next * (1 - s_next**2 / s**2).clamp(min=0).sqrt()
+        sigma_down = (s_next**2 - sigma_up**2).clamp(min=0).sqrt()
+        x = x0 + sigma_down.to(x.dtype) * eps
+        if eta > 0:
+            x = x + sigma_up.to(x.dtype) * randn(x.shape, generator, dtype=x.dtype, device=x.device)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": x0})
+    return x
+
+
+@_register
+@torch.no_grad()
+def sample_euler(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: Generator = None,
+    callback: Callable[[dict], None] | None = None,
+    cond: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` (EDM Eq. 3)."""
+    sigmas = sigmas.double()
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = _d(denoiser, x, s, cond)
+        d = (x - x0) / s.to(x.dtype)
+        x = x + (s_next - s).to(x.dtype) * d
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": x0})
+    return x
+
+
+@_register
+@torch.no_grad()
+def sample_heun(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: Generator = None,
+    callback: Callable[[dict], None] | None = None,
+    cond: Mapping[str, Any] | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Heun's 2nd-order method, EDM Algorithm 2 (Algorithm 1 when ``s_churn = 0``, the default).
+
+    ``2n - 1`` denoiser calls for n steps: the last step, to ``sigma = 0``, is plain Euler.
+    """
+    sigmas = sigmas.double()
+    n = len(sigmas) - 1
+    for i in range(n):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= float(s) <= s_tmax else 0.0
+        s_hat = s * (1 + gamma)
+        if gamma > 0:
+            z = randn(x.shape, generator, dtype=x.dtype, device=x.device)
+            x = x + ((s_hat**2 - s**2).sqrt() * s_noise).to(x.dtype) * z
+        x0 = _d(denoiser, x, s_hat, cond)
+        d = (x - x0) / s_hat.to(x.dtype)
+        x_next = x + (s_next - s_hat).to(x.dtype) * d
+        if s_next > 0:
+            x0_next = _d(denoiser, x_next, s_next, cond)
+            d_next = (x_next - x0_next) / s_next.to(x.dtype)
+            x_next = x + (s_next - s_hat).to(x.dtype) * (d + d_next) / 2
+        x = x_next
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": x0})
+    return x
+
+
+@_register
+@torch.no_grad()
+def sample_consistency(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: Generator = None,
+    callback: Callable[[dict], None] | None = None,
+    cond: Mapping[str, Any] | None = None,
+    sigma_min: float = 0.0,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1).
+
+    Denoise to ``x0_hat = f(x, sigma_i)``, then re-noise to the next level:
+    ``x = x0_hat + sqrt(sigma_{i+1}^2 - sigma_min^2) * z``. The last grid entry is the final level (usually 0,
+    where no noise is added). One denoiser call per step.
+    """
+    sigmas = sigmas.double()
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = _d(denoiser, x, s, cond)
+        if s_next > 0:
+            scale = (s_next**2 - sigma_min**2).clamp(min=0).sqrt().to(x.dtype)
+            x = x0 + scale * randn(x.shape, generator, dtype=x.dtype, device=x.device)
+        else:
+            x = x0
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": x0})
+    return x
+
+
+def nfe(sampler: str, num_steps: int) -> int:
+    """Denoiser evaluations a sampler makes for ``num_steps`` steps ending at sigma 0."""
+    return 2 * num_steps - 1 if sampler == "heun" else num_steps
+
+
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    from distill.errors import DistillError
+
+    if name not in SAMPLERS:
+        raise DistillError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(SAMPLERS))}.")
+    return SAMPLERS[name]

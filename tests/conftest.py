@@ -1,0 +1,49 @@
+"""Shared fixtures: offline hub, few threads, tiny diffusers models built from config."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def tiny_unet(seed: int = 0, sample_size: int = 8, channels: int = 1):
+    """A randomly initialised ~30k-parameter diffusers UNet2DModel."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+    # Random init leaves some output weights at zero; perturb every parameter so outputs depend on the input.
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet.eval()
+
+
+@pytest.fixture
+def unet():
+    return tiny_unet()
+
+
+@pytest.fixture
+def scheduler_config():
+    return {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+            "prediction_type": "epsilon", "clip_sample": False}
