@@ -1,0 +1,130 @@
+"""Frechet distance between two sets of features (the "F" in FID and in FD-digits).
+
+Each set is summarised by a Gaussian N(mu, Sigma) fitted to its features; the Frechet (2-Wasserstein)
+distance between two Gaussians is (Dowson & Landau 1982; Heusel et al. 2017, eq. 6)
+
+    d^2 = ||mu_1 - mu_2||^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^{1/2}).
+
+All statistics are computed in float64: the trace term is a difference of large numbers, and float32
+covariances visibly shift small distances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from distill.errors import DistillError
+
+__all__ = ["FeatureStats", "feature_stats", "frechet_distance", "fd_from_features"]
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Gaussian summary of a feature set.
+
+    Attributes:
+        mu: (D,) float64 mean of the features.
+        sigma: (D, D) float64 unbiased covariance (divides by n - 1, as clean-fid and torchmetrics do).
+        n: number of samples the statistics were computed from.
+    """
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension D."""
+        return int(self.mu.shape[0])
+
+
+def _as_float64_2d(features: torch.Tensor | np.ndarray, name: str = "features") -> np.ndarray:
+    """(N, D) tensor or array on any device and of any float dtype -> (N, D) float64 numpy array."""
+    if isinstance(features, torch.Tensor):
+        arr = features.detach().to(device="cpu", dtype=torch.float64).numpy()
+    else:
+        arr = np.asarray(features, dtype=np.float64)
+    if arr.ndim != 2:
+        raise DistillError(f"{name} must have shape (N, D), got shape {tuple(arr.shape)}; flatten each sample first.")
+    if not np.all(np.isfinite(arr)):
+        raise DistillError(f"{name} contain NaN or inf values; the samples or the feature network diverged.")
+    return arr
+
+
+def feature_stats(features: torch.Tensor | np.ndarray) -> FeatureStats:
+    """Fit a Gaussian to a feature set.
+
+    Args:
+        features: (N, D) features, one row per sample.
+
+    Returns:
+        FeatureStats with mu (D,), sigma (D, D) in float64 and n = N.
+
+    Raises:
+        DistillError: if N < 2 (no covariance) or N <= D (the covariance is singular, so the distance
+            mostly measures the sample count rather than the distributions).
+    """
+    x = _as_float64_2d(features)
+    n, d = x.shape
+    if n < 2:
+        raise DistillError(f"need at least 2 samples to compute feature statistics, got {n}; generate more samples.")
+    if n <= d:
+        raise DistillError(
+            f"got {n} samples of {d}-dimensional features: with no more samples than feature dimensions the "
+            f"covariance is singular; use more than {d} samples (several times more is better) or a feature "
+            f"network with fewer than {n} dimensions."
+        )
+    mu = x.mean(axis=0)
+    centered = x - mu
+    sigma = centered.T @ centered / (n - 1)
+    # Round-off makes the product slightly asymmetric; later steps use eigh, which assumes symmetry.
+    sigma = 0.5 * (sigma + sigma.T)
+    return FeatureStats(mu=mu, sigma=sigma, n=int(n))
+
+
+def _sqrt_psd(mat: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a (D, D) symmetric PSD matrix; round-off negative eigenvalues become 0."""
+    w, v = np.linalg.eigh(mat)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((Sigma_1 Sigma_2)^{1/2}) for symmetric PSD (D, D) matrices.
+
+    Sigma_1 Sigma_2 is not symmetric, so its square root via a general eigen- or Schur decomposition picks
+    up complex round-off. It is similar to A = Sigma_1^{1/2} Sigma_2 Sigma_1^{1/2}, which is symmetric PSD
+    and has the same eigenvalues, so the trace is the sum of the square roots of A's (real) eigenvalues.
+    """
+    s1_half = _sqrt_psd(sigma1)
+    a = s1_half @ sigma2 @ s1_half
+    a = 0.5 * (a + a.T)
+    eig = np.linalg.eigvalsh(a)
+    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """Frechet distance d^2 between N(a.mu, a.sigma) and N(b.mu, b.sigma), in float64.
+
+    Args:
+        a, b: statistics of the two sets; both must have the same feature dimension D.
+
+    Returns:
+        ||mu_a - mu_b||^2 + Tr(Sigma_a + Sigma_b - 2 (Sigma_a Sigma_b)^{1/2}), a float >= 0 up to round-off.
+    """
+    if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
+        raise DistillError(
+            f"feature statistics have different dimensions ({a.mu.shape[0]} vs {b.mu.shape[0]}); "
+            "both sets must come from the same feature network."
+        )
+    mu1, mu2 = np.asarray(a.mu, dtype=np.float64), np.asarray(b.mu, dtype=np.float64)
+    s1, s2 = np.asarray(a.sigma, dtype=np.float64), np.asarray(b.sigma, dtype=np.float64)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * _trace_sqrt_product(s1, s2))
+
+
+def fd_from_features(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
+    """Frechet distance between two feature sets x (N, D) and y (M, D)."""
+    return frechet_distance(feature_stats(x), feature_stats(y))
