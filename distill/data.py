@@ -1,0 +1,155 @@
+"""Training data as Hugging Face ``datasets``: the embedded digits set, local folders, or a hub dataset.
+
+Everything is served as float images in [-1, 1] of shape (C, H, W) under ``image`` and an int ``label`` when
+the dataset has one. ``ImageBatches`` turns a dataset into deterministic, resumable batches: the order of
+epoch ``e`` is a permutation drawn from ``seed + e``, so a position ``(epoch, offset)`` names the next batch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.config import DataConfig
+from distill.errors import DistillError
+
+
+def digits_dataset():
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, classes 0-9) as a ``datasets.Dataset``.
+
+    ``image``: float32 (1, 8, 8) in [-1, 1] (``pixel / 8 - 1``, pixels are 0..16); ``label``: int64.
+    """
+    import datasets
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
+    ds = datasets.Dataset.from_dict({"image": images, "label": d.target.astype(np.int64)})
+    return ds.with_format("torch")
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(k, "0").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def load_dataset(cfg: DataConfig):
+    """The ``datasets.Dataset`` named by ``cfg``: ``digits``, a local folder, or a hub name (online only)."""
+    import datasets
+
+    if cfg.name == "digits":
+        return digits_dataset()
+    path = Path(cfg.name).expanduser()
+    try:
+        if path.is_dir():
+            if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[cfg.split]
+            else:
+                ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=cfg.split)
+        elif path.exists() or cfg.name.startswith((".", "/", "~")):
+            raise DistillError(f"dataset folder {cfg.name} does not exist or is not a folder.")
+        elif _hub_offline():
+            raise DistillError(
+                f"dataset {cfg.name!r} is not a local folder and the hub is offline; download it on a connected "
+                "machine (datasets.load_dataset(...).save_to_disk(DIR)) and set data.name to DIR."
+            )
+        else:
+            ds = datasets.load_dataset(cfg.name, split=cfg.split)
+    except DistillError:
+        raise
+    except Exception as exc:
+        raise DistillError(f"cannot load dataset {cfg.name!r} (split {cfg.split!r}): {exc}") from exc
+    if cfg.image_column not in ds.column_names:
+        raise DistillError(
+            f"dataset {cfg.name!r} has no column {cfg.image_column!r}; set data.image_column to one of "
+            f"{', '.join(ds.column_names)}."
+        )
+    return ds
+
+
+def _to_tensor(img: Any, cfg: DataConfig) -> torch.Tensor:
+    """One image (PIL, array or tensor) -> float32 (C, H, W) in [-1, 1]."""
+    if isinstance(img, torch.Tensor):
+        x = img.float()
+        if x.ndim == 2:
+            x = x[None]
+    else:
+        from PIL import Image
+
+        if isinstance(img, Image.Image):
+            if cfg.channels is not None:
+                img = img.convert("L" if cfg.channels == 1 else "RGB")
+            arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        else:
+            arr = np.asarray(img, dtype=np.float32)
+        x = torch.from_numpy(arr)
+        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    if cfg.resolution is not None and tuple(x.shape[-2:]) != (cfg.resolution, cfg.resolution):
+        import torchvision.transforms.v2.functional as F
+
+        x = F.center_crop(F.resize(x, cfg.resolution, antialias=True), [cfg.resolution, cfg.resolution])
+    return x
+
+
+class ImageBatches:
+    """Deterministic, resumable batches from a dataset.
+
+    ``batch(epoch, offset, size)`` returns ``{"image": (size, C, H, W) float32 in [-1, 1], "label": (size,)}``
+    for positions ``offset .. offset + size`` of epoch ``epoch``'s permutation. Images are decoded once and
+    kept in memory when the dataset is small (the digits set is 110 KB).
+    """
+
+    def __init__(self, dataset, cfg: DataConfig, seed: int = 0) -> None:
+        self.ds = dataset
+        self.cfg = cfg
+        self.seed = seed
+        self.n = len(dataset)
+        if self.n == 0:
+            raise DistillError(f"dataset {cfg.name!r} (split {cfg.split!r}) is empty.")
+        self._cache: dict[str, torch.Tensor] | None = None
+        if self.n <= 50_000:
+            self._cache = self._decode(list(range(self.n)))
+
+    def _decode(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.ds[idx]
+        images = torch.stack([_to_tensor(im, self.cfg) for im in rows[self.cfg.image_column]])
+        out = {"image": images}
+        col = self.cfg.label_column
+        if col and col in rows:
+            out["label"] = torch.as_tensor(rows[col]).long()
+        return out
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.get([0])["image"].shape[1:])  # type: ignore[return-value]
+
+    def get(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        if self._cache is not None:
+            t = torch.as_tensor(idx)
+            return {k: v[t] for k, v in self._cache.items()}
+        return self._decode(idx)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def batch(self, epoch: int, offset: int, size: int, flip_seed: int | None = None) -> tuple[dict, int, int]:
+        """The next ``size`` samples from position (epoch, offset); returns (batch, epoch, offset) after it."""
+        idx: list[int] = []
+        while len(idx) < size:
+            perm = self.permutation(epoch)
+            take = perm[offset : offset + size - len(idx)].tolist()
+            idx += take
+            offset += len(take)
+            if offset >= self.n:
+                epoch, offset = epoch + 1, 0
+        out = self.get(idx)
+        if self.cfg.hflip:
+            g = torch.Generator().manual_seed(flip_seed if flip_seed is not None else epoch * 1_000_003 + offset)
+            flip = torch.rand(size, generator=g) < 0.5
+            out["image"] = torch.where(flip[:, None, None, None], out["image"].flip(-1), out["image"])
+        return out, epoch, offset

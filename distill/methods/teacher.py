@@ -1,0 +1,109 @@
+"""Teacher training: the standard denoising loss (Ho et al. 2020) on a diffusers UNet2DModel.
+
+The loss is written in the library's convention, ``lambda(sigma) * ||D(x0 + sigma * eps, sigma) - x0||^2``
+with ``t ~ U{0, ..., T-1}`` and ``sigma = sigma(t)``. With ``lambda = SNR + 1`` it is exactly the v-prediction
+MSE, with ``SNR`` the eps-prediction MSE, with 1 the x0 MSE (see :mod:`distill.losses`), so the network's
+native parameterization never appears here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distill import losses
+from distill.config import OptimizerConfig
+from distill.denoisers import DiffusersDenoiser, check_scheduler_config, load_denoiser
+from distill.errors import DistillError
+from distill.methods import Context, Method, Role
+
+
+def _default_unet() -> dict[str, Any]:
+    return {
+        "block_out_channels": [32, 64, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+        "norm_num_groups": 16,
+        "attention_head_dim": 32,
+    }
+
+
+def _default_scheduler() -> dict[str, Any]:
+    return {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "v_prediction",
+        "clip_sample": False,
+    }
+
+
+@dataclass
+class TeacherConfig:
+    """Train a diffusers ``UNet2DModel`` from scratch (or fine-tune one given by ``init``)."""
+
+    unet: dict[str, Any] = field(default_factory=_default_unet)  # UNet2DModel kwargs; sample_size/channels from data
+    scheduler: dict[str, Any] = field(default_factory=_default_scheduler)  # DDPMScheduler kwargs
+    weighting: str = "snr+1"  # lambda(sigma): snr+1 = v-MSE, snr = eps-MSE, uniform = x0-MSE
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, warmup_steps=100))
+    ema_decay: float = 0.999  # the exported model is the EMA
+    init: str | None = None  # start from this pipeline folder instead of a fresh UNet
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.weighting not in losses.WEIGHTINGS:
+            errs.append(f"weighting: {self.weighting!r} is not one of {', '.join(losses.WEIGHTINGS)}")
+        if not 0 <= self.ema_decay < 1:
+            errs.append(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        try:
+            check_scheduler_config(self.scheduler)
+        except DistillError as exc:
+            errs.append(f"scheduler: {exc}")
+        errs += [f"optimizer.{e}" for e in self.optimizer.check()]
+        return errs
+
+
+class TeacherTraining(Method):
+    """Denoising score matching for a discrete-time (DDPM) teacher."""
+
+    Config = TeacherConfig
+
+    def __init__(self, config: TeacherConfig, ctx: Context) -> None:
+        super().__init__(config, ctx)
+        if config.init is not None:
+            denoiser = load_denoiser(config.init)
+        else:
+            from diffusers import UNet2DModel
+
+            c, h, w = ctx.sample_shape
+            if h != w:
+                raise DistillError(f"UNet2DModel needs square images; the data gives {h}x{w}.")
+            kwargs = {"sample_size": h, "in_channels": c, "out_channels": c, **config.unet}
+            try:
+                unet = UNet2DModel(**kwargs)
+            except Exception as exc:
+                raise DistillError(f"method.unet does not build a UNet2DModel: {exc}") from exc
+            denoiser = DiffusersDenoiser(unet, config.scheduler)
+        self.denoiser = denoiser
+        self.denoiser_ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
+        self.ema = {"denoiser_ema": ("denoiser", config.ema_decay)}
+        self.weight = losses.weighting(config.weighting)
+        self.sigmas = denoiser.schedule.sigmas.float()  # (T,) the teacher's discrete noise levels
+
+    def roles(self) -> dict[str, Role]:
+        return {"denoiser": Role(self.config.optimizer)}
+
+    def loss(self, role: str, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x0 = batch["image"]
+        t = torch.randint(0, len(self.sigmas), (x0.shape[0],), device=x0.device)
+        sigma = self.sigmas.to(x0.device)[t]
+        x = x0 + sigma[:, None, None, None] * torch.randn_like(x0)
+        err = losses.l2(self.denoiser(x, sigma), x0)  # (B,)
+        loss = (self.weight(sigma) * err).mean()
+        return loss, {"x0_mse": err.mean().item()}
+
+    def export_denoiser(self) -> DiffusersDenoiser:
+        return self.denoiser_ema

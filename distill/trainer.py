@@ -1,0 +1,247 @@
+"""The one training loop. Every method (teacher training and the distillation recipes) runs here.
+
+What decides correctness for all methods lives here once: accelerate (devices, processes, mixed precision),
+one AdamW per role with warm-up, gradient accumulation, clipping, a non-finite guard, EMA updates, atomic
+safetensors checkpoints with resume, a rich progress bar and a JSONL metrics log.
+
+Output layout of a run in ``DIR``: ``config.yaml`` (the resolved recipe), ``checkpoints/``, ``metrics.jsonl``,
+``model/`` (the exported network as a diffusers pipeline folder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch import nn
+
+from distill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from distill.config import OptimizerConfig, RecipeConfig
+from distill.data import ImageBatches, load_dataset
+from distill.errors import DistillError
+from distill.methods import Context, Method, resolve_method
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, source: nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * source`` for parameters; buffers are copied."""
+    for pe, ps in zip(ema.parameters(), source.parameters()):
+        pe.lerp_(ps.detach().to(pe.dtype), 1.0 - decay)
+    for be, bs in zip(ema.buffers(), source.buffers()):
+        be.copy_(bs)
+
+
+def make_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise DistillError(f"{type(module).__name__} has no trainable parameters to optimise.")
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+
+def _lr_at(cfg: OptimizerConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
+
+class Trainer:
+    """Runs a :class:`~distill.methods.Method` for ``config.trainer.max_steps`` optimizer steps in ``out_dir``."""
+
+    def __init__(self, config: RecipeConfig, out_dir: str | Path, *, on_step: Callable[[int, dict], None] | None = None):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.tc = config.trainer
+        self.out = Path(out_dir)
+        self.on_step = on_step
+        if self.tc.threads:
+            torch.set_num_threads(self.tc.threads)
+        self.accelerator = Accelerator(mixed_precision=self.tc.mixed_precision)
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        if self.tc.batch_size % self.tc.grad_accum:
+            raise DistillError("trainer.batch_size must be divisible by trainer.grad_accum.")
+
+        torch.manual_seed(self.tc.seed + self.rank)
+        random.seed(self.tc.seed + self.rank)
+        self.data = ImageBatches(load_dataset(config.data), config.data, seed=self.tc.seed)
+        ctx = Context(config.teacher, self.data.sample_shape, self.tc.seed, self.device)
+        method_cls = resolve_method(config.method_name)
+        self.method: Method = method_cls(config.method, ctx).to(self.device)
+        self.roles = self.method.roles()
+        for role in self.roles:
+            if not isinstance(getattr(self.method, role, None), nn.Module):
+                raise DistillError(f"{method_cls.__name__}.roles() names {role!r}, which is not a module attribute.")
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        for role, spec in self.roles.items():
+            module, opt = self.accelerator.prepare(getattr(self.method, role), make_optimizer(getattr(self.method, role), spec.optimizer))
+            setattr(self.method, role, module)
+            self.optimizers[role] = opt
+        self.step = 0
+        self.epoch = 0
+        self.offset = 0
+        self.skipped = 0
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def _unwrapped(self, name: str) -> nn.Module:
+        return self.accelerator.unwrap_model(getattr(self.method, name))
+
+    def _state_modules(self) -> dict[str, nn.Module]:
+        names = list(self.roles) + list(self.method.ema)
+        return {n: self._unwrapped(n) for n in names}
+
+    def save(self) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "skipped": self.skipped,
+            "python_random": _jsonable_random_state(random.getstate()),
+            "method": self.method.method_state(),
+        }
+        opts = {r: o.optimizer if hasattr(o, "optimizer") else o for r, o in self.optimizers.items()}
+        return save_checkpoint(self.out / "checkpoints", self.step, self._state_modules(), opts, state, self.tc.keep_checkpoints)
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint in ``out/checkpoints``; False if there is none."""
+        ckpts = list_checkpoints(self.out / "checkpoints")
+        if not ckpts:
+            return False
+        ck = load_checkpoint(ckpts[-1])
+        for name, module in self._state_modules().items():
+            module.load_state_dict(ck["modules"][name])
+        for role, opt in self.optimizers.items():
+            inner = opt.optimizer if hasattr(opt, "optimizer") else opt
+            inner.load_state_dict(ck["optimizers"][role])
+        torch.set_rng_state(ck["rng"]["torch_cpu"])
+        if torch.cuda.is_available():
+            states = [ck["rng"][k] for k in sorted(ck["rng"]) if k.startswith("torch_cuda_")]
+            if states:
+                torch.cuda.set_rng_state_all(states)
+        st = ck["state"]
+        random.setstate(_random_state_from_json(st["python_random"]))
+        self.step, self.epoch, self.offset, self.skipped = st["step"], st["epoch"], st["offset"], st["skipped"]
+        self.method.load_method_state(st["method"])
+        return True
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def _next_batch(self) -> list[dict[str, torch.Tensor]]:
+        """This process's share of the next global batch, split into ``grad_accum`` micro-batches."""
+        global_size = self.tc.batch_size * self.world
+        batch, self.epoch, self.offset = self.data.batch(self.epoch, self.offset, global_size)
+        lo = self.rank * self.tc.batch_size
+        local = {k: v[lo : lo + self.tc.batch_size].to(self.device) for k, v in batch.items()}
+        m = self.tc.batch_size // self.tc.grad_accum
+        return [{k: v[i * m : (i + 1) * m] for k, v in local.items()} for i in range(self.tc.grad_accum)]
+
+    def _update(self, role: str, micro: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        module = getattr(self.method, role)
+        opt = self.optimizers[role]
+        cfg = self.roles[role].optimizer
+        logs: dict[str, float] = {}
+        total = 0.0
+        for i, mb in enumerate(micro):
+            sync = i == len(micro) - 1
+            with (nullcontext() if sync else self.accelerator.no_sync(module)), self.accelerator.autocast():
+                loss, extra = self.method.loss(role, mb, self.step)
+            self.accelerator.backward(loss / len(micro))
+            total += loss.detach().float().item() / len(micro)
+            for k, v in extra.items():
+                logs[f"{role}/{k}"] = logs.get(f"{role}/{k}", 0.0) + v / len(micro)
+        params = [p for p in module.parameters() if p.requires_grad]
+        if cfg.grad_clip is not None:
+            gnorm = self.accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        gnorm = float(gnorm)
+        logs[f"{role}/loss"] = total
+        logs[f"{role}/grad_norm"] = gnorm
+        if not (math.isfinite(total) and math.isfinite(gnorm)):
+            # Skip: weights, EMA and optimizer state stay as they were.
+            opt.zero_grad(set_to_none=True)
+            self.skipped += 1
+            logs[f"{role}/skipped"] = 1.0
+            return logs
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, self.step)
+        logs[f"{role}/lr"] = opt.param_groups[0]["lr"]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return logs
+
+    def fit(self, resume: bool = True) -> dict[str, Any]:
+        """Train to ``max_steps`` (resuming from ``out/checkpoints`` when asked), export ``out/model``."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        resumed = resume and self.resume()
+        metrics = open(self.out / "metrics.jsonl", "a") if self.accelerator.is_main_process else None
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4g}"), TextColumn("{task.fields[sps]:.1f} steps/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(),
+            disable=not (self.tc.progress and self.accelerator.is_main_process),
+        )
+        desc = f"{self.config.method_name}" + (f" (resumed at {self.step})" if resumed else "")
+        t0, s0 = time.perf_counter(), self.step
+        last: dict[str, float] = {}
+        with progress:
+            task = progress.add_task(desc, total=self.tc.max_steps, completed=self.step, loss=float("nan"), sps=0.0)
+            while self.step < self.tc.max_steps:
+                micro = self._next_batch()
+                logs: dict[str, float] = {}
+                for role, spec in self.roles.items():
+                    if self.step % spec.every == 0:
+                        logs.update(self._update(role, micro))
+                for ema_name, (src, decay) in self.method.ema.items():
+                    ema_update(getattr(self.method, ema_name), self._unwrapped(src), decay)
+                self.step += 1
+                self.method.end_of_step(self.step)
+                sps = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
+                loss = next((v for k, v in logs.items() if k.endswith("/loss")), float("nan"))
+                progress.update(task, completed=self.step, loss=loss, sps=sps)
+                last = logs
+                if metrics is not None and (self.step % self.tc.log_every == 0 or self.step == self.tc.max_steps):
+                    row = {"step": self.step, **logs, "steps_per_s": sps, "skipped": self.skipped, "time": time.time()}
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                if self.on_step is not None:
+                    self.on_step(self.step, logs)
+                if self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0 and self.step < self.tc.max_steps:
+                    self.save()
+        if metrics is not None:
+            metrics.close()
+        self.save()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            from distill.export import save_pipeline
+
+            save_pipeline(self.accelerator.unwrap_model(self.method.export_denoiser()), self.out / "model")
+        return {"step": self.step, "skipped": self.skipped, "last": last, "wall_s": time.perf_counter() - t0}
+
+
+def _jsonable_random_state(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _random_state_from_json(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def train(config: RecipeConfig, out_dir: str | Path, resume: bool = True) -> dict[str, Any]:
+    """Build the trainer for ``config`` and run it; the library entry point behind ``distill run``."""
+    return Trainer(config, out_dir).fit(resume=resume)
