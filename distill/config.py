@@ -141,6 +141,9 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+_BAD = object()  # a value that failed its type check
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -156,7 +159,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
-    """Check ``value`` against type ``tp``; return the converted value (or None after recording an error)."""
+    """Check ``value`` against type ``tp``; return the converted value, or ``_BAD`` after recording an error."""
     origin = typing.get_origin(tp)
     bad = f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
     if tp is Any:
@@ -165,7 +168,7 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         if value in typing.get_args(tp):
             return value
         errors.append(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in typing.get_args(tp))}")
-        return None
+        return _BAD
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -178,51 +181,59 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             if not trial:
                 return out
         errors.append(bad)
-        return None
+        return _BAD
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             errors.append(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-            return None
+            return _BAD
         return _build(tp, value, where, errors)
     if origin in (list, Sequence) or tp is list:
         if not isinstance(value, (list, tuple)):
             errors.append(bad)
-            return None
+            return _BAD
         (a,) = typing.get_args(tp) or (Any,)
-        return [_convert(v, a, f"{where}[{i}]", errors) for i, v in enumerate(value)]
+        items = [_convert(v, a, f"{where}[{i}]", errors) for i, v in enumerate(value)]
+        return _BAD if any(v is _BAD for v in items) else items
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
             errors.append(bad)
-            return None
+            return _BAD
         if args and args[-1] is Ellipsis:
             args = (args[0],) * len(value)
-        return tuple(_convert(v, a, f"{where}[{i}]", errors) for i, (v, a) in enumerate(zip(value, args)))
+        items = [_convert(v, a, f"{where}[{i}]", errors) for i, (v, a) in enumerate(zip(value, args))]
+        return _BAD if any(v is _BAD for v in items) else tuple(items)
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             errors.append(bad)
-            return None
+            return _BAD
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
         errors.append(bad)
-        return None
+        return _BAD
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         errors.append(bad)
-        return None
+        return _BAD
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 (no dot) as a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         errors.append(bad)
-        return None
+        return _BAD
     if tp is str:
         if isinstance(value, str):
             return value
         errors.append(bad)
-        return None
+        return _BAD
     return value
 
 
@@ -233,6 +244,11 @@ def unknown_key_message(key: str, where: str, choices: Sequence[str]) -> str:
 
 
 def _build(cls: type, data: Mapping[str, Any], where: str, errors: list[str]) -> Any:
+    """Build ``cls`` from ``data``, appending every problem to ``errors``.
+
+    Returns ``_BAD`` when a value has the wrong type (nothing can be built); otherwise the object, whose
+    ``check()`` value problems are recorded too, so that one pass reports every problem.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
@@ -245,10 +261,9 @@ def _build(cls: type, data: Mapping[str, Any], where: str, errors: list[str]) ->
         n for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
-    for n in missing:
-        errors.append(f"{where}.{n}: required key is missing")
-    if errors:
-        return None
+    errors.extend(f"{where}.{n}: required key is missing" for n in missing)
+    if missing or any(v is _BAD for v in kwargs.values()):
+        return _BAD
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
     if callable(check):

@@ -62,7 +62,6 @@ class TeacherConfig:
             check_scheduler_config(self.scheduler)
         except DistillError as exc:
             errs.append(f"scheduler: {exc}")
-        errs += [f"optimizer.{e}" for e in self.optimizer.check()]
         return errs
 
 
