@@ -1,0 +1,28 @@
+# `make demo` and `make test` each create .venv (and install distill into it) when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/distill demo --out demo-out
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Benchmarks: slow, not tests. Their outputs are committed under evals/.
+bench: $(STAMP)
+	$(PY) evals/teacher_check.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache
