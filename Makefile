@@ -22,7 +22,8 @@ test: $(STAMP)
 
 # Benchmarks: slow, not tests. Their outputs are committed under evals/.
 bench: $(STAMP)
-	$(PY) evals/teacher_check.py
+	$(PY) evals/baseline.py
+	$(PY) evals/bench_fd.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -58,50 +58,104 @@ def cmd_run(args: argparse.Namespace, require_method: str | None = None) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     from distill.denoisers import load_denoiser
     from distill.eval.grid import save_grid
-    from distill.eval.sweep import generate, sigma_grid
+    from distill.eval.sweep import denoiser_draw, generate, sigma_grid
 
     _threads()
-    if args.n < 1 or args.steps < 1:
-        raise DistillError("--n and --steps must be at least 1.")
+    if args.n < 1 or args.steps < 1 or args.batch_size < 1:
+        raise DistillError("--n, --steps and --batch-size must be at least 1.")
     D = load_denoiser(args.model).eval()
     cfg = D.unet.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    sigmas = sigma_grid(D, args.steps, args.grid)
-    imgs = generate(D, args.sampler, sigmas, args.n, shape, seed=args.seed, batch_size=max(1, args.batch_size))
+    sigmas = sigma_grid(D, args.steps, args.grid, args.sigma_max)
+    imgs = generate(denoiser_draw(D, args.sampler, sigmas), args.n, shape, seed=args.seed, batch_size=args.batch_size)
     path = save_grid(imgs, args.out, scale=args.scale)
     console.print(f"wrote {args.n} samples ({args.sampler}, {args.steps} steps, {args.grid} grid) to {path}")
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DistillError(f"--steps takes comma-separated integers like 1,2,4,8; got {text!r}.") from None
+    if not vals or min(vals) < 1:
+        raise DistillError(f"--steps takes positive integers like 1,2,4,8; got {text!r}.")
+    return vals
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distill.eval.harness import evaluate, slug, write_rows
+    from distill.eval.leaderboard import rich_tables
+    from distill.eval.protocol import load_protocol
+
+    _threads()
+    overrides = {"n": args.n}
+    if args.inception_weights:
+        os.environ["DISTILL_INCEPTION_WEIGHTS"] = str(args.inception_weights)
+    proto = load_protocol(args.protocol, **overrides)
+    samplers = [s.strip() for s in args.sampler.split(",")] if args.sampler else None
+    grids = None if args.no_grids else Path(args.grids)
+    rows = evaluate(args.model, proto, _int_list(args.steps), samplers, name=args.name, grids=grids,
+                    device=args.device)
+    out = Path(args.out) if args.out else Path("evals/results") / f"{proto.name}-{slug(rows[-1]['model'])}.jsonl"
+    write_rows(rows, out)
+    for t in rich_tables(rows):
+        console.print(t)
+    console.print(f"appended {len(rows)} rows to {out}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from distill.eval.leaderboard import load_rows, markdown, plot, rich_tables
+
+    files = args.files or sorted(str(p) for p in Path("evals/results").glob("*.jsonl"))
+    if not files:
+        raise DistillError("no result files given and none in evals/results/; run `distill eval` first.")
+    rows = load_rows(files)
+    if not rows:
+        raise DistillError(f"the result files hold no rows: {', '.join(files)}.")
+    for t in rich_tables(rows):
+        console.print(t)
+    md_path = Path(args.md)
+    plots = plot(rows, args.plots)
+    rel = {k: os.path.relpath(p, md_path.parent) for k, p in plots.items()}
+    md = markdown(rows, rel)
+    md = _relink_grids(md, md_path.parent)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(md)
+    console.print(f"wrote {md_path} and {len(plots)} plot(s) in {args.plots}")
+    return 0
+
+
+def _relink_grids(md: str, base: Path) -> str:
+    import re
+
+    def fix(m: "re.Match[str]") -> str:
+        target = m.group(2)
+        if target.startswith(("http", "/")) or not Path(target).exists():
+            return m.group(0)
+        return f"]({os.path.relpath(target, base)})"
+
+    return re.sub(r"\]\(()([^)]+\.png)\)", fix, md)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from distill.eval.grid import save_grid
-    from distill.eval.sweep import digits_curve, digits_reference, generate, sigma_grid
-    from distill.denoisers import load_denoiser
+    from distill.eval.harness import evaluate, write_rows
+    from distill.eval.leaderboard import rich_tables
 
     _threads()
     console.print("[bold]distill demo[/bold]: the distillation recipes are not in this build yet, so this samples "
-                  "the shipped digits teacher and measures its FD-digits against DDIM steps.")
+                  "the shipped digits teacher and measures its FD-digits against DDIM steps (the baseline the "
+                  "recipes must beat).")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    D = load_denoiser(DIGITS_TEACHER).eval()
-    ref = digits_reference()
-    steps = [1, 2, 4, 8, 16, 32]
-    rows = digits_curve(D, ["ddim"], steps, ref)
-    table = Table(title=f"Shipped digits teacher, DDIM (FD-digits, n={ref.n}; lower is better)")
-    table.add_column("steps", justify="right")
-    table.add_column("FD-digits", justify="right")
-    table.add_column("x floor", justify="right")
-    for r in rows:
-        table.add_row(str(r["steps"]), f"{r['value']:.2f}", f"{r['value'] / ref.floor:.1f}")
-    table.add_row("data floor", f"{ref.floor:.2f}", "1.0", style="dim")
-    console.print(table)
-    for k in (1, 4, 32):
-        save_grid(generate(D, "ddim", sigma_grid(D, k), 64, (1, 8, 8), seed=0), out / f"teacher-ddim-{k}.png")
-    console.print(f"sample grids in {out}/teacher-ddim-{{1,4,32}}.png")
+    rows = evaluate(DIGITS_TEACHER, "digits", [1, 2, 4, 8, 16, 32], ["ddim"], name="digits-teacher",
+                    grids=out / "grids")
+    write_rows(rows, out / "results.jsonl")
+    for t in rich_tables(rows):
+        console.print(t)
+    console.print(f"rows in {out / 'results.jsonl'}, sample grids in {out / 'grids'}/")
     return 0
 
 
@@ -132,12 +186,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=16)
     sp.add_argument("--grid", default="trailing", choices=["trailing", "leading", "linspace", "karras"],
                     help="sigma grid: the model's timesteps with diffusers' spacing, or Karras et al.")
+    sp.add_argument("--sigma-max", type=float, default=80.0, help="top of a karras grid (capped at the model's)")
     sp.add_argument("--n", type=int, default=64)
     sp.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of each pixel")
     sp.add_argument("--out", default="samples.png")
     sp.set_defaults(fn=cmd_sample)
+
+    sp = sub.add_parser("eval", help="FD/FID against sampling steps; appends JSONL rows")
+    sp.add_argument("model", help="diffusers pipeline folder (teacher, or a student with distill.json) or hub id")
+    sp.add_argument("--protocol", default="digits", help="evals/protocols/<name>.yaml or a YAML path")
+    sp.add_argument("--steps", default="1,2,4,8,16,32,64", help="comma-separated step counts")
+    sp.add_argument("--sampler", default=None,
+                    help=f"comma-separated samplers for a teacher (default ddim,euler,heun; choices {', '.join(sorted(SAMPLERS))})")
+    sp.add_argument("--name", default=None, help="model name in the rows (default: the folder name)")
+    sp.add_argument("--n", type=int, default=None, help="samples per point (default: the protocol's)")
+    sp.add_argument("--out", default=None, help="JSONL file to append to (default evals/results/<protocol>-<model>.jsonl)")
+    sp.add_argument("--grids", default="evals/grids", help="folder for sample grids (first 64 samples of each point)")
+    sp.add_argument("--no-grids", action="store_true")
+    sp.add_argument("--inception-weights", default=None, help="Inception weights file for FID protocols (offline use)")
+    sp.add_argument("--device", default="cpu")
+    sp.set_defaults(fn=cmd_eval)
+
+    sp = sub.add_parser("leaderboard", help="tables and plots from result rows")
+    sp.add_argument("files", nargs="*", help="JSONL result files (default: evals/results/*.jsonl)")
+    sp.add_argument("--md", default="evals/LEADERBOARD.md")
+    sp.add_argument("--plots", default="evals/plots")
+    sp.set_defaults(fn=cmd_leaderboard)
 
     sp = sub.add_parser("demo", help="sample and score the shipped digits teacher (what `make demo` runs)")
     sp.add_argument("--out", default="demo-out")

@@ -1,0 +1,224 @@
+"""The evaluation harness: quality (FD/FID) against the number of sampling steps.
+
+``evaluate(model, protocol, steps)`` samples ``protocol.n`` images per (sampler, step count), sample i from
+its own seed ``protocol.seed + i`` (so images do not depend on the batch size, and the same seeds serve every
+step count and every model), scores them against the protocol's reference, and returns one row per point
+plus the protocol's data-vs-data floor row. ``write_rows`` appends rows to a JSONL file.
+
+A model is a diffusers pipeline folder (or hub id), a denoiser ``D(x, sigma)``, or a sampler function
+``fn(noise, steps, generators) -> images`` taking standard-normal noise (B, C, H, W). A pipeline folder
+with a ``distill.json`` is a student: it is evaluated with its own sampler at the step counts it supports.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from distill.errors import DistillError
+from distill.eval.protocol import Protocol, Reference, load_protocol, reference
+from distill.eval.sweep import Draw, denoiser_draw, generate, sigma_grid
+from distill.samplers import SAMPLERS, nfe
+
+STUDENT_META = "distill.json"
+TEACHER_SAMPLERS = ("ddim", "euler", "heun")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Model:
+    """What the harness needs to know about a model under test."""
+
+    name: str
+    method: str = "teacher"
+    recipe: str | None = None
+    denoiser: Any = None  # D(x, sigma) -> x0
+    sampler_fn: Callable[..., torch.Tensor] | None = None  # fn(noise, steps, generators) -> images
+    samplers: tuple[str, ...] = TEACHER_SAMPLERS  # default samplers
+    steps: tuple[int, ...] | None = None  # step counts a student supports; None = any
+    sigmas: dict[int, list[float]] = field(default_factory=dict)  # explicit student grids by step count
+
+
+def open_model(model: Any, name: str | None = None) -> Model:
+    """Wrap a folder / hub id, a denoiser module, or a sampler function as a :class:`Model`."""
+    from distill.denoisers import load_denoiser, resolve_model_path
+
+    if isinstance(model, (str, Path)):
+        path = resolve_model_path(model)
+        D = load_denoiser(path).eval()
+        meta_path = path / STUDENT_META
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise DistillError(f"{meta_path} is not valid JSON ({exc}); re-export the student.") from exc
+            sampler = meta.get("sampler", "ddim")
+            return Model(
+                name=name or meta.get("name") or path.name, method=meta.get("method", "student"),
+                recipe=meta.get("recipe"), denoiser=D, samplers=(sampler,),
+                steps=tuple(int(s) for s in meta["steps"]) if meta.get("steps") else None,
+                sigmas={int(k): v for k, v in (meta.get("sigmas") or {}).items()},
+            )
+        return Model(name=name or _model_name(path), denoiser=D)
+    if isinstance(model, torch.nn.Module) or hasattr(model, "sigma_max"):
+        return Model(name=name or type(model).__name__, denoiser=model)
+    if callable(model):
+        return Model(name=name or getattr(model, "__name__", "sampler"), method="custom", sampler_fn=model,
+                     samplers=("custom",))
+    raise DistillError(f"cannot evaluate a {type(model).__name__}; give a model folder, a denoiser or a sampler function.")
+
+
+def _model_name(path: Path) -> str:
+    # DIR/model of a run is named after the run folder
+    return path.parent.name if path.name == "model" else path.name
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("distill", "torch", "diffusers", "accelerate", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_rev() -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine() -> str:
+    import os
+
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} torch threads{gpu}"
+
+
+def _draw(model: Model, sampler: str, steps: int, protocol: Protocol) -> Draw:
+    if model.sampler_fn is not None:
+        return lambda noise, gens: model.sampler_fn(noise, steps, gens)
+    if steps in model.sigmas:
+        sigmas = torch.tensor(model.sigmas[steps], dtype=torch.float64)
+    else:
+        sigmas = sigma_grid(model.denoiser, steps, protocol.grid_for(sampler), protocol.karras_sigma_max)
+    return denoiser_draw(model.denoiser, sampler, sigmas)
+
+
+def evaluate(
+    model: Any,
+    protocol: str | Path | Protocol = "digits",
+    steps: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+    samplers: Sequence[str] | None = None,
+    *,
+    name: str | None = None,
+    grids: str | Path | None = None,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    extractor: Any = None,
+) -> list[dict[str, Any]]:
+    """Score ``model`` at every (sampler, step count); returns the rows (floor row first). Writes nothing
+    except sample grids when ``grids`` is a folder (written after every point has been scored)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from distill.eval.grid import save_grid
+
+    proto = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
+    m = open_model(model, name)
+    if isinstance(m.denoiser, torch.nn.Module):
+        m.denoiser.to(device)
+    chosen = tuple(samplers) if samplers else m.samplers
+    if m.sampler_fn is None:
+        unknown = [s for s in chosen if s not in SAMPLERS]
+        if unknown:
+            raise DistillError(f"unknown sampler(s) {', '.join(unknown)}; choose from {', '.join(sorted(SAMPLERS))}.")
+        if m.method != "teacher" and samplers and tuple(samplers) != m.samplers:
+            raise DistillError(f"{m.name} is a {m.method} student that samples with {m.samplers[0]!r}; drop --sampler.")
+    steps = sorted({int(k) for k in steps})
+    if not steps or steps[0] < 1:
+        raise DistillError(f"step counts must be positive integers, got {list(steps)}.")
+    if m.steps is not None:
+        unsupported = [k for k in steps if k not in m.steps]
+        steps = [k for k in steps if k in m.steps]
+        if not steps:
+            raise DistillError(f"{m.name} supports {list(m.steps)} steps, none of {unsupported}.")
+    ref = reference(proto, extractor)
+    common = {
+        "protocol": {"name": proto.name, "key": proto.key()},
+        "extractor": {"name": ref.extractor.name, "weights_hash": ref.extractor.weights_hash()},
+        "metric": ref.extractor.metric, "n": ref.n, "seed": proto.seed, "floor": ref.floor,
+        "versions": versions(), "git": git_rev(), "machine": machine(),
+    }
+    rows: list[dict[str, Any]] = [{"model": "real data (half B vs A)", "method": "data-floor", "recipe": None,
+                                   "sampler": None, "steps": None, "nfe": None, "value": ref.floor, **common,
+                                   "wall_s": None, "samples_per_s": None}]
+    pending_grids = []
+    points = [(s, k) for s in chosen for k in steps]
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   disable=not progress)
+    with bar:
+        task = bar.add_task(f"eval {m.name}", total=len(points) * ref.n)
+        for sampler, k in points:
+            bar.update(task, description=f"eval {m.name}: {sampler} {k} step{'s' if k > 1 else ''}")
+            t0 = time.perf_counter()
+            imgs = generate(_draw(m, sampler, k, proto), ref.n, ref.shape, seed=proto.seed,
+                            batch_size=proto.batch_size, device=device, progress=lambda b: bar.advance(task, b))
+            gen_s = time.perf_counter() - t0
+            value = ref.fd(imgs)
+            calls = k if m.sampler_fn is not None else nfe(sampler, k)  # a sampler function: one call per step
+            rows.append({
+                "model": m.name, "method": m.method, "recipe": m.recipe, "sampler": sampler, "steps": k,
+                "nfe": calls,
+                "grid": "student" if k in m.sigmas else (proto.grid_for(sampler) if m.sampler_fn is None else None),
+                "value": value, **common, "wall_s": round(time.perf_counter() - t0, 3),
+                "samples_per_s": round(ref.n / gen_s, 1),
+                "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            })
+            if grids is not None:
+                path = Path(grids) / slug(m.name) / f"{sampler}-{k}.png"
+                pending_grids.append((imgs[:64], path))
+                rows[-1]["grid_png"] = str(path)
+    for imgs, path in pending_grids:
+        save_grid(imgs, path)
+    return rows
+
+
+def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Append rows to a JSONL file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path

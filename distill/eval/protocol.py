@@ -1,0 +1,184 @@
+"""Evaluation protocols and their cached reference statistics.
+
+A protocol fixes everything a number depends on: the reference data (dataset, split), how it is split
+into halves A (reference) and B (floor), the number of samples per point, the seed base, the feature
+extractor and the preprocessing. Reference statistics (half A's Gaussian and the floor FD(B, A)) are cached
+on disk under a key made of the protocol and the extractor's weights hash; a cache entry whose recorded
+protocol, extractor or data fingerprint differs, or whose file does not match its recorded hash, is refused
+with a warning and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.config import DataConfig, from_dict, to_plain
+from distill.errors import DistillError
+from distill.eval.extractors import FeatureExtractor, get_extractor
+from distill.eval.frechet import FeatureStats, feature_stats, frechet_distance
+
+GRIDS = ("leading", "trailing", "linspace", "karras")
+DEFAULT_GRIDS = {"ddim": "trailing", "euler": "trailing", "heun": "karras", "consistency": "trailing"}
+REPO_PROTOCOLS = Path(__file__).resolve().parents[2] / "evals" / "protocols"
+
+
+@dataclass
+class Protocol:
+    """What an FD/FID number means. See ``evals/protocols/*.yaml``."""
+
+    name: str
+    dataset: str = "digits"  # data.name: digits, a local folder, or a hub dataset
+    split: str = "train"
+    image_column: str = "image"
+    resolution: int | None = None
+    channels: int | None = None
+    split_seed: int = 0  # random split of the data into halves A (reference) and B (floor)
+    n: int | None = None  # samples per point; null = len(half B); the floor uses the same n
+    seed: int = 0  # sample i starts from torch.Generator().manual_seed(seed + i)
+    extractor: str = "digits"  # digits | clean-fid | torchmetrics | package.module:callable
+    extractor_args: dict[str, Any] = field(default_factory=dict)
+    # sigma grid per teacher sampler: the teacher's own timesteps (leading | trailing | linspace) or karras.
+    # Heun needs a bounded sigma_max: from a VP teacher's sigma_max (2e4 for the cosine schedule) its
+    # trapezoid step cancels two huge terms and is unstable, so it runs on EDM's Karras grid up to 80.
+    grid: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_GRIDS))
+    karras_sigma_max: float = 80.0  # upper end of karras grids (capped at the model's own sigma_max)
+    batch_size: int = 450  # generation batch; results do not depend on it
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.n is not None and self.n < 2:
+            errs.append(f"n must be >= 2 or null, got {self.n}")
+        if self.batch_size < 1:
+            errs.append(f"batch_size must be >= 1, got {self.batch_size}")
+        for sampler, g in self.grid.items():
+            if g not in GRIDS:
+                errs.append(f"grid.{sampler}: {g!r} is not one of {', '.join(GRIDS)}")
+        if self.karras_sigma_max <= 0:
+            errs.append(f"karras_sigma_max must be > 0, got {self.karras_sigma_max}")
+        return errs
+
+    def grid_for(self, sampler: str) -> str:
+        return self.grid.get(sampler, "trailing")
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(name=self.dataset, split=self.split, image_column=self.image_column, label_column=None,
+                          resolution=self.resolution, channels=self.channels)
+
+    def key(self) -> str:
+        """Hash of the fields that change the reference statistics."""
+        fields = {k: getattr(self, k) for k in ("dataset", "split", "image_column", "resolution", "channels",
+                                                 "split_seed", "n")}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_protocol(name_or_path: str | Path, **overrides: Any) -> Protocol:
+    """A protocol from a YAML path, or by name from ``evals/protocols/<name>.yaml``."""
+    import yaml
+
+    path = Path(name_or_path)
+    candidates = [path, Path("evals/protocols") / f"{name_or_path}.yaml", REPO_PROTOCOLS / f"{name_or_path}.yaml"]
+    found = next((p for p in candidates if p.suffix in (".yaml", ".yml") and p.is_file()), None)
+    if found is None:
+        known = sorted(p.stem for p in REPO_PROTOCOLS.glob("*.yaml"))
+        raise DistillError(f"protocol {name_or_path!r} not found; give a YAML path or one of {', '.join(known)}.")
+    data = yaml.safe_load(found.read_text()) or {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(Protocol, data, where=f"protocol {found.name}:")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill")) / "refstats"
+
+
+@dataclass
+class Reference:
+    """Half A's statistics, the floor FD(B[:n], A), and what they were computed with."""
+
+    protocol: Protocol
+    extractor: FeatureExtractor
+    stats: FeatureStats
+    floor: float
+    n: int  # samples per evaluation point (also half B's count in the floor)
+    n_ref: int  # size of half A
+    fingerprint: str  # of the dataset
+    shape: tuple[int, ...]  # (C, H, W) of the data, which models must generate
+
+    def fd(self, images: torch.Tensor) -> float:
+        """FD of images (N, C, H, W) in [-1, 1] against half A."""
+        return frechet_distance(feature_stats(self.extractor.features(images)), self.stats)
+
+
+def _dataset_images(protocol: Protocol) -> tuple[torch.Tensor, str]:
+    from distill.data import ImageBatches, load_dataset
+
+    ds = load_dataset(protocol.data_config())
+    batches = ImageBatches(ds, protocol.data_config(), seed=0)
+    images = batches.get(list(range(batches.n)))["image"]
+    fingerprint = getattr(ds, "_fingerprint", None) or hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+    return images, str(fingerprint)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, use_cache: bool = True) -> Reference:
+    """Reference statistics for ``protocol``, from the cache when a matching, intact entry exists."""
+    from safetensors.torch import load_file, save_file
+
+    extractor = extractor or get_extractor(protocol.extractor, **protocol.extractor_args)
+    key = f"{protocol.name}-{protocol.key()}-{extractor.name}-{extractor.weights_hash()}"
+    meta_path, tensor_path = cache_dir() / f"{key}.json", cache_dir() / f"{key}.safetensors"
+    expected = {"protocol_key": protocol.key(), "extractor": extractor.describe()}
+    if use_cache and meta_path.is_file() and tensor_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            problem = None
+            if {k: meta.get(k) for k in expected} != expected:
+                problem = "it was made with another protocol or feature network"
+            elif meta.get("sha256") != _sha256(tensor_path):
+                problem = "its statistics file does not match the recorded hash"
+        except (OSError, json.JSONDecodeError):
+            problem = "its metadata is unreadable"
+        if problem is None:
+            t = load_file(str(tensor_path))
+            stats = FeatureStats(t["mu"].numpy(), t["sigma"].numpy(), int(meta["n_ref"]))
+            return Reference(protocol, extractor, stats, meta["floor"], meta["n"], meta["n_ref"], meta["fingerprint"],
+                             tuple(meta["shape"]))
+        warnings.warn(f"refusing cached reference statistics {tensor_path}: {problem}; recomputing.", stacklevel=2)
+
+    images, fingerprint = _dataset_images(protocol)
+    perm = np.random.default_rng(protocol.split_seed).permutation(len(images))
+    half = len(images) // 2
+    a, b = images[perm[:half]], images[perm[half : 2 * half]]
+    n = protocol.n or len(b)
+    if n > len(b):
+        raise DistillError(
+            f"protocol {protocol.name!r} asks for n={n} samples but half B of {protocol.dataset!r} has {len(b)} "
+            f"images; the floor needs as many real images as samples. Set n <= {len(b)}."
+        )
+    if n <= extractor.dim or len(a) <= extractor.dim:
+        raise DistillError(
+            f"protocol {protocol.name!r} compares {min(n, len(a))} samples in {extractor.dim}-dimensional features: "
+            f"the covariance would be singular. Use n > {extractor.dim} (and a dataset with more than "
+            f"{2 * extractor.dim} images) or a feature network with fewer dimensions."
+        )
+    stats = feature_stats(extractor.features(a))
+    floor = frechet_distance(feature_stats(extractor.features(b[:n])), stats)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    tmp = tensor_path.with_suffix(".tmp")
+    save_file({"mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)}, str(tmp))
+    os.replace(tmp, tensor_path)
+    meta = {**expected, "protocol": to_plain(protocol), "floor": floor, "n": n, "n_ref": len(a),
+            "fingerprint": fingerprint, "shape": list(images.shape[1:]), "sha256": _sha256(tensor_path)}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return Reference(protocol, extractor, stats, floor, n, len(a), fingerprint, tuple(images.shape[1:]))

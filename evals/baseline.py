@@ -1,0 +1,44 @@
+"""Benchmark: the shipped digits teacher's baseline curve, FD-digits against NFE for DDIM, Euler and Heun.
+
+    python evals/baseline.py          (part of `make bench`)
+
+Runs the harness on protocol `digits` (n = 898 samples per point, per-sample seeds, floor = FD between two
+disjoint halves of the real digits) and writes evals/results/digits-digits-teacher.jsonl (replaced, not
+appended), the sample grids in evals/grids/digits-teacher/, and then re-renders evals/LEADERBOARD.md with its plot.
+DDIM and Euler run on the teacher's own timesteps (trailing spacing); Heun on EDM's Karras grid up to sigma 80.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from distill import cli  # noqa: E402
+from distill.eval.harness import evaluate, write_rows  # noqa: E402
+
+POINTS = {"ddim": [1, 2, 4, 8, 16, 32, 64, 128, 256], "euler": [1, 2, 4, 8, 16, 32, 64, 128, 256],
+          "heun": [1, 2, 4, 8, 16, 32, 64, 128]}  # heun: 2n - 1 NFE, so 1..255 NFE
+
+
+def main() -> None:
+    os.chdir(ROOT)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    out = ROOT / "evals" / "results" / "digits-digits-teacher.jsonl"
+    rows = []
+    for sampler, steps in POINTS.items():
+        got = evaluate(ROOT / "distill" / "assets" / "digits-teacher", "digits", steps, [sampler],
+                       name="digits-teacher", grids=Path("evals/grids"))
+        rows += got if not rows else got[1:]  # one floor row
+    out.unlink(missing_ok=True)
+    write_rows(rows, out)
+    cli.main(["leaderboard"])
+
+
+if __name__ == "__main__":
+    main()

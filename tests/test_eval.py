@@ -1,0 +1,181 @@
+"""The evaluation harness: per-sample seeds, protocols and their cache, rows, leaderboards, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import distill
+from distill import cli
+from distill.errors import DistillError
+from distill.eval.harness import evaluate
+from distill.eval.leaderboard import load_rows, markdown, plot, rich_tables
+from distill.eval.protocol import Protocol, load_protocol, reference
+from distill.eval.sweep import denoiser_draw, generate, sigma_grid
+from distill.denoisers import load_denoiser
+
+ROOT = Path(__file__).resolve().parent.parent
+TEACHER = ROOT / "distill" / "assets" / "digits-teacher"
+ROW_KEYS = {"model", "method", "recipe", "sampler", "steps", "nfe", "metric", "value", "n", "seed", "extractor",
+            "protocol", "versions", "git", "wall_s", "samples_per_s"}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+
+
+def small(**kw) -> Protocol:
+    return load_protocol("digits", n=kw.pop("n", 100), **kw)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "heun", "consistency"])
+def test_images_do_not_depend_on_batch_size(sampler):
+    """Batch 7 and batch 64 draw bitwise the same noise (initial and per step) for every sample; the images
+    then agree up to float32 rounding, because CPU matmul/conv kernels block a batch of 7 differently from a
+    batch of 64 (about 5e-7 per network call; no batching of torch's kernels is bitwise batch-invariant)."""
+    D = load_denoiser(TEACHER).eval()
+    draw = denoiser_draw(D, sampler, sigma_grid(D, 3, "karras", 80.0))
+    seen = {7: [], 64: []}
+
+    def spy(bs):
+        def f(noise, gens):
+            seen[bs].append(noise)
+            return draw(noise, gens)
+        return f
+
+    a = generate(spy(7), 64, (1, 8, 8), seed=5, batch_size=7)
+    b = generate(spy(64), 64, (1, 8, 8), seed=5, batch_size=64)
+    assert torch.equal(torch.cat(seen[7]), torch.cat(seen[64]))
+    assert (a - b).abs().max().item() < 1e-3
+    if sampler == "consistency":  # re-noising draws from the same per-sample generators
+        assert (a - b).abs().max().item() < 1e-5
+    c = generate(draw, 64, (1, 8, 8), seed=6, batch_size=64)
+    assert (a - c).abs().max().item() > 0.5
+
+
+def test_fd_does_not_depend_on_batch_size():
+    values = [evaluate(TEACHER, small(batch_size=bs), steps=[4], samplers=["ddim"], progress=False)[1]["value"]
+              for bs in (7, 64)]
+    assert abs(values[0] - values[1]) <= 1e-4 * values[0]
+
+
+def test_evaluate_teacher_rows_and_floor():
+    rows = distill.evaluate(str(TEACHER), small(), steps=[1, 4], samplers=["ddim", "heun"], progress=False)
+    floor, points = rows[0], rows[1:]
+    assert floor["method"] == "data-floor" and floor["value"] > 0
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in points] == [("ddim", 1, 1), ("ddim", 4, 4), ("heun", 1, 1), ("heun", 4, 7)]
+    for r in points:
+        assert ROW_KEYS <= set(r) and r["metric"] == "FD-digits" and r["n"] == 100 and r["method"] == "teacher"
+        assert r["extractor"]["name"] == "digits-net" and len(r["extractor"]["weights_hash"]) == 16
+        json.dumps(r)
+    ddim = {r["steps"]: r["value"] for r in points if r["sampler"] == "ddim"}
+    assert ddim[4] < ddim[1] / 5
+    # same seeds, same images: a second evaluation gives the same numbers
+    again = evaluate(TEACHER, small(), steps=[4], samplers=["ddim"], progress=False)
+    assert again[1]["value"] == ddim[4]
+
+
+def test_evaluate_a_sampler_function_and_a_student_folder(tmp_path):
+    D = load_denoiser(TEACHER).eval()
+    sig = sigma_grid(D, 2, "trailing")
+
+    def two_step(noise, steps, gens):
+        return denoiser_draw(D, "ddim", sig)(noise, gens)
+
+    rows = evaluate(two_step, small(), steps=[2], progress=False)
+    ref = evaluate(TEACHER, small(), steps=[2], samplers=["ddim"], progress=False)
+    assert rows[1]["value"] == ref[1]["value"] and rows[1]["method"] == "custom"
+    # A student folder carries its sampler, step counts and grids in distill.json.
+    import shutil
+
+    student = tmp_path / "student"
+    shutil.copytree(TEACHER, student)
+    (student / "distill.json").write_text(json.dumps({"method": "progressive", "sampler": "ddim", "steps": [2],
+                                                       "sigmas": {"2": sig.tolist()}}))
+    rows = evaluate(student, small(), steps=[1, 2, 4], progress=False)
+    assert [(r["steps"], r["method"], r["grid"]) for r in rows[1:]] == [(2, "progressive", "student")]
+    assert rows[1]["value"] == ref[1]["value"]
+    with pytest.raises(DistillError, match="samples with 'ddim'"):
+        evaluate(student, small(), steps=[2], samplers=["heun"], progress=False)
+
+
+def test_reference_cache_is_used_and_a_mismatched_one_is_refused(tmp_path, monkeypatch):
+    proto = small()
+    first = reference(proto)
+    import distill.eval.protocol as P
+
+    calls = {"n": 0}
+    orig = P._dataset_images
+
+    def counting(p):
+        calls["n"] += 1
+        return orig(p)
+
+    monkeypatch.setattr(P, "_dataset_images", counting)
+    again = reference(proto)
+    assert calls["n"] == 0 and again.floor == first.floor
+    meta = next(P.cache_dir().glob("*.json"))
+    data = json.loads(meta.read_text())
+    data["extractor"]["weights_hash"] = "0" * 16  # as if made by another feature network
+    meta.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="another protocol or feature network"):
+        third = reference(proto)
+    assert calls["n"] == 1 and third.floor == first.floor
+    stats = next(P.cache_dir().glob("*.safetensors"))
+    blob = bytearray(stats.read_bytes())
+    blob[-3] ^= 0xFF
+    stats.write_bytes(bytes(blob))
+    with pytest.warns(UserWarning, match="does not match the recorded hash"):
+        fourth = reference(proto)
+    assert calls["n"] == 2 and fourth.floor == first.floor
+
+
+def test_leaderboard_outputs(tmp_path):
+    rows = evaluate(TEACHER, small(), steps=[1, 2], samplers=["ddim", "euler"], progress=False, grids=tmp_path / "g")
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    loaded = load_rows([f])
+    md = markdown(loaded)
+    assert "data floor" in md and "**" in md and "| 1 | 2 |" in md
+    assert len(rich_tables(loaded)) == 1
+    paths = plot(loaded, tmp_path / "plots")
+    assert all(p.stat().st_size > 1000 for p in paths.values())
+    assert (tmp_path / "g" / "digits-teacher" / "ddim-2.png").is_file()
+    md_path = tmp_path / "LB.md"
+    assert cli.main(["leaderboard", str(f), "--md", str(md_path), "--plots", str(tmp_path / "p2")]) == 0
+    assert "data floor" in md_path.read_text()
+
+
+def _no_output(tmp_path: Path, args: list[str], capsys, match: str) -> None:
+    out = tmp_path / "rows.jsonl"
+    assert cli.main(["eval", *args, "--out", str(out), "--grids", str(tmp_path / "grids")]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "grids").exists()
+
+
+def test_eval_errors_write_nothing(tmp_path, capsys, monkeypatch):
+    _no_output(tmp_path, [str(tmp_path / "nope"), "--n", "100"], capsys, "does not exist")
+    broken = tmp_path / "broken"
+    (broken / "unet").mkdir(parents=True)
+    (broken / "scheduler").mkdir()
+    (broken / "scheduler" / "scheduler_config.json").write_text("{not json")
+    _no_output(tmp_path, [str(broken)], capsys, "cannot read")
+    proto = tmp_path / "p.yaml"
+    proto.write_text("name: x\ndataset: someone/no-such-dataset\nextractor: digits\n")
+    _no_output(tmp_path, [str(TEACHER), "--protocol", str(proto)], capsys, "hub is offline")
+    _no_output(tmp_path, [str(TEACHER), "--n", "50"], capsys, "50 samples in 64-dimensional features")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("DISTILL_INCEPTION_WEIGHTS", str(empty))
+    import distill.eval.extractors as E
+
+    monkeypatch.setattr(E, "_cleanfid_cache_dir", lambda: empty)
+    proto.write_text("name: x\ndataset: digits\nextractor: clean-fid\nn: 100\n")
+    _no_output(tmp_path, [str(TEACHER), "--protocol", str(proto)], capsys, "inception-2015-12-05.pt")
+    _no_output(tmp_path, [str(TEACHER), "--protocol", "nonexistent"], capsys, "protocol 'nonexistent' not found")
+    _no_output(tmp_path, [str(TEACHER), "--steps", "0,2"], capsys, "positive integers")
