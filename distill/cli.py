@@ -21,13 +21,6 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DIGITS_TEACHER = ASSETS / "digits-teacher"
 
 
-def _threads() -> None:
-    import torch
-
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     from distill.config import load_recipe
 
@@ -50,8 +43,7 @@ def cmd_run(args: argparse.Namespace, require_method: str | None = None) -> int:
     if (out / "checkpoints").is_dir() and not args.fresh:
         console.print(f"[yellow]resuming[/yellow] from the newest checkpoint in {out / 'checkpoints'} "
                       "(pass --fresh to start over)")
-    _threads()
-    result = Trainer(cfg, out).fit(resume=not args.fresh)
+    result = Trainer(cfg, out, recipe_name=str(args.recipe)).fit(resume=not args.fresh)
     console.print(f"[green]done[/green]: {result['step']} steps in {result['wall_s']:.0f} s "
                   f"({result['skipped']} skipped); model in {out / 'model'}")
     return 0
@@ -62,7 +54,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from distill.eval.grid import save_grid
     from distill.eval.sweep import denoiser_draw, generate, sigma_grid
 
-    _threads()
     if args.n < 1 or args.steps < 1 or args.batch_size < 1:
         raise DistillError("--n, --steps and --batch-size must be at least 1.")
     D = load_denoiser(args.model).eval()
@@ -90,7 +81,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from distill.eval.leaderboard import rich_tables
     from distill.eval.protocol import load_protocol
 
-    _threads()
     overrides = {"n": args.n}
     if args.inception_weights:
         os.environ["DISTILL_INCEPTION_WEIGHTS"] = str(args.inception_weights)
@@ -145,7 +135,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from distill.eval.harness import evaluate, write_rows
     from distill.eval.leaderboard import rich_tables
 
-    _threads()
     console.print("[bold]distill demo[/bold]: the distillation recipes are not in this build yet, so this samples "
                   "the shipped digits teacher and measures its FD-digits against DDIM steps (the baseline the "
                   "recipes must beat).")

@@ -76,7 +76,7 @@ class DataConfig:
 class TrainerConfig:
     """The shared loop. Steps count optimizer updates; one update sees batch_size * grad_accum samples."""
 
-    max_steps: int = 1000
+    max_steps: int | None = 1000  # null: the method decides (progressive distillation: phases x iterations)
     batch_size: int = 128  # per optimizer step and per process, before accumulation
     grad_accum: int = 1  # micro-batches per optimizer step (the batch is split into this many)
     seed: int = 0
@@ -89,7 +89,7 @@ class TrainerConfig:
 
     def check(self) -> list[str]:
         errs = []
-        if self.max_steps < 1:
+        if self.max_steps is not None and self.max_steps < 1:
             errs.append(f"max_steps must be >= 1, got {self.max_steps}")
         if self.batch_size < 1:
             errs.append(f"batch_size must be >= 1, got {self.batch_size}")
@@ -109,14 +109,32 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation of the students a run exports (with the harness, rows in ``DIR/results.jsonl``)."""
+
+    protocol: str | None = "digits"  # evals/protocols/<name>.yaml or a path; null = no evaluation
+    n: int | None = None  # samples per point; null = the protocol's
+    steps: list[int] | None = None  # step counts for the final student; null = all it supports
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.n is not None and self.n < 2:
+            errs.append(f"n must be >= 2 or null, got {self.n}")
+        if self.steps is not None and (not self.steps or min(self.steps) < 1):
+            errs.append(f"steps must be positive integers, got {self.steps}")
+        return errs
+
+
+@dataclass
 class RecipeConfig:
-    """A whole recipe: which method, on what data, with which loop settings."""
+    """A whole recipe: which method, on what data, with which loop settings, and how students are evaluated."""
 
     method: Any  # the method's own config dataclass (its ``name`` chooses the class)
     method_name: str = "teacher"
     teacher: str | None = None  # teacher folder or hub id, for methods that distill one
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +142,7 @@ class RecipeConfig:
             "teacher": self.teacher,
             "data": to_plain(self.data),
             "trainer": to_plain(self.trainer),
+            "eval": to_plain(self.eval),
         }
 
 
@@ -311,7 +330,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 # ----------------------------------------------------------------------------------------------- recipes
 
-RECIPE_KEYS = ("method", "teacher", "data", "trainer")
+RECIPE_KEYS = ("method", "teacher", "data", "trainer", "eval")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -335,7 +354,14 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> RecipeC
     for key in data:
         if key not in RECIPE_KEYS:
             errors.append(unknown_key_message(str(key), "", list(RECIPE_KEYS)))
-    method_data = dict(data.get("method") or {})
+    sections = {}
+    for key in ("method", "data", "trainer", "eval"):
+        value = data.get(key) or {}
+        if not isinstance(value, Mapping):
+            errors.append(f"{key}: expected a mapping of fields (key: value lines), got {value!r}")
+            value = {}
+        sections[key] = value
+    method_data = dict(sections["method"])
     name = method_data.pop("name", None)
     method_cfg = None
     if name is None:
@@ -347,14 +373,25 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> RecipeC
             errors.append(f"method.name: {exc}")
         else:
             method_cfg = _build(method_cls.Config, method_data, "method", errors)
-    data_cfg = _build(DataConfig, data.get("data") or {}, "data", errors)
-    trainer_cfg = _build(TrainerConfig, data.get("trainer") or {}, "trainer", errors)
+    data_cfg = _build(DataConfig, sections["data"], "data", errors)
+    trainer_cfg = _build(TrainerConfig, sections["trainer"], "trainer", errors)
+    eval_cfg = _build(EvalConfig, sections["eval"], "eval", errors)
+    if all(c is not None and c is not _BAD for c in (method_cfg, trainer_cfg)):
+        total = getattr(method_cfg, "total_steps", lambda: None)()
+        if total is None and trainer_cfg.max_steps is None:
+            errors.append("trainer.max_steps: required for method " + repr(name))
+        elif total is not None and trainer_cfg.max_steps is not None and trainer_cfg.max_steps != total:
+            errors.append(f"trainer.max_steps: method {name!r} runs {total} steps (its phases x iterations); "
+                          "set max_steps to null or to that number")
     teacher = data.get("teacher")
     if teacher is not None and not isinstance(teacher, str):
         errors.append(f"teacher: expected a folder path or hub id (str), got {teacher!r}")
     if errors:
         raise ConfigError(errors, source)
-    return RecipeConfig(method=method_cfg, method_name=str(name), teacher=teacher, data=data_cfg, trainer=trainer_cfg)
+    if trainer_cfg.max_steps is None:
+        trainer_cfg.max_steps = method_cfg.total_steps()
+    return RecipeConfig(method=method_cfg, method_name=str(name), teacher=teacher, data=data_cfg, trainer=trainer_cfg,
+                        eval=eval_cfg)
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:

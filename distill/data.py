@@ -45,9 +45,12 @@ def load_dataset(cfg: DataConfig):
     path = Path(cfg.name).expanduser()
     try:
         if path.is_dir():
-            if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-                ds = datasets.load_from_disk(str(path))
+            if any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+                ds = datasets.load_from_disk(str(path))  # what Dataset(Dict).save_to_disk writes
                 if isinstance(ds, datasets.DatasetDict):
+                    if cfg.split not in ds:
+                        raise DistillError(f"dataset {cfg.name} has no split {cfg.split!r}; set data.split to one "
+                                           f"of {', '.join(ds)}.")
                     ds = ds[cfg.split]
             else:
                 ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=cfg.split)
@@ -75,7 +78,7 @@ def load_dataset(cfg: DataConfig):
 def _to_tensor(img: Any, cfg: DataConfig) -> torch.Tensor:
     """One image (PIL, array or tensor) -> float32 (C, H, W) in [-1, 1]."""
     if isinstance(img, torch.Tensor):
-        x = img.float()
+        x = img.float() if img.is_floating_point() else img.float() / 127.5 - 1.0
         if x.ndim == 2:
             x = x[None]
     else:
@@ -86,9 +89,19 @@ def _to_tensor(img: Any, cfg: DataConfig) -> torch.Tensor:
                 img = img.convert("L" if cfg.channels == 1 else "RGB")
             arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         else:
-            arr = np.asarray(img, dtype=np.float32)
+            raw = np.asarray(img)
+            # integer pixels are 0..255; float arrays are taken as already in [-1, 1]
+            arr = raw.astype(np.float32) / 127.5 - 1.0 if np.issubdtype(raw.dtype, np.integer) else raw.astype(np.float32)
         x = torch.from_numpy(arr)
-        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+        if x.ndim == 2:
+            x = x[None]
+        elif x.ndim == 3 and x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3, 4):
+            x = x.permute(2, 0, 1)  # HWC -> CHW
+    if x.ndim != 3:
+        raise DistillError(f"dataset images must be 2-D or 3-D (C, H, W / H, W, C), got shape {tuple(x.shape)}.")
+    if x.min() < -1.1 or x.max() > 1.1:
+        raise DistillError(f"dataset images must lie in [-1, 1] (or be 8-bit pixels); got values in "
+                           f"[{x.min():.3g}, {x.max():.3g}]. Rescale them, e.g. x / 127.5 - 1.")
     if cfg.resolution is not None and tuple(x.shape[-2:]) != (cfg.resolution, cfg.resolution):
         import torchvision.transforms.v2.functional as F
 

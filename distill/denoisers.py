@@ -75,6 +75,17 @@ def check_scheduler_config(config: Mapping[str, Any]) -> None:
     pred = config.get("prediction_type", "epsilon")
     if pred not in PREDICTION_TYPES:
         raise DistillError(_bad_prediction_type(pred))
+    unsupported = {
+        "rescale_betas_zero_snr": (True, "zero-terminal-SNR rescaling"),
+        "thresholding": (True, "dynamic thresholding"),
+    }
+    for key, (bad, what) in unsupported.items():
+        if config.get(key) == bad:
+            raise DistillError(f"scheduler config sets {key}: {bad} ({what}), which distill does not adapt; "
+                               "set it to false or use a teacher without it.")
+    if str(config.get("variance_type", "fixed_small")).startswith("learned"):
+        raise DistillError("scheduler config has a learned variance (variance_type: learned*): the UNet outputs "
+                           "2x channels, which distill does not adapt; use a fixed-variance teacher.")
     beta = config.get("beta_schedule", "linear")
     if config.get("trained_betas") is None and beta not in BETA_SCHEDULES:
         raise DistillError(

@@ -10,17 +10,32 @@ from distill.denoisers import DiffusersDenoiser
 from distill.errors import DistillError
 
 
-def save_pipeline(denoiser: nn.Module, folder: str | Path) -> Path:
+def save_pipeline(denoiser: nn.Module, folder: str | Path, sampler: str | None = None) -> Path:
     """Write ``denoiser`` as a ``DDPMPipeline`` folder (``model_index.json``, ``unet/``, ``scheduler/``).
 
-    ``diffusers.DiffusionPipeline.from_pretrained(folder)`` loads it; weights are safetensors.
+    ``diffusers.DiffusionPipeline.from_pretrained(folder)`` loads it; weights are safetensors. A teacher keeps
+    a ``DDPMScheduler``; a student that samples with ``ddim`` gets a ``DDIMScheduler`` with trailing spacing
+    (its grid), so that ``pipe(num_inference_steps=k)`` runs DDIM.
     """
-    from diffusers import DDPMPipeline, DDPMScheduler
+    from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
 
     if not isinstance(denoiser, DiffusersDenoiser):
         raise DistillError(f"only diffusers-backed denoisers can be exported, got {type(denoiser).__name__}.")
     folder = Path(folder)
-    scheduler = DDPMScheduler.from_config(denoiser.scheduler_config)
+    if sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(denoiser.scheduler_config, timestep_spacing="trailing",
+                                              clip_sample=False, set_alpha_to_one=True)
+    else:
+        scheduler = DDPMScheduler.from_config(denoiser.scheduler_config)
     pipe = DDPMPipeline(unet=denoiser.unet, scheduler=scheduler)
     pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_student(denoiser: nn.Module, folder: str | Path, info: dict) -> Path:
+    """A pipeline folder plus ``distill.json`` (method, sampler, step counts, sigma grids) for the harness."""
+    import json
+
+    folder = save_pipeline(denoiser, folder, info.get("sampler"))
+    (folder / "distill.json").write_text(json.dumps(info, indent=1))
     return folder

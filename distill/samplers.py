@@ -36,7 +36,9 @@ def randn(shape: Sequence[int], generator: Generator = None, *, dtype=torch.floa
     if isinstance(generator, torch.Generator):
         return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=generator.device).to(device)
     if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample.")
+        from distill.errors import DistillError
+
+        raise DistillError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample.")
     rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=g.device) for g in generator]
     return torch.stack(rows).to(device)
 

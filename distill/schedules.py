@@ -91,12 +91,16 @@ def discrete_timesteps(
     if spacing == "leading":
         ts = (np.arange(0, num_steps) * (T // num_steps)).round()[::-1] + steps_offset
     elif spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / num_steps)) - 1
+        # not np.arange(T, 0, -T / n): its float step overshoots for 62 values of n at T = 1000 (n = 61, ...)
+        # and yields n + 1 timesteps ending in -1; diffusers has that bug, distill does not copy it.
+        ts = np.round(T - np.arange(num_steps) * T / num_steps) - 1
     elif spacing == "linspace":
         ts = np.linspace(0, T - 1, num_steps).round()[::-1]
     else:
         raise DistillError(f"timestep spacing {spacing!r} is unknown; use one of {', '.join(SPACINGS)}.")
-    return ts.astype(np.int64).copy()
+    ts = ts.astype(np.int64).copy()
+    assert len(ts) == num_steps and ts.min() >= 0 and ts.max() < T, (spacing, num_steps, ts)
+    return ts
 
 
 @dataclass

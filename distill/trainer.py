@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +28,11 @@ from distill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoin
 from distill.config import OptimizerConfig, RecipeConfig
 from distill.data import ImageBatches, load_dataset
 from distill.errors import DistillError
-from distill.methods import Context, Method, resolve_method
+from distill.export import save_pipeline, save_student
+from distill.methods import Context, Method, Milestone, StepEvents, resolve_method
+
+
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.jsonl", "students", "grids", "model")
 
 
 @torch.no_grad()
@@ -52,13 +58,15 @@ def _lr_at(cfg: OptimizerConfig, step: int) -> float:
 class Trainer:
     """Runs a :class:`~distill.methods.Method` for ``config.trainer.max_steps`` optimizer steps in ``out_dir``."""
 
-    def __init__(self, config: RecipeConfig, out_dir: str | Path, *, on_step: Callable[[int, dict], None] | None = None):
+    def __init__(self, config: RecipeConfig, out_dir: str | Path, *, on_step: Callable[[int, dict], None] | None = None,
+                 recipe_name: str | None = None):
         from accelerate import Accelerator
 
         self.config = config
         self.tc = config.trainer
         self.out = Path(out_dir)
         self.on_step = on_step
+        self.recipe_name = recipe_name  # recorded in students' distill.json and result rows
         if self.tc.threads:
             torch.set_num_threads(self.tc.threads)
         self.accelerator = Accelerator(mixed_precision=self.tc.mixed_precision)
@@ -74,6 +82,7 @@ class Trainer:
         ctx = Context(config.teacher, self.data.sample_shape, self.tc.seed, self.device)
         method_cls = resolve_method(config.method_name)
         self.method: Method = method_cls(config.method, ctx).to(self.device)
+        self.method.unwrap = self.accelerator.unwrap_model  # methods copy weights between roles through this
         self.roles = self.method.roles()
         for role in self.roles:
             if not isinstance(getattr(self.method, role, None), nn.Module):
@@ -83,6 +92,8 @@ class Trainer:
             module, opt = self.accelerator.prepare(getattr(self.method, role), make_optimizer(getattr(self.method, role), spec.optimizer))
             setattr(self.method, role, module)
             self.optimizers[role] = opt
+        self._live = None  # the rich progress display while the loop runs
+        self._stepped: set[str] = set()  # roles whose optimizer stepped in the current step
         self.step = 0
         self.epoch = 0
         self.offset = 0
@@ -94,7 +105,7 @@ class Trainer:
         return self.accelerator.unwrap_model(getattr(self.method, name))
 
     def _state_modules(self) -> dict[str, nn.Module]:
-        names = list(self.roles) + list(self.method.ema)
+        names = list(self.roles) + list(self.method.ema) + list(self.method.checkpointed)
         return {n: self._unwrapped(n) for n in names}
 
     def save(self) -> Path | None:
@@ -116,12 +127,27 @@ class Trainer:
         ckpts = list_checkpoints(self.out / "checkpoints")
         if not ckpts:
             return False
-        ck = load_checkpoint(ckpts[-1])
-        for name, module in self._state_modules().items():
-            module.load_state_dict(ck["modules"][name])
-        for role, opt in self.optimizers.items():
-            inner = opt.optimizer if hasattr(opt, "optimizer") else opt
-            inner.load_state_dict(ck["optimizers"][role])
+        ck = None
+        for path in reversed(ckpts):
+            try:
+                ck = load_checkpoint(path)
+                break
+            except DistillError as exc:
+                warnings.warn(f"{exc} Falling back to the previous checkpoint.", stacklevel=2)
+        if ck is None:
+            raise DistillError(f"no usable checkpoint in {self.out / 'checkpoints'} (all damaged); "
+                               "start over with --fresh or another --out.")
+        try:
+            for name, module in self._state_modules().items():
+                module.load_state_dict(ck["modules"][name])
+            for role, opt in self.optimizers.items():
+                inner = opt.optimizer if hasattr(opt, "optimizer") else opt
+                inner.load_state_dict(ck["optimizers"][role])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise DistillError(
+                f"the checkpoint in {path} does not fit this recipe ({type(exc).__name__}: {str(exc)[:200]}); it was "
+                "made with another method or model. Use --fresh to start over, or another --out."
+            ) from exc
         torch.set_rng_state(ck["rng"]["torch_cpu"])
         if torch.cuda.is_available():
             states = [ck["rng"][k] for k in sorted(ck["rng"]) if k.startswith("torch_cuda_")]
@@ -166,17 +192,26 @@ class Trainer:
         gnorm = float(gnorm)
         logs[f"{role}/loss"] = total
         logs[f"{role}/grad_norm"] = gnorm
-        if not (math.isfinite(total) and math.isfinite(gnorm)):
-            # Skip: weights, EMA and optimizer state stay as they were.
-            opt.zero_grad(set_to_none=True)
+        lr = self.method.lr(role, self.step)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, self.step) if lr is None else lr
+        logs[f"{role}/lr"] = opt.param_groups[0]["lr"]
+        if self.accelerator.scaler is not None:
+            # fp16: the grad scaler skips an overflowing step itself and lowers its scale; pre-empting it
+            # would leave the scaler unscaled-but-not-updated and break the next step.
+            opt.step()
+            skipped = bool(getattr(opt, "step_was_skipped", False)) or not math.isfinite(total)
+        elif math.isfinite(total) and math.isfinite(gnorm):
+            opt.step()
+            skipped = False
+        else:
+            skipped = True  # weights, EMA and optimizer state stay as they were
+        opt.zero_grad(set_to_none=True)
+        if skipped:
             self.skipped += 1
             logs[f"{role}/skipped"] = 1.0
-            return logs
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, self.step)
-        logs[f"{role}/lr"] = opt.param_groups[0]["lr"]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        else:
+            self._stepped.add(role)
         return logs
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
@@ -185,7 +220,13 @@ class Trainer:
 
         self.out.mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
+            if not resume:
+                # a fresh start must not mix with an earlier run's checkpoints, logs or students
+                for name in RUN_OUTPUTS:
+                    p = self.out / name
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        self.accelerator.wait_for_everyone()
         resumed = resume and self.resume()
         metrics = open(self.out / "metrics.jsonl", "a") if self.accelerator.is_main_process else None
         progress = Progress(
@@ -197,18 +238,23 @@ class Trainer:
         desc = f"{self.config.method_name}" + (f" (resumed at {self.step})" if resumed else "")
         t0, s0 = time.perf_counter(), self.step
         last: dict[str, float] = {}
+        self._live = None if progress.disable else progress
         with progress:
             task = progress.add_task(desc, total=self.tc.max_steps, completed=self.step, loss=float("nan"), sps=0.0)
             while self.step < self.tc.max_steps:
                 micro = self._next_batch()
                 logs: dict[str, float] = {}
+                self._stepped: set[str] = set()
                 for role, spec in self.roles.items():
                     if self.step % spec.every == 0:
                         logs.update(self._update(role, micro))
                 for ema_name, (src, decay) in self.method.ema.items():
-                    ema_update(getattr(self.method, ema_name), self._unwrapped(src), decay)
+                    if src in self._stepped:  # an EMA follows only real updates of its source
+                        ema_update(getattr(self.method, ema_name), self._unwrapped(src), decay)
                 self.step += 1
-                self.method.end_of_step(self.step)
+                events = self.method.end_of_step(self.step)
+                if events is not None:
+                    self._handle(events)
                 sps = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
                 loss = next((v for k, v in logs.items() if k.endswith("/loss")), float("nan"))
                 progress.update(task, completed=self.step, loss=loss, sps=sps)
@@ -221,15 +267,57 @@ class Trainer:
                     self.on_step(self.step, logs)
                 if self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0 and self.step < self.tc.max_steps:
                     self.save()
+        self._live = None
         if metrics is not None:
             metrics.close()
         self.save()
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            from distill.export import save_pipeline
-
-            save_pipeline(self.accelerator.unwrap_model(self.method.export_denoiser()), self.out / "model")
+            final = self.accelerator.unwrap_model(self.method.export_denoiser())
+            info = self.method.export_info()
+            if info is None:
+                save_pipeline(final, self.out / "model")
+            else:
+                self._export_student(Milestone("model", final, info), self.out / "model", self.config.eval.steps)
         return {"step": self.step, "skipped": self.skipped, "last": last, "wall_s": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------------------------------ events
+
+    def _handle(self, events: StepEvents) -> None:
+        if events.reset_optimizers:
+            for opt in self.optimizers.values():
+                (opt.optimizer if hasattr(opt, "optimizer") else opt).state.clear()
+        if events.milestones and self.accelerator.is_main_process:
+            for m in events.milestones:
+                self._export_student(m, self.out / "students" / m.name)
+        if events.reset_optimizers or events.milestones:
+            # a phase boundary: a resume must not redo the milestone's work
+            if self.step < self.tc.max_steps:
+                self.save()
+
+    def _export_student(self, m: Milestone, folder: Path, steps: list[int] | None = None) -> None:
+        """Write ``m`` as a pipeline folder with distill.json, and evaluate it into ``DIR/results.jsonl``."""
+        from distill.eval.harness import evaluate, write_rows
+
+        info = {"name": self.out.name, "method": self.config.method_name, "recipe": self.recipe_name, **m.info}
+        save_student(m.denoiser, folder, info)
+        proto = self.config.eval.protocol
+        if proto is None or not m.evaluate:
+            return
+        from distill.eval.protocol import load_protocol
+
+        was_training = m.denoiser.training
+        m.denoiser.eval()
+        live = self._live is not None  # rich allows one live display: no second bar inside the training bar
+        rows = evaluate(folder, load_protocol(proto, n=self.config.eval.n), steps or info["steps"],
+                        name=self.out.name, grids=self.out / "grids", progress=self.tc.progress and not live,
+                        device=self.device)
+        m.denoiser.train(was_training)
+        write_rows(rows, self.out / "results.jsonl")
+        say = self._live.console.print if live else print
+        for r in rows[1:]:
+            say(f"{m.name}: {r['metric']} {r['value']:.2f} at {r['steps']} step(s) ({r['sampler']}); "
+                f"floor {r['floor']:.2f}")
 
 
 def _jsonable_random_state(state: tuple) -> list:

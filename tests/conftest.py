@@ -47,3 +47,18 @@ def unet():
 def scheduler_config():
     return {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
             "prediction_type": "epsilon", "clip_sample": False}
+
+
+def save_tiny_teacher(folder, prediction_type: str = "v_prediction", seed: int = 0):
+    """A tiny random diffusers pipeline folder (UNet2DModel 8x8 + DDPMScheduler config) to distill in tests."""
+    from distill.denoisers import DiffusersDenoiser
+    from distill.export import save_pipeline
+
+    sched = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": prediction_type,
+             "clip_sample": False}
+    return save_pipeline(DiffusersDenoiser(tiny_unet(seed), sched), folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    return save_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"))

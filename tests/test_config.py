@@ -9,6 +9,7 @@ import pytest
 from distill.config import load_recipe, parse_override, recipe_from_dict
 from distill.errors import ConfigError, DistillError
 
+TEACHER = Path(__file__).resolve().parent.parent / "recipes" / "digits" / "teacher.yaml"
 RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").rglob("*.yaml"))
 
 
@@ -26,7 +27,7 @@ def test_shipped_recipes_validate(path):
 
 
 def test_overrides_are_typed():
-    cfg = load_recipe(RECIPES[0], ["trainer.max_steps=7", "method.optimizer.lr=3e-4", "trainer.progress=false"])
+    cfg = load_recipe(TEACHER, ["trainer.max_steps=7", "method.optimizer.lr=3e-4", "trainer.progress=false"])
     assert cfg.trainer.max_steps == 7 and cfg.method.optimizer.lr == 3e-4 and cfg.trainer.progress is False
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     with pytest.raises(DistillError, match="not key=value"):
@@ -73,4 +74,4 @@ def test_unknown_method_lists_choices():
 
 def test_unsupported_prediction_type_in_recipe():
     with pytest.raises(ConfigError, match="prediction_type 'flow'"):
-        load_recipe(RECIPES[0], ["method.scheduler.prediction_type=flow"])
+        load_recipe(TEACHER, ["method.scheduler.prediction_type=flow"])

@@ -173,7 +173,7 @@ def evaluate(
         steps = [k for k in steps if k in m.steps]
         if not steps:
             raise DistillError(f"{m.name} supports {list(m.steps)} steps, none of {unsupported}.")
-    ref = reference(proto, extractor)
+    ref = reference(proto, extractor, device=device)
     common = {
         "protocol": {"name": proto.name, "key": proto.key()},
         "extractor": {"name": ref.extractor.name, "weights_hash": ref.extractor.weights_hash()},

@@ -170,7 +170,7 @@ def plot(rows: list[dict[str, Any]], folder: str | Path) -> dict[tuple, Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = folder / f"{key[0]}-{key[3]}.png"
+        path = folder / f"{key[0]}-{key[3]}-{key[1][:6]}{key[4][:6]}.png"  # protocol key + weights hash: no collisions
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths[key] = path

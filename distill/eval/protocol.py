@@ -3,9 +3,9 @@
 A protocol fixes everything a number depends on: the reference data (dataset, split), how it is split
 into halves A (reference) and B (floor), the number of samples per point, the seed base, the feature
 extractor and the preprocessing. Reference statistics (half A's Gaussian and the floor FD(B, A)) are cached
-on disk under a key made of the protocol and the extractor's weights hash; a cache entry whose recorded
-protocol, extractor or data fingerprint differs, or whose file does not match its recorded hash, is refused
-with a warning and recomputed.
+on disk under a key made of the protocol (with a signature of a local dataset folder's files) and the
+extractor's weights hash; a cache entry whose recorded protocol or extractor differs, or whose statistics file
+does not match its recorded hash, is refused with a warning and recomputed.
 """
 
 from __future__ import annotations
@@ -74,9 +74,14 @@ class Protocol:
                           resolution=self.resolution, channels=self.channels)
 
     def key(self) -> str:
-        """Hash of the fields that change the reference statistics."""
+        """Hash of what the reference statistics depend on: these fields, and for a local dataset folder the
+        names, sizes and modification times of its files (so edited data is not served stale statistics)."""
         fields = {k: getattr(self, k) for k in ("dataset", "split", "image_column", "resolution", "channels",
                                                  "split_seed", "n")}
+        folder = Path(self.dataset).expanduser()
+        if self.dataset != "digits" and folder.is_dir():
+            fields["files"] = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                                     for p in folder.rglob("*") if p.is_file())
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -90,7 +95,12 @@ def load_protocol(name_or_path: str | Path, **overrides: Any) -> Protocol:
     if found is None:
         known = sorted(p.stem for p in REPO_PROTOCOLS.glob("*.yaml"))
         raise DistillError(f"protocol {name_or_path!r} not found; give a YAML path or one of {', '.join(known)}.")
-    data = yaml.safe_load(found.read_text()) or {}
+    try:
+        data = yaml.safe_load(found.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DistillError(f"protocol {found} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise DistillError(f"protocol {found} must be a mapping of protocol fields, got {type(data).__name__}.")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(Protocol, data, where=f"protocol {found.name}:")
 
@@ -131,11 +141,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, use_cache: bool = True) -> Reference:
+def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, use_cache: bool = True,
+              device: str | torch.device = "cpu") -> Reference:
     """Reference statistics for ``protocol``, from the cache when a matching, intact entry exists."""
     from safetensors.torch import load_file, save_file
 
-    extractor = extractor or get_extractor(protocol.extractor, **protocol.extractor_args)
+    if extractor is None:
+        extractor = get_extractor(protocol.extractor, **{"device": device, **protocol.extractor_args})
     key = f"{protocol.name}-{protocol.key()}-{extractor.name}-{extractor.weights_hash()}"
     meta_path, tensor_path = cache_dir() / f"{key}.json", cache_dir() / f"{key}.safetensors"
     expected = {"protocol_key": protocol.key(), "extractor": extractor.describe()}

@@ -21,9 +21,17 @@ Draw = Callable[[torch.Tensor, Sequence[torch.Generator]], torch.Tensor]
 def sigma_grid(denoiser: Any, steps: int, grid: str = "trailing", sigma_max: float | None = None) -> torch.Tensor:
     """Descending sigmas (steps + 1,) for ``denoiser``: its own discrete timesteps spaced ``leading`` /
     ``trailing`` / ``linspace``, or ``karras`` from ``min(sigma_max, denoiser.sigma_max)`` to its sigma_min."""
+    from distill.errors import DistillError
+
     if grid == "karras":
+        if not (hasattr(denoiser, "sigma_min") and hasattr(denoiser, "sigma_max")):
+            raise DistillError(f"a karras grid needs the denoiser's sigma_min and sigma_max; "
+                               f"{type(denoiser).__name__} has none: give it those attributes or explicit sigmas.")
         top = denoiser.sigma_max if sigma_max is None else min(sigma_max, denoiser.sigma_max)
         return karras_sigmas(steps, denoiser.sigma_min, top)
+    if not hasattr(denoiser, "schedule"):
+        raise DistillError(f"{type(denoiser).__name__} has no discrete schedule for a {grid!r} grid; use grid karras "
+                           "(with sigma_min/sigma_max attributes) or give explicit sigmas.")
     return denoiser.schedule.grid(steps, grid)
 
 

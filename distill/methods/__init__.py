@@ -7,7 +7,11 @@ A method is one file with a config dataclass and a :class:`Method` subclass. It 
 * ``loss(role, batch, step)``: the scalar loss that role minimises on one micro-batch, plus numbers to log;
 * ``ema``: which attributes are exponential moving averages of which roles, and at what decay;
 * ``method_state()`` / ``load_method_state()``: its own JSON bookkeeping (a phase counter, say);
-* ``export_denoiser()``: the network that becomes ``DIR/model/``.
+* ``export_denoiser()``: the network that becomes ``DIR/model/``; ``export_info()``: for a student, how it
+  samples (``{"sampler": ..., "steps": [...], "sigmas": {k: [...]}}``), written as ``distill.json`` beside it;
+* optionally ``end_of_step(step)`` returning :class:`StepEvents` (reset the optimizers, export and evaluate a
+  student now), ``lr(role, step)`` to own the learning-rate schedule, and ``checkpointed``: extra module
+  attributes a resume needs (a phase's teacher). A config with ``total_steps()`` decides the run's length.
 
 The trainer owns everything else: devices and accelerate, optimizers, accumulation, EMA updates, clipping,
 non-finite guards, checkpoints and resume. Methods are named in YAML by a built-in name (``METHODS``) or by a
@@ -28,6 +32,7 @@ from distill.errors import DistillError
 
 METHODS: dict[str, str] = {
     "teacher": "distill.methods.teacher:TeacherTraining",
+    "progressive": "distill.methods.progressive:ProgressiveDistillation",
 }
 
 
@@ -37,6 +42,24 @@ class Role:
 
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     every: int = 1
+
+
+@dataclass
+class Milestone:
+    """A student to export to ``DIR/students/<name>/`` and evaluate now (e.g. at the end of a phase)."""
+
+    name: str
+    denoiser: nn.Module
+    info: dict[str, Any]  # distill.json: sampler, steps, sigmas
+    evaluate: bool = True  # False when DIR/model (evaluated at the end) is the same network
+
+
+@dataclass
+class StepEvents:
+    """What a method asks of the trainer after a step."""
+
+    reset_optimizers: bool = False  # fresh optimizer state (moments, step counts) for every role
+    milestones: list[Milestone] = field(default_factory=list)
 
 
 @dataclass
@@ -54,11 +77,16 @@ class Method(nn.Module):
 
     Config: ClassVar[type]
     ema: ClassVar[dict[str, tuple[str, float]]] = {}  # overridden per instance: {ema_attr: (role_attr, decay)}
+    checkpointed: ClassVar[tuple[str, ...]] = ()  # further module attributes saved in checkpoints
 
     def __init__(self, config: Any, ctx: Context) -> None:
         super().__init__()
         self.config = config
         self.ctx = ctx
+
+    def unwrap(self, module: nn.Module) -> nn.Module:
+        """The bare network behind a role attribute (the trainer wraps roles for DDP); use it to copy weights."""
+        return module
 
     def roles(self) -> dict[str, Role]:
         raise NotImplementedError
@@ -66,8 +94,17 @@ class Method(nn.Module):
     def loss(self, role: str, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def end_of_step(self, step: int) -> None:
+    def end_of_step(self, step: int) -> StepEvents | None:
         """Called after every optimizer step (``step`` counts completed steps); phase changes go here."""
+        return None
+
+    def lr(self, role: str, step: int) -> float | None:
+        """Learning rate of ``role`` at ``step``; None keeps the trainer's (optimizer config, with warm-up)."""
+        return None
+
+    def export_info(self) -> dict[str, Any] | None:
+        """``distill.json`` for ``DIR/model`` when the export is a student; None for a teacher."""
+        return None
 
     def method_state(self) -> dict[str, Any]:
         return {}
@@ -89,8 +126,8 @@ def resolve_method(name: str) -> type[Method]:
     module_name, _, attr = target.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise DistillError(f"cannot import method {target!r}: {exc}") from exc
+    except Exception as exc:  # a user's file may fail in any way (SyntaxError, NameError...)
+        raise DistillError(f"cannot import method {target!r}: {type(exc).__name__}: {exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, Method) and hasattr(cls, "Config")):
         raise DistillError(f"{target!r} is not a distill Method subclass with a Config dataclass.")
     return cls

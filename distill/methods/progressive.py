@@ -1,0 +1,219 @@
+"""Progressive distillation (Salimans & Ho, ICLR 2022, Algorithm 2).
+
+In a phase with N student steps the student learns to do in one DDIM step what its teacher does in two.
+The student's grid is the teacher's own discrete timesteps for N steps (trailing spacing), and the teacher's
+2N-step grid puts one extra point between each pair: with sigmas ``s > s' > s''`` (a student step from
+``s`` to ``s''``, through the teacher's midpoint ``s'``) and ``x = x0 + s * eps``:
+
+    teacher: x'  = D(x, s)   + s'  / s  * (x  - D(x, s))          (DDIM, VE form)
+             x'' = D(x', s') + s'' / s' * (x' - D(x', s'))
+    target:  x_tilde = (x'' - s'' / s * x) / (1 - s'' / s)         (Alg. 2: one DDIM step s -> s'' lands on x'')
+    loss:    lambda(s) * ||D_student(x, s) - x_tilde||^2            (lambda: truncated SNR = max(SNR, 1), or SNR+1)
+
+Then the student becomes the next phase's teacher and N halves, until ``end_steps``. The student keeps the
+teacher's parameterization (the paper's v-prediction for the digits teacher), adapted at the edge as always.
+At the end of every phase the student is exported to ``DIR/students/<N>-step/`` and evaluated at N steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distill import losses
+from distill.config import OptimizerConfig
+from distill.denoisers import load_denoiser
+from distill.errors import DistillError
+from distill.methods import Context, Method, Milestone, Role, StepEvents
+from distill.samplers import sample_ddim
+
+
+@dataclass
+class ProgressiveConfig:
+    """Phases halve the step count: the first student does ``start_steps / 2``, the last ``end_steps``."""
+
+    start_steps: int = 64  # the teacher's DDIM steps in the first phase; its student learns start_steps / 2
+    end_steps: int = 1  # the last phase's student steps
+    iters_per_phase: int | list[int] = 400  # optimizer steps per phase (one number, or one per phase)
+    lr: float | list[float] = 1e-4  # peak learning rate per phase (one number, or one per phase)
+    lr_decay: bool = True  # decay linearly to 0 within each phase (after warm-up)
+    weighting: str = "truncated_snr"  # lambda(sigma): truncated_snr = max(SNR, 1) | snr+1 | uniform | snr
+    spacing: str = "trailing"  # the teacher's timesteps for a grid of N: leading | trailing | linspace
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, warmup_steps=20))
+    reset_optimizer: bool = True  # fresh Adam moments at every phase
+    ema_decay: float = 0.0  # EMA of the student within a phase; 0 = none (phases are short)
+
+    @property
+    def num_phases(self) -> int:
+        return int(round(math.log2(self.start_steps / self.end_steps))) if self.end_steps > 0 else 0
+
+    def per_phase(self, value: Any) -> list[Any]:
+        return list(value) if isinstance(value, list) else [value] * self.num_phases
+
+    def total_steps(self) -> int:
+        return sum(self.per_phase(self.iters_per_phase))
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.end_steps < 1:
+            errs.append(f"end_steps must be >= 1, got {self.end_steps}")
+        elif self.start_steps <= self.end_steps:
+            errs.append(f"start_steps ({self.start_steps}) must be above end_steps ({self.end_steps})")
+        elif self.start_steps % self.end_steps or (self.start_steps // self.end_steps) & (self.start_steps // self.end_steps - 1):
+            errs.append(f"start_steps / end_steps must be a power of 2 (phases halve the steps), got "
+                        f"{self.start_steps} / {self.end_steps}")
+        else:
+            for name in ("iters_per_phase", "lr"):
+                v = getattr(self, name)
+                if isinstance(v, list) and len(v) != self.num_phases:
+                    errs.append(f"{name} lists {len(v)} values for {self.num_phases} phases "
+                                f"({self.start_steps} -> {self.end_steps} steps)")
+            if any(i < 1 for i in self.per_phase(self.iters_per_phase)):
+                errs.append(f"iters_per_phase must be >= 1, got {self.iters_per_phase}")
+            if any(lr < 0 for lr in self.per_phase(self.lr)):
+                errs.append(f"lr must be >= 0, got {self.lr}")
+        if self.weighting not in losses.WEIGHTINGS:
+            errs.append(f"weighting: {self.weighting!r} is not one of {', '.join(losses.WEIGHTINGS)}")
+        if self.spacing not in ("leading", "trailing", "linspace"):
+            errs.append(f"spacing: {self.spacing!r} is not one of leading, trailing, linspace")
+        if not 0 <= self.ema_decay < 1:
+            errs.append(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        return errs
+
+
+class ProgressiveDistillation(Method):
+    """Salimans & Ho 2022, Algorithm 2, on the teacher's own discrete timesteps."""
+
+    Config = ProgressiveConfig
+    checkpointed = ("teacher",)
+
+    def __init__(self, config: ProgressiveConfig, ctx: Context) -> None:
+        super().__init__(config, ctx)
+        if ctx.teacher is None:
+            raise DistillError("progressive distillation needs a teacher: set `teacher:` in the recipe.")
+        teacher = load_denoiser(ctx.teacher)
+        if teacher.prediction_type not in ("epsilon", "v_prediction"):
+            raise DistillError(
+                f"progressive distillation takes epsilon or v_prediction teachers; {ctx.teacher} predicts "
+                f"{teacher.prediction_type!r}."
+            )
+        T = teacher.schedule.num_train_timesteps
+        if config.start_steps > T:
+            raise DistillError(
+                f"start_steps={config.start_steps} asks for a {config.start_steps}-step teacher grid, but the "
+                f"teacher's schedule has {T} timesteps; use start_steps <= {T}."
+            )
+        for p in range(config.num_phases):
+            # The N-step grid must be every other point of the 2N-step grid, or the target is not two teacher steps.
+            n = config.start_steps >> (p + 1)
+            fine, coarse = teacher.schedule.grid(2 * n, config.spacing), teacher.schedule.grid(n, config.spacing)
+            if not torch.equal(fine[::2], coarse):
+                raise DistillError(
+                    f"with {config.spacing!r} spacing the teacher's {n}-step timesteps are not every other "
+                    f"{2 * n}-step timestep; use spacing: trailing."
+                )
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.student = copy.deepcopy(teacher).requires_grad_(True).train()
+        if config.ema_decay > 0:
+            self.student_ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+            self.ema = {"student_ema": ("student", config.ema_decay)}
+        self.weight = losses.weighting(config.weighting)
+        self.iters = config.per_phase(config.iters_per_phase)
+        self.lrs = config.per_phase(config.lr)
+        self.phase = 0
+        self._grids: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------ phases
+
+    @property
+    def student_steps(self) -> int:
+        """Steps of this phase's student; its teacher takes twice as many."""
+        return self.config.start_steps >> (self.phase + 1)
+
+    def _phase_start(self, phase: int) -> int:
+        return sum(self.iters[:phase])
+
+    def grid(self, steps: int) -> torch.Tensor:
+        """The student's sigma grid for ``steps`` steps: (steps + 1,) float64, descending to 0."""
+        if steps not in self._grids:
+            self._grids[steps] = self.teacher.schedule.grid(steps, self.config.spacing)
+        return self._grids[steps]
+
+    def _exported(self) -> torch.nn.Module:
+        return self.student_ema if self.config.ema_decay > 0 else self.unwrap(self.student)
+
+    def roles(self) -> dict[str, Role]:
+        return {"student": Role(self.config.optimizer)}
+
+    def lr(self, role: str, step: int) -> float:
+        peak = self.lrs[self.phase]
+        local = step - self._phase_start(self.phase)
+        warm = self.config.optimizer.warmup_steps
+        scale = min(1.0, (local + 1) / warm) if warm else 1.0
+        if self.config.lr_decay:
+            scale *= 1.0 - local / self.iters[self.phase]
+        return peak * scale
+
+    @torch.no_grad()
+    def two_teacher_steps(self, x: torch.Tensor, s: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+        """Two DDIM steps of the teacher, x (B, C, H, W) at sigmas s (B,) -> s_mid (B,) -> s_next (B,)."""
+        b = (slice(None),) + (None,) * (x.ndim - 1)
+        x0 = self.teacher(x, s)
+        x_mid = x0 + (s_mid / s)[b] * (x - x0)
+        x0_mid = self.teacher(x_mid, s_mid)
+        return x0_mid + (s_next / s_mid)[b] * (x_mid - x0_mid)
+
+    def target(self, x: torch.Tensor, s: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+        """x_tilde: the x0 whose single DDIM step from (x, s) to s_next lands where two teacher steps do."""
+        b = (slice(None),) + (None,) * (x.ndim - 1)
+        x2 = self.two_teacher_steps(x, s, s_mid, s_next)
+        r = (s_next / s)[b]
+        return (x2 - r * x) / (1 - r)
+
+    def loss(self, role: str, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x0 = batch["image"]
+        n = self.student_steps
+        fine = self.grid(2 * n).to(x0.device, torch.float32)  # (2n + 1,): the teacher's grid
+        i = torch.randint(0, n, (x0.shape[0],), device=x0.device)
+        s, s_mid, s_next = fine[2 * i], fine[2 * i + 1], fine[2 * i + 2]
+        x = x0 + s[:, None, None, None] * torch.randn_like(x0)
+        x_tilde = self.target(x, s, s_mid, s_next)
+        err = losses.l2(self.student(x, s), x_tilde)
+        loss = (self.weight(s) * err).mean()
+        return loss, {"x0_mse": err.mean().item(), "phase_steps": float(n)}
+
+    def end_of_step(self, step: int) -> StepEvents | None:
+        if step != self._phase_start(self.phase + 1):
+            return None
+        n = self.student_steps
+        last = self.phase + 1 == self.config.num_phases
+        done = copy.deepcopy(self._exported()).eval()
+        # the last phase's student is also DIR/model, which the trainer evaluates at the end
+        events = StepEvents(milestones=[Milestone(f"{n}-step", done, self._info(n), evaluate=not last)])
+        if not last:
+            # Algorithm 2: the student of this phase teaches the next one.
+            self.teacher.load_state_dict(self._exported().state_dict())
+            self.phase += 1
+            if self.config.ema_decay > 0:
+                self.unwrap(self.student).load_state_dict(self.student_ema.state_dict())
+            events.reset_optimizers = self.config.reset_optimizer
+        return events
+
+    def _info(self, steps: int) -> dict[str, Any]:
+        return {"sampler": "ddim", "steps": [steps], "sigmas": {str(steps): self.grid(steps).tolist()}}
+
+    def method_state(self) -> dict[str, Any]:
+        return {"phase": self.phase}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.phase = int(state["phase"])
+
+    def export_denoiser(self) -> torch.nn.Module:
+        return self._exported()
+
+    def export_info(self) -> dict[str, Any]:
+        return self._info(self.config.end_steps)
