@@ -14,7 +14,7 @@ from rich.table import Table
 
 from distill.errors import ConfigError, DistillError
 
-console = Console(stderr=False)
+console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs: do not wrap tables at 80
 err_console = Console(stderr=True)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -50,19 +50,30 @@ def cmd_run(args: argparse.Namespace, require_method: str | None = None) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from distill.denoisers import load_denoiser
+    import torch
+
     from distill.eval.grid import save_grid
     from distill.eval.sweep import denoiser_draw, generate, sigma_grid
 
     if args.n < 1 or args.steps < 1 or args.batch_size < 1:
         raise DistillError("--n, --steps and --batch-size must be at least 1.")
-    D = load_denoiser(args.model).eval()
+    from distill.eval.harness import open_model
+
+    m = open_model(args.model)
+    D = m.denoiser
     cfg = D.unet.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    sigmas = sigma_grid(D, args.steps, args.grid, args.sigma_max)
-    imgs = generate(denoiser_draw(D, args.sampler, sigmas), args.n, shape, seed=args.seed, batch_size=args.batch_size)
+    sampler = args.sampler or m.samplers[0]
+    if m.method != "teacher" and m.steps is not None and args.steps not in m.steps:
+        raise DistillError(f"{args.model} is a {m.method} student for {list(m.steps)} steps; pass --steps {m.steps[0]}.")
+    if args.steps in m.sigmas and args.grid is None:
+        sigmas, grid = torch.tensor(m.sigmas[args.steps], dtype=torch.float64), "student's own"
+    else:
+        grid = args.grid or ("karras" if sampler == "heun" else "trailing")
+        sigmas = sigma_grid(D, args.steps, grid, args.sigma_max)
+    imgs = generate(denoiser_draw(D, sampler, sigmas), args.n, shape, seed=args.seed, batch_size=args.batch_size)
     path = save_grid(imgs, args.out, scale=args.scale)
-    console.print(f"wrote {args.n} samples ({args.sampler}, {args.steps} steps, {args.grid} grid) to {path}")
+    console.print(f"wrote {args.n} samples ({sampler}, {args.steps} steps, {grid} grid) to {path}")
     return 0
 
 
@@ -171,10 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sample", help="write a PNG grid of samples from a model folder")
     sp.add_argument("model", help="diffusers pipeline folder (or hub id when online)")
-    sp.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    sp.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                    help="default: a student's own sampler, ddim for a teacher")
     sp.add_argument("--steps", type=int, default=16)
-    sp.add_argument("--grid", default="trailing", choices=["trailing", "leading", "linspace", "karras"],
-                    help="sigma grid: the model's timesteps with diffusers' spacing, or Karras et al.")
+    sp.add_argument("--grid", default=None, choices=["trailing", "leading", "linspace", "karras"],
+                    help="sigma grid: the model's timesteps with diffusers' spacing, or Karras et al. (default: a "
+                    "student's own grid; trailing for a teacher, karras for heun)")
     sp.add_argument("--sigma-max", type=float, default=80.0, help="top of a karras grid (capped at the model's)")
     sp.add_argument("--n", type=int, default=64)
     sp.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")

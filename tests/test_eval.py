@@ -179,3 +179,19 @@ def test_eval_errors_write_nothing(tmp_path, capsys, monkeypatch):
     _no_output(tmp_path, [str(TEACHER), "--protocol", str(proto)], capsys, "inception-2015-12-05.pt")
     _no_output(tmp_path, [str(TEACHER), "--protocol", "nonexistent"], capsys, "protocol 'nonexistent' not found")
     _no_output(tmp_path, [str(TEACHER), "--steps", "0,2"], capsys, "positive integers")
+
+
+def test_sample_cli_uses_a_students_own_grid(tmp_path, capsys):
+    import shutil
+
+    from distill.eval.sweep import sigma_grid
+
+    student = tmp_path / "student"
+    shutil.copytree(TEACHER, student)
+    D = load_denoiser(TEACHER)
+    (student / "distill.json").write_text(json.dumps({"method": "progressive", "sampler": "ddim", "steps": [2],
+                                                       "sigmas": {"2": sigma_grid(D, 2).tolist()}}))
+    assert cli.main(["sample", str(student), "--steps", "2", "--n", "4", "--out", str(tmp_path / "g.png")]) == 0
+    assert "student's own grid" in capsys.readouterr().out and (tmp_path / "g.png").is_file()
+    assert cli.main(["sample", str(student), "--steps", "4", "--out", str(tmp_path / "h.png")]) == 2
+    assert "for [2] steps" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Leaderboards from result rows: a rich table, a markdown table, and a plot of the metric against NFE.
 
 Rows are grouped by (protocol, metric, feature extractor): only numbers measured the same way share a
-table. Within a group the newest row wins for each (model, sampler, grid, steps). Every table shows the
+table. Within a group the last row read wins for each (model, sampler, grid, steps): files are read in the
+order given (``distill leaderboard`` with no files: sorted by name), rows in file order. Every table shows the
 protocol's data-vs-data floor.
 """
 
@@ -111,10 +112,13 @@ def markdown(rows: list[dict[str, Any]], plots: dict[tuple, str] | None = None) 
     for key, g in group(rows).items():
         cols = _columns(g)
         out += [f"## {title(key)}", ""]
-        any_row = next((r for pts in g["series"].values() for r in pts.values()), g["floor"])
-        if any_row is not None:
-            out.append(f"n = {any_row['n']} samples per point, seeds {any_row['seed']}.., measured on "
-                       f"{any_row.get('machine', 'an unrecorded machine')}, git {any_row.get('git')}.")
+        measured = [r for pts in g["series"].values() for r in pts.values()]
+        if measured:
+            r0 = measured[0]
+            machines = sorted({str(r.get("machine", "an unrecorded machine")) for r in measured})
+            gits = sorted({str(r.get("git")) for r in measured})
+            out.append(f"n = {r0['n']} samples per point, seeds {r0['seed']}.., measured on {'; '.join(machines)}; "
+                       f"git {', '.join(gits)}.")
             out.append("")
         out.append("| model · sampler | " + " | ".join(str(k) for k in cols) + " |")
         out.append("|---|" + "---:|" * len(cols))
