@@ -73,8 +73,6 @@ class Trainer:
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
-        if self.tc.batch_size % self.tc.grad_accum:
-            raise DistillError("trainer.batch_size must be divisible by trainer.grad_accum.")
 
         torch.manual_seed(self.tc.seed + self.rank)
         random.seed(self.tc.seed + self.rank)

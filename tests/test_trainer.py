@@ -162,3 +162,24 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "prediction_type 'flow' is not supported" in capsys.readouterr().err
     assert cli.main(["sample", "someone/some-model", "--out", str(tmp_path / "g.png")]) == 2
     assert "hub is offline" in capsys.readouterr().err
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_fresh_clears(tmp_path):
+    base = [*TINY, "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=3"]
+    Trainer(load_recipe(TEACHER, base), tmp_path).fit()
+    newest = list_checkpoints(tmp_path / "checkpoints")[-1]
+    (newest / "state.json").write_text("{}")  # damaged after its manifest was written
+    t = Trainer(load_recipe(TEACHER, [*TINY, "trainer.max_steps=6", "trainer.checkpoint_every=2"]), tmp_path)
+    with pytest.warns(UserWarning, match="Falling back"):
+        assert t.resume()
+    assert t.step == 2
+    # a resume into a run of another architecture is one clear error
+    other = Trainer(load_recipe(TEACHER, [*TINY, "method.unet.block_out_channels=[8, 16]", "trainer.max_steps=6"]),
+                    tmp_path)
+    with pytest.warns(UserWarning), pytest.raises(DistillError, match="does not fit this recipe"):
+        other.resume()
+    # --fresh: the earlier run's checkpoints and logs are gone before the new run starts
+    fresh = Trainer(load_recipe(TEACHER, [*TINY, "trainer.max_steps=1", "trainer.checkpoint_every=0"]), tmp_path)
+    fresh.fit(resume=False)
+    assert [c.name for c in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000001"]
+    assert len(_rows(tmp_path)) == 1
