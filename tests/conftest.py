@@ -39,6 +39,15 @@ def tiny_unet(seed: int = 0, sample_size: int = 8, channels: int = 1):
 
 
 @pytest.fixture
+def one_thread():
+    """For small tests: the machine's two cores are shared, and these sizes do not need more than one."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def unet():
     return tiny_unet()
 

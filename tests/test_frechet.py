@@ -10,13 +10,7 @@ from distill.errors import DistillError
 from distill.eval.frechet import FeatureStats, fd_from_features, feature_stats, frechet_distance
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine's cores are shared; these sizes do not need more than one.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _two_gaussians(n: int = 500, d: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

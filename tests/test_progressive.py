@@ -117,3 +117,25 @@ def test_quality_floor_on_digits(tmp_path):
                        ["ddim"], progress=False)
     t = {r["steps"]: r["value"] for r in teacher[1:]}
     assert student[1] < t[1] / 10 and student[2] < t[2] / 3, (student, t)  # measured: 15x and 3.8x
+
+
+def test_resume_across_a_phase_boundary_is_exact(tmp_path, tiny_teacher):
+    """6 steps in one go == 4 steps (past the phase change at 3), a new Trainer resumed, 2 more: bitwise."""
+    from distill.checkpoint import list_checkpoints, load_checkpoint
+
+    over = ["method.start_steps=4", "method.iters_per_phase=3", "trainer.checkpoint_every=4"]
+    _trainer(tmp_path / "a", tiny_teacher, *over).fit()
+    b = _trainer(tmp_path / "b", tiny_teacher, *over)
+    b.tc.max_steps = 4  # stop after step 4, as a preempted run would
+    b.fit()
+    b2 = _trainer(tmp_path / "b", tiny_teacher, *over)
+    assert b2.resume() and b2.step == 4 and b2.method.phase == 1
+    b2.fit()
+    ka = load_checkpoint(list_checkpoints(tmp_path / "a" / "checkpoints")[-1])
+    kb = load_checkpoint(list_checkpoints(tmp_path / "b" / "checkpoints")[-1])
+    for name in ("student", "teacher"):
+        for k, v in ka["modules"][name].items():
+            assert torch.equal(v, kb["modules"][name][k]), (name, k)
+    for pid, st in ka["optimizers"]["student"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(kb["optimizers"]["student"]["state"][pid][k]))
