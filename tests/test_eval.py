@@ -195,3 +195,13 @@ def test_sample_cli_uses_a_students_own_grid(tmp_path, capsys):
     assert "student's own grid" in capsys.readouterr().out and (tmp_path / "g.png").is_file()
     assert cli.main(["sample", str(student), "--steps", "4", "--out", str(tmp_path / "h.png")]) == 2
     assert "for [2] steps" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_scores_the_shipped_teacher(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in rows] == [None, 1, 2, 4, 8, 16, 32] and rows[0]["method"] == "data-floor"
+    assert rows[-1]["value"] < rows[1]["value"] / 50  # 32 DDIM steps are far better than 1
+    assert (tmp_path / "grids" / "digits-teacher" / "ddim-32.png").is_file()
+    assert "data floor" in capsys.readouterr().out
