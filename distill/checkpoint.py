@@ -81,6 +81,11 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep`` complete ones."""
+    for name, m in modules.items():
+        bad = [k for k, v in m.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise DistillError(f"refusing to checkpoint step {step}: {name} has non-finite values in {bad[:3]}; "
+                               "the previous checkpoint is kept.")
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}"
@@ -141,14 +146,17 @@ def verify(ckpt: Path) -> None:
 def load_checkpoint(ckpt: Path) -> dict[str, Any]:
     """Verified contents: ``modules`` {name: state dict}, ``optimizers`` {role: state dict}, ``rng``, ``state``."""
     verify(ckpt)
-    modules = {p.stem: load_file(str(p)) for p in sorted((ckpt / "modules").glob("*.safetensors"))}
-    optimizers = {}
-    for p in sorted((ckpt / "optim").glob("*.safetensors")):
-        meta = json.loads(p.with_suffix(".json").read_text())
-        optimizers[p.stem] = optimizer_from_files(load_file(str(p)), meta)
-    return {
-        "modules": modules,
-        "optimizers": optimizers,
-        "rng": load_file(str(ckpt / "rng.safetensors")),
-        "state": json.loads((ckpt / "state.json").read_text()),
-    }
+    try:  # safetensors parses tensors only; a pickle under a .safetensors name fails here, unexecuted
+        modules = {p.stem: load_file(str(p)) for p in sorted((ckpt / "modules").glob("*.safetensors"))}
+        optimizers = {}
+        for p in sorted((ckpt / "optim").glob("*.safetensors")):
+            meta = json.loads(p.with_suffix(".json").read_text())
+            optimizers[p.stem] = optimizer_from_files(load_file(str(p)), meta)
+        return {
+            "modules": modules,
+            "optimizers": optimizers,
+            "rng": load_file(str(ckpt / "rng.safetensors")),
+            "state": json.loads((ckpt / "state.json").read_text()),
+        }
+    except Exception as exc:  # SafetensorError, JSONDecodeError, KeyError...
+        raise DistillError(f"checkpoint {ckpt} cannot be read as safetensors + JSON ({type(exc).__name__}: {exc}).") from exc

@@ -84,6 +84,7 @@ class TrainerConfig:
     checkpoint_every: int = 500  # optimizer steps between checkpoints; 0 = only the final one
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 10  # steps between metrics.jsonl rows
+    max_nonfinite_streak: int = 20  # stop after this many consecutive skipped (NaN/inf) steps
     threads: int | None = None  # torch CPU threads; null leaves torch's default
     progress: bool = True  # rich progress bar
 
@@ -103,6 +104,8 @@ class TrainerConfig:
             errs.append(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.log_every < 1:
             errs.append(f"log_every must be >= 1, got {self.log_every}")
+        if self.max_nonfinite_streak < 1:
+            errs.append(f"max_nonfinite_streak must be >= 1, got {self.max_nonfinite_streak}")
         if self.threads is not None and self.threads < 1:
             errs.append(f"threads must be >= 1 or null, got {self.threads}")
         return errs

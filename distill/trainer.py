@@ -92,6 +92,7 @@ class Trainer:
             self.optimizers[role] = opt
         self._live = None  # the rich progress display while the loop runs
         self._stepped: set[str] = set()  # roles whose optimizer stepped in the current step
+        self.streak = 0  # consecutive steps whose every due update was skipped
         self.step = 0
         self.epoch = 0
         self.offset = 0
@@ -168,6 +169,9 @@ class Trainer:
         m = self.tc.batch_size // self.tc.grad_accum
         return [{k: v[i * m : (i + 1) * m] for k, v in local.items()} for i in range(self.tc.grad_accum)]
 
+    def roles_due(self) -> list[str]:
+        return [r for r, spec in self.roles.items() if self.step % spec.every == 0]
+
     def _update(self, role: str, micro: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         module = getattr(self.method, role)
         opt = self.optimizers[role]
@@ -243,12 +247,21 @@ class Trainer:
                 micro = self._next_batch()
                 logs: dict[str, float] = {}
                 self._stepped: set[str] = set()
-                for role, spec in self.roles.items():
-                    if self.step % spec.every == 0:
-                        logs.update(self._update(role, micro))
+                for role in self.roles_due():
+                    logs.update(self._update(role, micro))
                 for ema_name, (src, decay) in self.method.ema.items():
                     if src in self._stepped:  # an EMA follows only real updates of its source
                         ema_update(getattr(self.method, ema_name), self._unwrapped(src), decay)
+                if self._stepped or not self.roles_due():
+                    self.streak = 0
+                else:
+                    self.streak += 1
+                    if self.streak >= self.tc.max_nonfinite_streak:
+                        raise DistillError(
+                            f"{self.streak} steps in a row had a NaN/inf loss or gradient (step {self.step}); stopped. "
+                            "The last good checkpoint is kept. Lower the learning rate, enable grad_clip, or check "
+                            "the data, then run the same command to resume."
+                        )
                 self.step += 1
                 events = self.method.end_of_step(self.step)
                 if events is not None:
