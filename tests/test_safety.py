@@ -98,3 +98,82 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path):
         t.save()
     assert [c.name for c in list_checkpoints(tmp_path / "checkpoints")] == before
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_crash_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    import distill.checkpoint as C
+
+    t = Trainer(load_recipe(TEACHER, [*TINY, "trainer.max_steps=2"]), tmp_path)
+    t.fit()
+    good = list_checkpoints(tmp_path / "checkpoints")
+    calls = {"n": 0}
+    real = C.save_file
+
+    def crash_on_second(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(path).write_bytes(b"half a file")
+            raise RuntimeError("killed mid-write")
+        return real(tensors, path)
+
+    monkeypatch.setattr(C, "save_file", crash_on_second)
+    t.step = 3
+    with pytest.raises(RuntimeError):
+        t.save()
+    assert list_checkpoints(tmp_path / "checkpoints") == good  # the half-written one is never a candidate
+    monkeypatch.setattr(C, "save_file", real)
+    t2 = Trainer(load_recipe(TEACHER, [*TINY, "trainer.max_steps=4"]), tmp_path)
+    assert t2.resume() and t2.step == 2
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import distill.checkpoint as C
+    from distill import cli
+
+    out = tmp_path / "run"
+    args = ["run", str(TEACHER), "--out", str(out), *TINY, "trainer.max_steps=4", "trainer.checkpoint_every=2"]
+    real = C.save_file
+
+    def full_after_first(tensors, path):
+        if list_checkpoints(out / "checkpoints"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path)
+
+    monkeypatch.setattr(C, "save_file", full_after_first)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "previous checkpoint is kept" in err and "Traceback" not in err
+    assert [c.name for c in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_kill_9_then_the_same_command_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL a `distill run` mid-run, start it again: its final weights equal an uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    def cmd(out):
+        return [sys.executable, "-m", "distill.cli", "teacher", str(TEACHER), "--out", str(out), *TINY,
+                "trainer.max_steps=300", "trainer.checkpoint_every=20", "trainer.keep_checkpoints=3"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd(tmp_path / "whole"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(c.name >= "step-00000040" for c in list_checkpoints(tmp_path / "killed" / "checkpoints")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "model").exists()
+    subprocess.run(cmd(tmp_path / "killed"), check=True, env=env, capture_output=True)
+    a = load_file(str(tmp_path / "whole" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

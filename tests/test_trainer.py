@@ -131,9 +131,14 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_nonfinite_step_is_skipped(tmp_path):
-    t = Trainer(load_recipe(TEACHER, [*TINY, "trainer.max_steps=2", "trainer.log_every=1"]), tmp_path)
-    before = {k: v.clone() for k, v in t.method.denoiser.state_dict().items()}
+    t = Trainer(load_recipe(TEACHER, [*TINY, "trainer.max_steps=3", "trainer.log_every=1"]), tmp_path)
     orig = t.method.loss
+    t.tc.max_steps = 1
+    t.fit()  # one good step, so that the optimizer has state to keep
+    t.tc.max_steps = 3
+    before = {k: v.clone() for k, v in t.method.denoiser.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in t.method.denoiser_ema.state_dict().items()}
+    opt_before = {pid: {k: v.clone() for k, v in st.items()} for pid, st in t.optimizers["denoiser"].state_dict()["state"].items()}
 
     def nan_loss(role, batch, step):
         loss, logs = orig(role, batch, step)
@@ -144,7 +149,11 @@ def test_nonfinite_step_is_skipped(tmp_path):
     assert result["skipped"] == 2
     after = t.method.denoiser.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert _rows(tmp_path)[-1]["skipped"] == 2
+    ema_after = t.method.denoiser_ema.state_dict()
+    assert all(torch.equal(ema_before[k], ema_after[k]) for k in ema_before)
+    opt_after = t.optimizers["denoiser"].state_dict()["state"]
+    assert all(torch.equal(v, opt_after[pid][k]) for pid, st in opt_before.items() for k, v in st.items())
+    assert _rows(tmp_path)[-1]["skipped"] == 2 and _rows(tmp_path)[-1]["denoiser/skipped"] == 1.0
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
