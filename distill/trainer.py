@@ -69,8 +69,18 @@ class Trainer:
         self.recipe_name = recipe_name  # recorded in students' distill.json and result rows
         if self.tc.threads:
             torch.set_num_threads(self.tc.threads)
+        from accelerate.state import AcceleratorState, GradientState
+
+        # accelerate keeps one precision per process; several runs in one process (tests, a quickstart of all
+        # recipes) may each choose their own. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.accelerator = Accelerator(mixed_precision=self.tc.mixed_precision)
         self.device = self.accelerator.device
+        if self.tc.mixed_precision == "fp16" and self.device.type == "cpu":
+            # accelerate would run "fp16" on the CPU as plain fp32, with no grad scaler: say so instead
+            raise DistillError("trainer.mixed_precision: fp16 needs a CUDA GPU (on the CPU accelerate silently "
+                               "trains in fp32); use bf16 or no on the CPU.")
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
 

@@ -192,3 +192,21 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_fresh_clears(tmp_path):
     fresh.fit(resume=False)
     assert [c.name for c in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000001"]
     assert len(_rows(tmp_path)) == 1
+
+
+def test_bf16_autocast_on_cpu_and_fp16_refused_without_a_gpu(tmp_path):
+    t = Trainer(load_recipe(TEACHER, [*TINY, "trainer.max_steps=2", "trainer.mixed_precision=bf16"]), tmp_path / "bf16")
+    seen = []
+    orig = t.method.loss
+
+    def spy(role, batch, step):
+        loss, logs = orig(role, batch, step)
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return loss, logs
+
+    t.method.loss = spy
+    result = t.fit()
+    assert seen and all(seen) and result["skipped"] == 0
+    if not torch.cuda.is_available():
+        with pytest.raises(DistillError, match="fp16 needs a CUDA GPU"):
+            Trainer(load_recipe(TEACHER, [*TINY, "trainer.mixed_precision=fp16"]), tmp_path / "fp16")
