@@ -18,7 +18,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -58,14 +58,12 @@ def _lr_at(cfg: OptimizerConfig, step: int) -> float:
 class Trainer:
     """Runs a :class:`~distill.methods.Method` for ``config.trainer.max_steps`` optimizer steps in ``out_dir``."""
 
-    def __init__(self, config: RecipeConfig, out_dir: str | Path, *, on_step: Callable[[int, dict], None] | None = None,
-                 recipe_name: str | None = None):
+    def __init__(self, config: RecipeConfig, out_dir: str | Path, *, recipe_name: str | None = None):
         from accelerate import Accelerator
 
         self.config = config
         self.tc = config.trainer
         self.out = Path(out_dir)
-        self.on_step = on_step
         self.recipe_name = recipe_name  # recorded in students' distill.json and result rows
         if self.tc.threads:
             torch.set_num_threads(self.tc.threads)
@@ -284,8 +282,6 @@ class Trainer:
                     row = {"step": self.step, **logs, "steps_per_s": sps, "skipped": self.skipped, "time": time.time()}
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
-                if self.on_step is not None:
-                    self.on_step(self.step, logs)
                 if self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0 and self.step < self.tc.max_steps:
                     self.save()
         self._live = None

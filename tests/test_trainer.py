@@ -210,3 +210,11 @@ def test_bf16_autocast_on_cpu_and_fp16_refused_without_a_gpu(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(DistillError, match="fp16 needs a CUDA GPU"):
             Trainer(load_recipe(TEACHER, [*TINY, "trainer.mixed_precision=fp16"]), tmp_path / "fp16")
+
+
+def test_library_entry_point(tmp_path):
+    import distill
+
+    result = distill.train(load_recipe(TEACHER, [*TINY, "trainer.max_steps=2"]), tmp_path)
+    assert result["step"] == 2 and (tmp_path / "model" / "model_index.json").is_file()
+    assert distill.load_denoiser(tmp_path / "model").prediction_type == "v_prediction"
