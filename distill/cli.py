@@ -10,7 +10,6 @@ from typing import Sequence
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from distill.errors import ConfigError, DistillError
 

@@ -255,12 +255,13 @@ class Trainer:
                 micro = self._next_batch()
                 logs: dict[str, float] = {}
                 self._stepped: set[str] = set()
-                for role in self.roles_due():
+                due = self.roles_due()
+                for role in due:
                     logs.update(self._update(role, micro))
                 for ema_name, (src, decay) in self.method.ema.items():
                     if src in self._stepped:  # an EMA follows only real updates of its source
                         ema_update(getattr(self.method, ema_name), self._unwrapped(src), decay)
-                if self._stepped or not self.roles_due():
+                if self._stepped or not due:
                     self.streak = 0
                 else:
                     self.streak += 1

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from distill.errors import DistillError
-from distill.eval.protocol import Protocol, Reference, load_protocol, reference
+from distill.eval.protocol import Protocol, load_protocol, reference
 from distill.eval.sweep import Draw, denoiser_draw, generate, sigma_grid
 from distill.samplers import SAMPLERS, nfe
 

@@ -133,7 +133,7 @@ def markdown(rows: list[dict[str, Any]], plots: dict[tuple, str] | None = None) 
             out.append(f"| {_label(skey)} | " + " | ".join(cells) + " |")
         if g["floor"] is not None:
             f = g["floor"]
-            out.append(f"| *data floor (real half B vs A)* | " + " | ".join([f"*{f['value']:.2f}*"] * len(cols)) + " |")
+            out.append("| *data floor (real half B vs A)* | " + " | ".join([f"*{f['value']:.2f}*"] * len(cols)) + " |")
         out.append("")
         if plots and key in plots:
             out += [f"![{title(key)}]({plots[key]})", ""]

@@ -29,7 +29,6 @@ from distill.config import OptimizerConfig
 from distill.denoisers import load_denoiser
 from distill.errors import DistillError
 from distill.methods import Context, Method, Milestone, Role, StepEvents
-from distill.samplers import sample_ddim
 
 
 @dataclass
