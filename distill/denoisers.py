@@ -128,6 +128,58 @@ class DiffusersDenoiser(nn.Module):
         return x0_from_prediction(out, x, sigma.double(), self.prediction_type)
 
 
+class ConsistencyDenoiser(nn.Module):
+    """A consistency function ``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(x, sigma)`` around a denoiser F.
+
+    The boundary scalings are those of latent consistency models (Luo et al. 2023), in the teacher's timestep
+    units ``t(sigma)``, which is what diffusers' ``LCMScheduler`` applies when it samples the exported student::
+
+        c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2),    c_out = s t / sqrt((s t)^2 + sigma_data^2)
+
+    with ``s = timestep_scaling``. At the schedule's smallest noise level ``sigma_min`` (``t = 0``) ``c_skip = 1``
+    and ``c_out = 0``, so ``f(x, sigma_min) = x`` exactly (the boundary condition of Song et al. 2023). With
+    ``s = 10`` the network's own estimate dominates from ``t = 1`` on, so a student initialised from its teacher
+    starts as (almost exactly) the teacher's one-step denoiser.
+    """
+
+    def __init__(self, inner: DiffusersDenoiser, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> None:
+        super().__init__()
+        if not isinstance(inner, DiffusersDenoiser):
+            raise DistillError(f"a consistency student wraps a diffusers denoiser, got {type(inner).__name__}.")
+        self.inner = inner
+        self.timestep_scaling = float(timestep_scaling)
+        self.sigma_data = float(sigma_data)
+
+    @property
+    def schedule(self) -> DiscreteVPSchedule:
+        return self.inner.schedule
+
+    @property
+    def sigma_min(self) -> float:
+        return self.inner.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.inner.sigma_max
+
+    @property
+    def prediction_type(self) -> str:
+        return self.inner.prediction_type
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c_skip, c_out)`` of shape (B,), float64, for noise levels ``sigma`` (B,)."""
+        st = self.schedule.sigma_to_t(torch.as_tensor(sigma)) * self.timestep_scaling
+        sd2 = self.sigma_data**2
+        return sd2 / (st**2 + sd2), st / (st**2 + sd2).sqrt()
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out = self.scalings(sigma)
+        return _bcast(c_skip, x) * x + _bcast(c_out, x) * self.inner(x, sigma, **cond)
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -198,8 +250,9 @@ def load_unet(folder: Path) -> nn.Module:
         raise DistillError(f"cannot load the UNet in {folder}: {exc}") from exc
 
 
-def load_denoiser(name_or_path: str | os.PathLike) -> DiffusersDenoiser:
-    """Load a teacher or student as a :class:`DiffusersDenoiser`.
+def load_denoiser(name_or_path: str | os.PathLike) -> DiffusersDenoiser | ConsistencyDenoiser:
+    """Load a teacher or student as a :class:`DiffusersDenoiser` (a :class:`ConsistencyDenoiser` around one when
+    the folder's scheduler is an ``LCMScheduler``: a consistency student).
 
     Accepts a diffusers pipeline folder (``model_index.json`` with ``unet/`` and ``scheduler/``), a folder
     holding ``unet/`` and ``scheduler/`` without a model index, or a hub id when online.
@@ -214,4 +267,8 @@ def load_denoiser(name_or_path: str | os.PathLike) -> DiffusersDenoiser:
     sched = _read_json(sched_dir / "scheduler_config.json")
     check_scheduler_config(sched)
     unet = load_unet(unet_dir)
-    return DiffusersDenoiser(unet, sched)
+    denoiser = DiffusersDenoiser(unet, sched)
+    if sched.get("_class_name") == "LCMScheduler":
+        # a consistency student: diffusers' LCMScheduler applies the boundary scalings, so distill does too
+        return ConsistencyDenoiser(denoiser, sched.get("timestep_scaling", 10.0))
+    return denoiser

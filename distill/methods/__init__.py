@@ -33,6 +33,7 @@ from distill.errors import DistillError
 METHODS: dict[str, str] = {
     "teacher": "distill.methods.teacher:TeacherTraining",
     "progressive": "distill.methods.progressive:ProgressiveDistillation",
+    "consistency": "distill.methods.consistency:ConsistencyDistillation",
 }
 
 
