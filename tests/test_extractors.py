@@ -99,6 +99,20 @@ def test_digits_extractor_shape_metric_hash():
     assert ext.describe() == {"name": "digits-net", "metric": "FD-digits", "dim": 64, "weights_hash": shipped}
 
 
+def test_second_digits_net_is_its_own_metric():
+    """digits-features-b: an independently trained net (other seed, widths and feature size) for a second opinion."""
+    a, b = DigitsExtractor(), DigitsExtractor(folder="digits-features-b")
+    assert (a.name, a.metric, a.dim) == ("digits-net", "FD-digits", 64)
+    assert (b.name, b.metric, b.dim) == ("digits-net-b", "FD-digits-b", 48)
+    assert a.weights_hash() != b.weights_hash()
+    x = torch.from_numpy(digits_array()[0][:300])
+    fa, fb = a.features(x), b.features(x)
+    assert fa.shape == (300, 64) and fb.shape == (300, 48)
+    # the shipped folder name and its path are the same network
+    assert DigitsExtractor(folder=DEFAULT_FOLDER.parent / "digits-features-b").weights_hash() == b.weights_hash()
+    assert DigitsExtractor(folder=DEFAULT_FOLDER).name == "digits-net"
+
+
 def test_digits_extractor_independent_of_batch_size_and_clamps():
     images, _ = digits_array()
     x = torch.from_numpy(images[:40])

@@ -280,9 +280,19 @@ def save_digits_net(net: DigitsNet, folder: str | Path, report: dict[str, Any] |
     return folder
 
 
+def resolve_folder(folder: str | Path | None) -> Path:
+    """A DigitsNet folder: ``folder`` itself, or the shipped asset of that name (``digits-features-b``);
+    None is the default network."""
+    if folder is None:
+        return DEFAULT_FOLDER
+    path = Path(folder)
+    shipped = DEFAULT_FOLDER.parent / str(folder)
+    return shipped if not path.exists() and shipped.is_dir() else path
+
+
 def load_digits_config(folder: str | Path | None = None) -> dict[str, Any]:
     """The config.json of a saved DigitsNet (default: the shipped one)."""
-    folder = Path(folder) if folder is not None else DEFAULT_FOLDER
+    folder = resolve_folder(folder)
     path = folder / _CONFIG_FILE
     if not path.is_file():
         raise DistillError(f"no {_CONFIG_FILE} in {folder}; train one with "
@@ -297,7 +307,7 @@ def load_digits_net(folder: str | Path | None = None) -> DigitsNet:
     """
     from safetensors.torch import load_file
 
-    folder = Path(folder) if folder is not None else DEFAULT_FOLDER
+    folder = resolve_folder(folder)
     fix = f"train one with `python -m distill.eval.digits_net --out {folder}`"
     if not folder.is_dir():
         raise DistillError(f"digits feature network folder {folder} does not exist; {fix}.")
@@ -323,9 +333,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="init / shuffle / augmentation seed")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps the run reproducible)")
+    parser.add_argument("--channels", default="32,64", help="the two conv widths, e.g. 24,48")
+    parser.add_argument("--feature-dim", type=int, default=64, help="width of the penultimate (feature) layer")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    net, report = train_digits_net(seed=args.seed, epochs=args.epochs)
+    try:
+        c1, c2 = (int(c) for c in args.channels.split(","))
+    except ValueError:
+        parser.error(f"--channels takes two integers like 32,64, got {args.channels!r}")
+    net, report = train_digits_net(seed=args.seed, epochs=args.epochs, channels=(c1, c2), feature_dim=args.feature_dim)
     save_digits_net(net, args.out, report)
     print(f"held-out accuracy {report['heldout_accuracy']:.4f} ({report['n_test']} images), "
           f"train accuracy {report['train_accuracy']:.4f}, {report['n_params']} params, "

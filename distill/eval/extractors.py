@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.eval.digits_net import load_digits_net
+from distill.eval.digits_net import DEFAULT_FOLDER, load_digits_net, resolve_folder
 from distill.eval.digits_net import weights_hash as _state_dict_hash
 
 __all__ = [
@@ -175,8 +175,11 @@ class DigitsExtractor(FeatureExtractor):
         self.device = torch.device(device)
         self.net = load_digits_net(folder).to(self.device)
         self.batch_size = int(batch_size)
-        self.name = "digits-net"
-        self.metric = "FD-digits"
+        # a second, independently trained net (a shipped folder name such as digits-features-b) is its own metric
+        other = folder is not None and resolve_folder(folder).resolve() != DEFAULT_FOLDER.resolve()
+        tag = Path(folder).name.removeprefix("digits-features-") if other else ""
+        self.name = f"digits-net-{tag}" if other else "digits-net"
+        self.metric = f"FD-digits-{tag}" if other else "FD-digits"
 
     @property
     def dim(self) -> int:
