@@ -34,6 +34,7 @@ METHODS: dict[str, str] = {
     "teacher": "distill.methods.teacher:TeacherTraining",
     "progressive": "distill.methods.progressive:ProgressiveDistillation",
     "consistency": "distill.methods.consistency:ConsistencyDistillation",
+    "adversarial": "distill.methods.adversarial:AdversarialDistillation",
 }
 
 

@@ -1,0 +1,382 @@
+"""Adversarial diffusion distillation (Sauer et al. 2023, "ADD"; the latent variant's teacher-feature
+discriminator, Sauer et al. 2024, "LADD").
+
+The student (initialised from the teacher) is trained at a few fixed timesteps: it turns a real image noised
+to one of them, ``x_s = x0 + s * eps``, into ``x_hat = f(x_s, s)`` in one step. Two losses train it:
+
+    adversarial:   L_G = -sum_k mean(h_k(B(x_hat)))                    (hinge generator loss, Lim & Ye 2017)
+    distillation:  L_D = c(t) * ||x_hat - D_teacher(sg(x_hat) + sigma_t * eps', sigma_t)||^2
+                   with t uniform over the teacher's timesteps and c(t) = alpha_bar_t ("exponential", ADD)
+    student:       L_G + lambda * L_D                                   (ADD: lambda = 2.5)
+
+and the discriminator's heads ``h_k`` (on features of a frozen backbone ``B``) minimise the hinge loss
+
+    sum_k mean(relu(1 - h_k(B(x0)))) + mean(relu(1 + h_k(B(sg(x_hat))))) + r1_weight / 2 * ||grad_x0 sum_k h_k||^2
+
+The default backbone is the frozen teacher's own encoder (its UNet's down blocks and middle block) on
+re-noised inputs, as in LADD: it needs no external weights and works on any UNet teacher. Any frozen
+``nn.Module`` named by a dotted path ``package.module:factory`` may replace it (for instance a DINOv2 where its
+weights are available); it sees clean images. The FD-digits evaluation network may never be the backbone: the
+config and the method refuse it.
+
+The student samples at 1, 2 and 4 steps: denoise, then re-noise to the next student timestep (multistep
+consistency sampling); it is exported like a consistency student (``LCMScheduler``), whose boundary scalings
+are the identity to within 1e-7 at the student's timesteps.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill import losses
+from distill.config import OptimizerConfig
+from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, load_denoiser
+from distill.errors import DistillError
+from distill.methods import Context, Method, Role
+
+DISTILL_WEIGHTINGS = ("exponential", "uniform")
+_EVAL_NETS = ("distill.eval", "digits_net", "digitsnet", "digits-net", "digits-features")
+
+
+@dataclass
+class AdversarialConfig:
+    """ADD; the run lasts ``iters`` steps (one student update per ``student_every`` and one discriminator update
+    per ``disc_every`` steps: the update ratio)."""
+
+    student_steps: int = 4  # the student's timesteps: T-1, T-1-k, ... with k = T / student_steps (ADD: 4)
+    sample_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # step counts the student samples at
+    lambda_distill: float = 2.5  # lambda; 0 = pure adversarial
+    distill_weighting: str = "exponential"  # c(t) = alpha_bar_t (ADD) | uniform
+    adversarial: bool = True  # false = pure distillation (no discriminator)
+    backbone: str = "teacher"  # teacher (LADD) | package.module:factory returning a frozen nn.Module
+    disc_t_range: list[int] = field(default_factory=lambda: [0, 500])  # teacher backbone: re-noise timesteps
+    head_channels: int = 64  # hidden width of each discriminator head
+    r1_weight: float = 1e-3  # R1 penalty gamma on real images
+    r1_every: int = 4  # lazy R1 (StyleGAN2): every k-th discriminator step, scaled by k
+    student_every: int = 1
+    disc_every: int = 1
+    iters: int = 1200
+    lr_decay: bool = False  # decay both optimizers' lr linearly to 0 after warm-up
+    student_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-5, warmup_steps=50))
+    disc_optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(lr=2e-4, betas=(0.0, 0.99), warmup_steps=0))
+    ema_decay: float = 0.0  # EMA of the student, exported when > 0
+    collapse_steps: int = 200  # warn when the discriminator is right on every sample this many steps running
+
+    def total_steps(self) -> int:
+        return self.iters
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.student_steps < 1:
+            errs.append(f"student_steps must be >= 1, got {self.student_steps}")
+        if not self.sample_steps or min(self.sample_steps) < 1 or max(self.sample_steps) > max(self.student_steps, 1):
+            errs.append(f"sample_steps must lie in 1..student_steps ({self.student_steps}), got {self.sample_steps}")
+        if self.lambda_distill < 0:
+            errs.append(f"lambda_distill must be >= 0, got {self.lambda_distill}")
+        if self.lambda_distill == 0 and not self.adversarial:
+            errs.append("lambda_distill = 0 with adversarial: false leaves no loss; enable one of them")
+        if self.distill_weighting not in DISTILL_WEIGHTINGS:
+            errs.append(f"distill_weighting: {self.distill_weighting!r} is not one of {', '.join(DISTILL_WEIGHTINGS)}")
+        if self.backbone != "teacher":
+            if ":" not in self.backbone:
+                errs.append(f"backbone: {self.backbone!r} is neither 'teacher' nor a dotted path package.module:factory")
+            if refers_to_eval_net(self.backbone):
+                errs.append(f"backbone: {self.backbone!r} is the evaluation feature network; it may never train a "
+                            "model (it would grade its own student). Use 'teacher' or another network")
+        lo_hi = self.disc_t_range
+        if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
+            errs.append(f"disc_t_range must be [lo, hi] with 0 <= lo <= hi, got {lo_hi}")
+        if self.head_channels < 1:
+            errs.append(f"head_channels must be >= 1, got {self.head_channels}")
+        if self.r1_weight < 0:
+            errs.append(f"r1_weight must be >= 0, got {self.r1_weight}")
+        for name in ("r1_every", "student_every", "disc_every", "iters", "collapse_steps"):
+            if getattr(self, name) < 1:
+                errs.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            errs.append(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        return errs
+
+
+def refers_to_eval_net(name: str) -> bool:
+    """Whether a backbone name points at distill's evaluation feature network."""
+    low = name.lower()
+    return any(tag in low for tag in _EVAL_NETS)
+
+
+# ---------------------------------------------------------------------------------------------- discriminator
+
+
+class TeacherEncoder(nn.Module):
+    """The frozen teacher UNet's encoder as a feature network: the outputs of ``conv_in``, every down block and
+    the middle block, for a VE input ``x`` at noise level ``sigma`` (B,)."""
+
+    def __init__(self, teacher: DiffusersDenoiser) -> None:
+        super().__init__()
+        unet = teacher.unet
+        if type(unet).__name__ != "UNet2DModel":
+            raise DistillError(f"the teacher-feature discriminator reads a UNet2DModel's encoder; this teacher is a "
+                               f"{type(unet).__name__}. Name a backbone module instead (backbone: package.module:factory).")
+        if getattr(unet, "class_embedding", None) is not None:
+            raise DistillError("the teacher-feature discriminator does not pass class labels; use an unconditional "
+                               "teacher or name a backbone module.")
+        self.unet = unet
+        self.schedule = teacher.schedule
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
+        u = self.unet
+        t = self.schedule.sigma_to_t(sigma).to(torch.float32)
+        h = x * (1 + sigma.to(x.dtype) ** 2).rsqrt()[:, None, None, None]  # VP input, as DiffusersDenoiser
+        if u.config.center_input_sample:
+            h = 2 * h - 1.0
+        emb = u.time_embedding(u.time_proj(t).to(h.dtype))
+        skip = h
+        h = u.conv_in(h)
+        feats = [h]
+        for block in u.down_blocks:
+            if hasattr(block, "skip_conv"):
+                h, _, skip = block(hidden_states=h, temb=emb, skip_sample=skip)
+            else:
+                h, _ = block(hidden_states=h, temb=emb)
+            feats.append(h)
+        if u.mid_block is not None:
+            feats.append(u.mid_block(h, emb))
+        return feats
+
+
+class Head(nn.Module):
+    """A small trainable head: a feature map (B, C, H, W) or vector (B, C) -> one logit per sample (B,)."""
+
+    def __init__(self, channels: int, hidden: int, spatial: bool) -> None:
+        super().__init__()
+        # no bias on the logit: an offset shared by real and fake gets no gradient from the hinge loss while
+        # every sample lies inside the margin, so it would only drift
+        if spatial:
+            self.net = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU(),
+                                     nn.Conv2d(hidden, 1, 1, bias=False))
+        else:
+            self.net = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1, bias=False))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.net(f).flatten(1).mean(1)
+
+
+def _as_list(feats: Any) -> list[torch.Tensor]:
+    if isinstance(feats, torch.Tensor):
+        return [feats]
+    if isinstance(feats, (list, tuple)) and feats and all(isinstance(f, torch.Tensor) for f in feats):
+        return list(feats)
+    raise DistillError("a discriminator backbone must return a tensor (B, C[, H, W]) or a list of them, got "
+                       f"{type(feats).__name__}.")
+
+
+def load_backbone(name: str, teacher: DiffusersDenoiser) -> nn.Module:
+    """The frozen feature network: the teacher's encoder, or ``package.module:factory()``."""
+    if name == "teacher":
+        return TeacherEncoder(teacher).requires_grad_(False).eval()
+    if refers_to_eval_net(name):
+        raise DistillError(f"backbone {name!r} is the evaluation feature network; it may never train a model.")
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+        net = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as exc:  # a user's module may fail in any way
+        raise DistillError(f"cannot build backbone {name!r}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(net, nn.Module):
+        raise DistillError(f"backbone {name!r} gave a {type(net).__name__}, not a torch nn.Module.")
+    _refuse_eval_weights(net, name)
+    return net.requires_grad_(False).eval()
+
+
+def _refuse_eval_weights(net: nn.Module, name: str) -> None:
+    from distill.eval.digits_net import DigitsNet, load_digits_net
+
+    if isinstance(net, DigitsNet) or any(isinstance(m, DigitsNet) for m in net.modules()):
+        raise DistillError(f"backbone {name!r} is (or contains) the FD-digits evaluation network; it may never train "
+                           "a model (it would grade its own student).")
+    for folder in (None, "digits-features-b"):  # both shipped evaluation networks
+        ref = {tuple(v.shape): v for v in load_digits_net(folder).state_dict().values()}
+        for p in net.state_dict().values():
+            v = ref.get(tuple(p.shape))
+            if v is not None and p.numel() > 16 and torch.equal(p.detach().cpu().float(), v.float()):
+                raise DistillError(f"backbone {name!r} holds an FD-digits evaluation network's weights; it may "
+                                   "never train a model.")
+
+
+# ---------------------------------------------------------------------------------------------- method
+
+
+class AdversarialDistillation(Method):
+    """ADD with hinge loss, R1 and a LADD-style teacher-feature discriminator; two roles: student and disc."""
+
+    Config = AdversarialConfig
+
+    def __init__(self, config: AdversarialConfig, ctx: Context) -> None:
+        super().__init__(config, ctx)
+        if ctx.teacher is None:
+            raise DistillError("adversarial distillation needs a teacher: set `teacher:` in the recipe.")
+        teacher = load_denoiser(ctx.teacher)
+        if not isinstance(teacher, DiffusersDenoiser):
+            raise DistillError(f"{ctx.teacher} is a consistency model; distill a diffusion teacher.")
+        T = teacher.schedule.num_train_timesteps
+        if config.student_steps > T or config.disc_t_range[1] > T - 1:
+            raise DistillError(f"the teacher has {T} timesteps: student_steps must be <= {T} and disc_t_range "
+                               f"within [0, {T - 1}].")
+        self.teacher = teacher.requires_grad_(False).eval()
+        # the student is exported for LCMScheduler; its boundary scalings are the identity at its timesteps
+        self.student = ConsistencyDenoiser(copy.deepcopy(teacher)).requires_grad_(True).train()
+        self.uses_teacher_backbone = config.backbone == "teacher"
+        if config.adversarial:
+            self.backbone = load_backbone(config.backbone, teacher)
+            with torch.no_grad():
+                probe = torch.zeros(2, *ctx.sample_shape)
+                feats = _as_list(self._features(probe, torch.ones(2, dtype=torch.float64)))
+            self.disc = nn.ModuleList([Head(f.shape[1], config.head_channels, f.ndim == 4) for f in feats])
+        if config.ema_decay > 0:
+            self.student_ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+            self.ema = {"student_ema": ("student", config.ema_decay)}
+        self.timesteps = self.student_timesteps(config.student_steps)
+        self._collapse = 0
+        self._warned = False
+
+    # ------------------------------------------------------------------------------------------ grids
+
+    def student_timesteps(self, steps: int) -> list[int]:
+        """The teacher timesteps diffusers' ``LCMScheduler`` samples ``steps`` steps at, from the student's grid."""
+        from diffusers import LCMScheduler
+
+        sched = LCMScheduler(num_train_timesteps=self.teacher.schedule.num_train_timesteps,
+                             original_inference_steps=self.config.student_steps)
+        sched.set_timesteps(steps)
+        return sched.timesteps.tolist()
+
+    def sampling_sigmas(self, steps: int) -> list[float]:
+        t = torch.tensor(self.student_timesteps(steps))
+        return self.teacher.schedule.sigmas[t].tolist() + [0.0]
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    def _features(self, x0: torch.Tensor, sigma: torch.Tensor) -> Any:
+        if self.uses_teacher_backbone:
+            return self.backbone(x0 + sigma.to(x0.dtype)[:, None, None, None] * torch.randn_like(x0), sigma)
+        return self.backbone(x0)
+
+    def _disc_sigma(self, b: int, device: torch.device) -> torch.Tensor:
+        lo, hi = self.config.disc_t_range
+        t = torch.randint(lo, hi + 1, (b,), device=device)
+        return self.teacher.schedule.sigmas.to(device)[t]
+
+    def logits(self, x0: torch.Tensor) -> torch.Tensor:
+        """(heads, B) logits for images ``x0`` (re-noised first when the backbone is the teacher's encoder)."""
+        feats = _as_list(self._features(x0, self._disc_sigma(x0.shape[0], x0.device)))
+        return torch.stack([h(f.float()) for h, f in zip(self.disc, feats)])
+
+    def generate(self, x0: torch.Tensor) -> torch.Tensor:
+        """The student's one-step output from ``x0`` noised to a random student timestep (B, C, H, W)."""
+        t = torch.tensor(self.timesteps, device=x0.device)[torch.randint(0, len(self.timesteps), (x0.shape[0],),
+                                                                          device=x0.device)]
+        s = self.teacher.schedule.sigmas.to(x0.device)[t].float()
+        return self.student(x0 + s[:, None, None, None] * torch.randn_like(x0), s)
+
+    def distill_loss(self, x_hat: torch.Tensor) -> torch.Tensor:
+        sched = self.teacher.schedule
+        t = torch.randint(0, sched.num_train_timesteps, (x_hat.shape[0],), device=x_hat.device)
+        s = sched.sigmas.to(x_hat.device)[t].float()
+        with torch.no_grad():
+            target = self.teacher(x_hat.detach() + s[:, None, None, None] * torch.randn_like(x_hat), s)
+        c = 1 / (1 + s**2) if self.config.distill_weighting == "exponential" else torch.ones_like(s)  # alpha_bar_t
+        return (c * losses.l2(x_hat, target)).mean()
+
+    def r1_penalty(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (heads, B), R1 = mean_b ||grad_x0 sum_k logit_k(x0_b)||^2) on real images."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        x = x0.detach().requires_grad_(True)
+        with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
+            logits = self.logits(x)
+            (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
+        return logits, grad.pow(2).flatten(1).sum(1).mean()
+
+    # ------------------------------------------------------------------------------------------ trainer API
+
+    def roles(self) -> dict[str, Role]:
+        c = self.config
+        roles = {"student": Role(c.student_optimizer, every=c.student_every)}
+        if c.adversarial:
+            roles["disc"] = Role(c.disc_optimizer, every=c.disc_every)
+        return roles
+
+    def lr(self, role: str, step: int) -> float:
+        c = self.config
+        opt = c.student_optimizer if role == "student" else c.disc_optimizer
+        scale = min(1.0, (step + 1) / opt.warmup_steps) if opt.warmup_steps else 1.0
+        if c.lr_decay:
+            scale *= 1.0 - step / c.iters
+        return opt.lr * scale
+
+    def loss(self, role: str, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x0 = batch["image"]
+        c = self.config
+        if role == "student":
+            x_hat = self.generate(x0)
+            loss = x0.new_zeros(())
+            logs: dict[str, float] = {}
+            if c.adversarial:
+                adv = -self.logits(x_hat).mean(1).sum()
+                loss = loss + adv
+                logs["adv"] = adv.item()
+            if c.lambda_distill > 0:
+                dist = self.distill_loss(x_hat)
+                loss = loss + c.lambda_distill * dist
+                logs["distill"] = dist.item()
+            return loss, logs
+        # the discriminator
+        with torch.no_grad():
+            fake = self.generate(x0)
+        lazy = c.r1_weight > 0 and step % (c.r1_every * c.disc_every) == 0
+        if lazy:
+            real_logits, r1 = self.r1_penalty(x0)
+        else:
+            real_logits, r1 = self.logits(x0), x0.new_zeros(())
+        fake_logits = self.logits(fake)
+        hinge = F.relu(1 - real_logits).mean(1).sum() + F.relu(1 + fake_logits).mean(1).sum()
+        loss = hinge + (c.r1_weight / 2 * c.r1_every * r1 if lazy else 0.0)
+        d_real, d_fake = real_logits.mean(0), fake_logits.mean(0)
+        acc_real, acc_fake = (d_real > 0).float().mean().item(), (d_fake < 0).float().mean().item()
+        self._watch_collapse(acc_real, acc_fake, step)
+        logs = {"hinge": hinge.item(), "acc_real": acc_real, "acc_fake": acc_fake}
+        if lazy:
+            logs["r1"] = r1.item()
+        return loss, logs
+
+    def _watch_collapse(self, acc_real: float, acc_fake: float, step: int) -> None:
+        self._collapse = self._collapse + 1 if acc_real == 1.0 and acc_fake == 1.0 else 0
+        if self._collapse >= self.config.collapse_steps and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"step {step}: the discriminator has been right on every real and fake sample for {self._collapse} "
+                "steps; its gradient no longer teaches the student. Try a lower disc_optimizer.lr, a larger r1_weight, more "
+                "re-noising (raise disc_t_range), disc_every: 2, or a larger lambda_distill.", stacklevel=2)
+
+    def method_state(self) -> dict[str, Any]:
+        return {"collapse": self._collapse, "warned": self._warned}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self._collapse, self._warned = int(state.get("collapse", 0)), bool(state.get("warned", False))
+
+    def export_denoiser(self) -> nn.Module:
+        return self.student_ema if self.config.ema_decay > 0 else self.unwrap(self.student)
+
+    def export_info(self) -> dict[str, Any]:
+        steps = sorted(set(self.config.sample_steps))
+        return {"sampler": "consistency", "steps": steps, "sigmas": {str(k): self.sampling_sigmas(k) for k in steps},
+                "original_inference_steps": self.config.student_steps}
