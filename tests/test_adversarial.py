@@ -180,3 +180,21 @@ def test_config_reports_every_problem():
     msg = str(err.value)
     for needle in ("sample_steps", "distill_weighting", "backbone", "r1_weight", "disc_t_range"):
         assert needle in msg, (needle, msg)
+
+
+@pytest.mark.slow
+def test_quality_floor_on_digits(tmp_path):
+    """A short run on the shipped digits teacher: the 1-step student must beat the teacher's 1-step DDIM by 5x
+    and the 2-step student the 2-step DDIM (on the same protocol and seeds)."""
+    from distill.eval.harness import evaluate
+    from distill.eval.protocol import load_protocol
+
+    cfg = load_recipe(RECIPE, ["method.iters=300", "method.sample_steps=[1,2]", "eval.steps=[1,2]",
+                               "trainer.progress=false", "trainer.checkpoint_every=0", "eval.n=300"])
+    Trainer(cfg, tmp_path).fit()
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    student = {r["steps"]: r["value"] for r in rows if r["method"] == "adversarial"}
+    teacher = evaluate(ROOT / "distill" / "assets" / "digits-teacher", load_protocol("digits", n=300), [1, 2],
+                       ["ddim"], progress=False)
+    t = {r["steps"]: r["value"] for r in teacher[1:]}
+    assert student[1] < t[1] / 5 and student[2] < t[2], (student, t)
