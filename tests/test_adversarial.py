@@ -184,12 +184,13 @@ def test_config_reports_every_problem():
 
 @pytest.mark.slow
 def test_quality_floor_on_digits(tmp_path):
-    """A short run on the shipped digits teacher: the 1-step student must beat the teacher's 1-step DDIM by 5x
-    and the 2-step student the 2-step DDIM (on the same protocol and seeds)."""
+    """A short run on the shipped digits teacher (400 steps, no EMA: an EMA 0.99 still lags the teacher
+    initialisation this early): the 1- and 2-step students must beat the teacher's DDIM at the same step
+    counts by 5x and 3x (on the same protocol and seeds)."""
     from distill.eval.harness import evaluate
     from distill.eval.protocol import load_protocol
 
-    cfg = load_recipe(RECIPE, ["method.iters=300", "method.sample_steps=[1,2]", "eval.steps=[1,2]",
+    cfg = load_recipe(RECIPE, ["method.iters=400", "method.ema_decay=0", "method.sample_steps=[1,2]", "eval.steps=[1,2]",
                                "trainer.progress=false", "trainer.checkpoint_every=0", "eval.n=300"])
     Trainer(cfg, tmp_path).fit()
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -197,4 +198,4 @@ def test_quality_floor_on_digits(tmp_path):
     teacher = evaluate(ROOT / "distill" / "assets" / "digits-teacher", load_protocol("digits", n=300), [1, 2],
                        ["ddim"], progress=False)
     t = {r["steps"]: r["value"] for r in teacher[1:]}
-    assert student[1] < t[1] / 5 and student[2] < t[2], (student, t)
+    assert student[1] < t[1] / 5 and student[2] < t[2] / 3, (student, t)  # measured: 8.0x and 5.5x
