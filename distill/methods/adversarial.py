@@ -170,6 +170,14 @@ class Head(nn.Module):
         return self.net(f).flatten(1).mean(1)
 
 
+class Heads(nn.ModuleList):
+    """One :class:`Head` per backbone feature; ``forward(feats)`` -> (heads, B) logits. A module with a forward
+    (not a bare list), so the trainer can wrap it for several processes."""
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([h(f.float()) for h, f in zip(self, feats)])
+
+
 def _as_list(feats: Any) -> list[torch.Tensor]:
     if isinstance(feats, torch.Tensor):
         return [feats]
@@ -240,7 +248,7 @@ class AdversarialDistillation(Method):
             with torch.no_grad():
                 probe = torch.zeros(2, *ctx.sample_shape)
                 feats = _as_list(self._features(probe, torch.ones(2, dtype=torch.float64)))
-            self.disc = nn.ModuleList([Head(f.shape[1], config.head_channels, f.ndim == 4) for f in feats])
+            self.disc = Heads([Head(f.shape[1], config.head_channels, f.ndim == 4) for f in feats])
         if config.ema_decay > 0:
             self.student_ema = copy.deepcopy(self.student).requires_grad_(False).eval()
             self.ema = {"student_ema": ("student", config.ema_decay)}
@@ -277,8 +285,7 @@ class AdversarialDistillation(Method):
 
     def logits(self, x0: torch.Tensor) -> torch.Tensor:
         """(heads, B) logits for images ``x0`` (re-noised first when the backbone is the teacher's encoder)."""
-        feats = _as_list(self._features(x0, self._disc_sigma(x0.shape[0], x0.device)))
-        return torch.stack([h(f.float()) for h, f in zip(self.disc, feats)])
+        return self.disc(_as_list(self._features(x0, self._disc_sigma(x0.shape[0], x0.device))))
 
     def generate(self, x0: torch.Tensor) -> torch.Tensor:
         """The student's one-step output from ``x0`` noised to a random student timestep (B, C, H, W)."""
