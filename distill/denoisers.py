@@ -180,6 +180,23 @@ class ConsistencyDenoiser(nn.Module):
         return _bcast(c_skip, x) * x + _bcast(c_out, x) * self.inner(x, sigma, **cond)
 
 
+def lcm_timesteps(num_train_timesteps: int, original_steps: int, steps: int) -> list[int]:
+    """The teacher timesteps diffusers' ``LCMScheduler`` samples ``steps`` steps at, picked from its
+    ``original_steps``-point grid: the grid an exported consistency student is sampled on, in stock diffusers
+    and in distill alike."""
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=original_steps)
+    sched.set_timesteps(steps)
+    return sched.timesteps.tolist()
+
+
+def lcm_sigmas(schedule: DiscreteVPSchedule, original_steps: int, steps: int) -> list[float]:
+    """Descending sigma grid of :func:`lcm_timesteps`: ``steps`` noise levels, then 0."""
+    t = torch.tensor(lcm_timesteps(schedule.num_train_timesteps, original_steps, steps))
+    return schedule.sigmas[t].tolist() + [0.0]
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 

@@ -186,10 +186,6 @@ class Trainer:
         cfg = self.roles[role].optimizer
         logs: dict[str, float] = {}
         total = 0.0
-        # A role's loss may run through another role's network (a generator's loss through its discriminator):
-        # only this role's gradients may reach this role's step, and none may linger for the other's.
-        for other in self.optimizers.values():
-            other.zero_grad(set_to_none=True)
         for i, mb in enumerate(micro):
             sync = i == len(micro) - 1
             with (nullcontext() if sync else self.accelerator.no_sync(module)), self.accelerator.autocast():
@@ -220,7 +216,9 @@ class Trainer:
             skipped = False
         else:
             skipped = True  # weights, EMA and optimizer state stay as they were
-        for other in self.optimizers.values():  # this role's backward may have reached other roles' networks
+        # A role's loss may run through another role's network (a generator's loss through its discriminator):
+        # clear every role's gradients, so none of this role's gradient waits for the other's step.
+        for other in self.optimizers.values():
             other.zero_grad(set_to_none=True)
         if skipped:
             self.skipped += 1

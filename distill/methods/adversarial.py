@@ -38,7 +38,7 @@ from torch import nn
 
 from distill import losses
 from distill.config import OptimizerConfig
-from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, load_denoiser
+from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, lcm_sigmas, lcm_timesteps, load_denoiser
 from distill.errors import DistillError
 from distill.methods import Context, Method, Role
 
@@ -260,16 +260,10 @@ class AdversarialDistillation(Method):
 
     def student_timesteps(self, steps: int) -> list[int]:
         """The teacher timesteps diffusers' ``LCMScheduler`` samples ``steps`` steps at, from the student's grid."""
-        from diffusers import LCMScheduler
-
-        sched = LCMScheduler(num_train_timesteps=self.teacher.schedule.num_train_timesteps,
-                             original_inference_steps=self.config.student_steps)
-        sched.set_timesteps(steps)
-        return sched.timesteps.tolist()
+        return lcm_timesteps(self.teacher.schedule.num_train_timesteps, self.config.student_steps, steps)
 
     def sampling_sigmas(self, steps: int) -> list[float]:
-        t = torch.tensor(self.student_timesteps(steps))
-        return self.teacher.schedule.sigmas[t].tolist() + [0.0]
+        return lcm_sigmas(self.teacher.schedule, self.config.student_steps, steps)
 
     # ------------------------------------------------------------------------------------------ pieces
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from distill import losses
 from distill.config import OptimizerConfig
-from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, load_denoiser
+from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, lcm_sigmas, lcm_timesteps, load_denoiser
 from distill.errors import DistillError
 from distill.methods import Context, Method, Role
 from distill.schedules import karras_sigmas
@@ -197,17 +197,11 @@ class ConsistencyDistillation(Method):
 
     def sampling_timesteps(self, steps: int) -> list[int]:
         """The teacher timesteps diffusers' ``LCMScheduler`` samples ``steps`` steps at, from the N-point grid."""
-        from diffusers import LCMScheduler
-
-        sched = LCMScheduler(num_train_timesteps=self.teacher.schedule.num_train_timesteps,
-                             original_inference_steps=self.config.stages()[-1])
-        sched.set_timesteps(steps)
-        return sched.timesteps.tolist()
+        return lcm_timesteps(self.teacher.schedule.num_train_timesteps, self.config.stages()[-1], steps)
 
     def sampling_sigmas(self, steps: int) -> list[float]:
         """The student's descending sigma grid for ``steps`` steps: ``steps`` noise levels, then 0."""
-        t = torch.tensor(self.sampling_timesteps(steps))
-        return self.teacher.schedule.sigmas[t].tolist() + [0.0]
+        return lcm_sigmas(self.teacher.schedule, self.config.stages()[-1], steps)
 
     # ------------------------------------------------------------------------------------------ training
 
