@@ -39,12 +39,14 @@ def cmd_run(args: argparse.Namespace, require_method: str | None = None) -> int:
             f"{args.recipe} is a {cfg.method_name!r} recipe; `distill teacher` trains teachers, use `distill run`."
         )
     out = Path(args.out)
-    if (out / "checkpoints").is_dir() and not args.fresh:
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate launch, rank 0 speaks
+    if (out / "checkpoints").is_dir() and not args.fresh and main_process:
         console.print(f"[yellow]resuming[/yellow] from the newest checkpoint in {out / 'checkpoints'} "
                       "(pass --fresh to start over)")
     result = Trainer(cfg, out, recipe_name=str(args.recipe)).fit(resume=not args.fresh)
-    console.print(f"[green]done[/green]: {result['step']} steps in {result['wall_s']:.0f} s "
-                  f"({result['skipped']} skipped); model in {out / 'model'}")
+    if main_process:
+        console.print(f"[green]done[/green]: {result['step']} steps in {result['wall_s']:.0f} s "
+                      f"({result['skipped']} skipped); model in {out / 'model'}")
     return 0
 
 

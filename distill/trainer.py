@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -73,7 +74,10 @@ class Trainer:
         # recipes) may each choose their own. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-        self.accelerator = Accelerator(mixed_precision=self.tc.mixed_precision)
+        # Launched on several processes (torchrun, accelerate launch) without a GPU: accelerate only goes
+        # multi-process on the CPU (gloo) when told cpu=True; without it every rank would train alone.
+        many_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=self.tc.mixed_precision, cpu=many_cpus)
         self.device = self.accelerator.device
         if self.tc.mixed_precision == "fp16" and self.device.type == "cpu":
             # accelerate would run "fp16" on the CPU as plain fp32, with no grad scaler: say so instead
@@ -82,13 +86,16 @@ class Trainer:
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
 
-        torch.manual_seed(self.tc.seed + self.rank)
-        random.seed(self.tc.seed + self.rank)
+        # One random stream shared by every rank: each draws the global micro-batch's numbers and keeps its own
+        # rows (Method.randn_like), so 1 process and N processes at the same global batch train alike.
+        torch.manual_seed(self.tc.seed)
+        random.seed(self.tc.seed)
         self.data = ImageBatches(load_dataset(config.data), config.data, seed=self.tc.seed)
         ctx = Context(config.teacher, self.data.sample_shape, self.tc.seed, self.device)
         method_cls = resolve_method(config.method_name)
         self.method: Method = method_cls(config.method, ctx).to(self.device)
         self.method.unwrap = self.accelerator.unwrap_model  # methods copy weights between roles through this
+        self.method.shard = (self.rank, self.world)
         self.roles = self.method.roles()
         for role in self.roles:
             if not isinstance(getattr(self.method, role, None), nn.Module):
@@ -125,7 +132,10 @@ class Trainer:
             "skipped": self.skipped,
             "python_random": _jsonable_random_state(random.getstate()),
             "method": self.method.method_state(),
+            "layout": self._layout(),
         }
+        if self.accelerator.scaler is not None:
+            state["scaler"] = self.accelerator.scaler.state_dict()
         opts = {r: o.optimizer if hasattr(o, "optimizer") else o for r, o in self.optimizers.items()}
         return save_checkpoint(self.out / "checkpoints", self.step, self._state_modules(), opts, state, self.tc.keep_checkpoints)
 
@@ -161,21 +171,47 @@ class Trainer:
             if states:
                 torch.cuda.set_rng_state_all(states)
         st = ck["state"]
+        self._check_layout(st.get("layout"), path)
+        if self.accelerator.scaler is not None and "scaler" in st:
+            self.accelerator.scaler.load_state_dict(st["scaler"])
         random.setstate(_random_state_from_json(st["python_random"]))
         self.step, self.epoch, self.offset, self.skipped = st["step"], st["epoch"], st["offset"], st["skipped"]
         self.method.load_method_state(st["method"])
         return True
 
+    def _layout(self) -> dict[str, int]:
+        return {"processes": self.world, "global_batch": self.tc.batch_size * self.world,
+                "global_micro_batch": self.tc.batch_size * self.world // self.tc.grad_accum}
+
+    def _check_layout(self, saved: dict[str, int] | None, path: Path) -> None:
+        """A resume continues exactly when the global batch and micro-batch are the checkpoint's, on any number
+        of processes (data order and noise are laid out globally); anything else is refused."""
+        now = self._layout()
+        if saved is None or all(saved[k] == now[k] for k in ("global_batch", "global_micro_batch")):
+            return
+        n = now["processes"]
+        raise DistillError(
+            f"{path} was written by {saved['processes']} process(es) at a global batch of {saved['global_batch']} "
+            f"(micro-batches of {saved['global_micro_batch']}); this run has {n} process(es) at "
+            f"{now['global_batch']} (micro-batches of {now['global_micro_batch']}). A resume is exact only at the "
+            f"same global batch: set trainer.batch_size={saved['global_batch'] // n} and trainer.grad_accum="
+            f"{saved['global_batch'] // saved['global_micro_batch']} for {n} process(es) (the global batch must "
+            "divide evenly), or start over with --fresh."
+        )
+
     # ------------------------------------------------------------------------------------------ loop
 
     def _next_batch(self) -> list[dict[str, torch.Tensor]]:
-        """This process's share of the next global batch, split into ``grad_accum`` micro-batches."""
+        """This process's share of the next global batch, as ``grad_accum`` micro-batches.
+
+        The global batch is cut into ``grad_accum`` global micro-batches first, and each of those into one slice
+        per rank, so micro-batch ``i`` covers the same samples on 1 process or N.
+        """
         global_size = self.tc.batch_size * self.world
         batch, self.epoch, self.offset = self.data.batch(self.epoch, self.offset, global_size)
-        lo = self.rank * self.tc.batch_size
-        local = {k: v[lo : lo + self.tc.batch_size].to(self.device) for k, v in batch.items()}
-        m = self.tc.batch_size // self.tc.grad_accum
-        return [{k: v[i * m : (i + 1) * m] for k, v in local.items()} for i in range(self.tc.grad_accum)]
+        m = self.tc.batch_size // self.tc.grad_accum  # this rank's micro-batch
+        starts = [i * m * self.world + self.rank * m for i in range(self.tc.grad_accum)]
+        return [{k: v[a : a + m].to(self.device) for k, v in batch.items()} for a in starts]
 
     def roles_due(self) -> list[str]:
         return [r for r, spec in self.roles.items() if self.step % spec.every == 0]
@@ -329,10 +365,13 @@ class Trainer:
 
         was_training = m.denoiser.training
         m.denoiser.eval()
+        # evaluation runs on the main process only: it must not move the training stream the ranks share
+        rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         live = self._live is not None  # rich allows one live display: no second bar inside the training bar
-        rows = evaluate(folder, load_protocol(proto, n=self.config.eval.n), steps or info["steps"],
-                        name=self.out.name, grids=self.out / "grids", progress=self.tc.progress and not live,
-                        device=self.device)
+        with rng:
+            rows = evaluate(folder, load_protocol(proto, n=self.config.eval.n), steps or info["steps"],
+                            name=self.out.name, grids=self.out / "grids", progress=self.tc.progress and not live,
+                            device=self.device)
         m.denoiser.train(was_training)
         write_rows(rows, self.out / "results.jsonl")
         say = self._live.console.print if live else print

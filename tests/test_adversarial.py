@@ -199,3 +199,32 @@ def test_quality_floor_on_digits(tmp_path):
                        ["ddim"], progress=False)
     t = {r["steps"]: r["value"] for r in teacher[1:]}
     assert student[1] < t[1] / 5 and student[2] < t[2] / 3, (student, t)  # measured: 8.0x and 5.5x
+
+
+def test_resume_is_exact_with_the_discriminator(tmp_path, tiny_teacher, one_thread):
+    """4 steps == 2 steps, a new trainer resumed from the checkpoint, 2 more: student, heads, EMA, both
+    optimizers, the method's own state, the RNG stream and the data position, all bitwise."""
+    from distill.checkpoint import list_checkpoints, load_checkpoint
+
+    over = ["method.iters=4", "trainer.checkpoint_every=2", "method.r1_every=1", "method.ema_decay=0.5"]
+    _trainer(tmp_path / "a", tiny_teacher, *over).fit()
+    b = _trainer(tmp_path / "b", tiny_teacher, *over)
+    b.tc.max_steps = 2
+    b.fit()
+    b2 = _trainer(tmp_path / "b", tiny_teacher, *over)
+    assert b2.resume() and b2.step == 2
+    b2.fit()
+    ka = load_checkpoint(list_checkpoints(tmp_path / "a" / "checkpoints")[-1])
+    kb = load_checkpoint(list_checkpoints(tmp_path / "b" / "checkpoints")[-1])
+    assert set(ka["modules"]) == {"student", "disc", "student_ema"}
+    for name, mod in ka["modules"].items():
+        for k, v in mod.items():
+            assert torch.equal(v, kb["modules"][name][k]), (name, k)
+    assert set(ka["optimizers"]) == {"student", "disc"}
+    for role, opt in ka["optimizers"].items():
+        for pid, st in opt["state"].items():
+            for k, v in st.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(kb["optimizers"][role]["state"][pid][k])), (role, k)
+    assert torch.equal(ka["rng"]["torch_cpu"], kb["rng"]["torch_cpu"])
+    for key in ("step", "epoch", "offset", "method", "python_random"):
+        assert ka["state"][key] == kb["state"][key], key

@@ -139,3 +139,21 @@ def test_resume_across_a_phase_boundary_is_exact(tmp_path, tiny_teacher):
     for pid, st in ka["optimizers"]["student"]["state"].items():
         for k, v in st.items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(kb["optimizers"]["student"]["state"][pid][k]))
+
+
+def test_a_teacher_that_does_not_fit_the_data_is_refused_before_training(tmp_path):
+    """Channels, resolution and prediction type are checked against the data before any step (one message)."""
+    from conftest import tiny_unet
+
+    from distill.denoisers import DiffusersDenoiser
+    from distill.export import save_pipeline
+
+    sched = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample",
+             "clip_sample": False}
+    wrong = save_pipeline(DiffusersDenoiser(tiny_unet(sample_size=16, channels=3), sched), tmp_path / "rgb16")
+    with pytest.raises(DistillError) as err:
+        Trainer(load_recipe(RECIPE, [f"teacher={wrong}", "trainer.progress=false"]), tmp_path / "run")
+    msg = str(err.value)
+    assert "3 channels, the data has 1" in msg and "16x16 images, the data's are 8x8" in msg
+    assert "predicts 'sample'" in msg
+    assert not (tmp_path / "run").exists()  # nothing was written

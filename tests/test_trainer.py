@@ -218,3 +218,42 @@ def test_library_entry_point(tmp_path):
     result = distill.train(load_recipe(TEACHER, [*TINY, "trainer.max_steps=2"]), tmp_path)
     assert result["step"] == 2 and (tmp_path / "model" / "model_index.json").is_file()
     assert distill.load_denoiser(tmp_path / "model").prediction_type == "v_prediction"
+
+
+def test_fp16_grad_scaler_skips_an_inf_step_and_its_state_round_trips(tmp_path, monkeypatch):
+    """The fp16 path: the grad scaler (not the NaN guard) skips an overflowing step, and its scale is checkpointed.
+
+    accelerate makes a GradScaler for fp16 on GPUs only, so torch's CPU GradScaler stands in for it here: the
+    trainer's scaler path (scaled backward, the scaler's own skip, the scale in checkpoints) runs without a GPU.
+    """
+    import accelerate
+
+    orig_init = accelerate.Accelerator.__init__
+
+    def with_scaler(self, *args, **kwargs):
+        orig_init(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10_000)
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", with_scaler)
+    cfg = [*TINY, "trainer.log_every=1", "trainer.checkpoint_every=0", "method.optimizer.grad_clip=null"]
+    t = Trainer(load_recipe(TEACHER, [*cfg, "trainer.max_steps=1"]), tmp_path)
+    assert t.accelerator.scaler is not None
+    t.fit()
+    assert t.accelerator.scaler.get_scale() == 2.0**12  # a finite step keeps the scale
+    before = {k: v.clone() for k, v in t.method.denoiser.state_dict().items()}
+    orig_loss = t.method.loss
+
+    def inf_grads(role, batch, step):
+        loss, logs = orig_loss(role, batch, step)
+        return loss * float("inf"), logs
+
+    t.method.loss = inf_grads
+    t.tc.max_steps = 2
+    result = t.fit()
+    assert result["skipped"] == 1 and _rows(tmp_path)[-1]["denoiser/skipped"] == 1.0
+    assert t.accelerator.scaler.get_scale() == 2.0**11  # the scaler skipped the step and halved its scale
+    assert all(torch.equal(v, t.method.denoiser.state_dict()[k]) for k, v in before.items())
+    assert load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])["state"]["scaler"]["scale"] == 2.0**11
+    resumed = Trainer(load_recipe(TEACHER, [*cfg, "trainer.max_steps=3"]), tmp_path)
+    assert resumed.accelerator.scaler.get_scale() == 2.0**12  # a new scaler starts at init_scale...
+    assert resumed.resume() and resumed.accelerator.scaler.get_scale() == 2.0**11  # ...the checkpoint restores it

@@ -9,6 +9,9 @@ A method is one file with a config dataclass and a :class:`Method` subclass. It 
 * ``method_state()`` / ``load_method_state()``: its own JSON bookkeeping (a phase counter, say);
 * ``export_denoiser()``: the network that becomes ``DIR/model/``; ``export_info()``: for a student, how it
   samples (``{"sampler": ..., "steps": [...], "sigmas": {k: [...]}}``), written as ``distill.json`` beside it;
+* randomness through ``self.randn_like(x)`` and ``self.randint(low, high, x)`` (not ``torch.randn_like``): on
+  several processes every rank draws the global micro-batch's numbers from one shared stream and keeps its own
+  rows, so a run gives the same numbers on 1 or N processes at the same global batch;
 * optionally ``end_of_step(step)`` returning :class:`StepEvents` (reset the optimizers, export and evaluate a
   student now), ``lr(role, step)`` to own the learning-rate schedule, and ``checkpointed``: extra module
   attributes a resume needs (a phase's teacher). A config with ``total_steps()`` decides the run's length.
@@ -86,6 +89,26 @@ class Method(nn.Module):
         self.config = config
         self.ctx = ctx
 
+    shard: tuple[int, int] = (0, 1)  # (rank, world size), set by the trainer
+
+    def _rows(self, n: int) -> slice:
+        rank, _ = self.shard
+        return slice(rank * n, (rank + 1) * n)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like this rank's ``x``: its rows of the global micro-batch's draw."""
+        world = self.shard[1]
+        if world == 1:
+            return torch.randn_like(x)
+        full = torch.randn((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        return full[self._rows(x.shape[0])]
+
+    def randint(self, low: int, high: int, like: torch.Tensor) -> torch.Tensor:
+        """One integer in ``[low, high)`` per row of ``like`` (on its device), drawn like :meth:`randn_like`."""
+        world, n = self.shard[1], like.shape[0]
+        full = torch.randint(low, high, (world * n,), device=like.device)
+        return full if world == 1 else full[self._rows(n)]
+
     def unwrap(self, module: nn.Module) -> nn.Module:
         """The bare network behind a role attribute (the trainer wraps roles for DDP); use it to copy weights."""
         return module
@@ -116,6 +139,38 @@ class Method(nn.Module):
 
     def export_denoiser(self) -> nn.Module:
         raise NotImplementedError
+
+
+def load_teacher(ctx: Context, method: str, prediction_types: tuple[str, ...] | None = None,
+                 source: str | None = None) -> nn.Module:
+    """The recipe's teacher as a :class:`~distill.denoisers.DiffusersDenoiser`, checked against the data.
+
+    Refused before any training, each with what to change: no ``teacher:``; a consistency student given as
+    teacher; a UNet whose input/output channels or resolution differ from the data's images (a student starts
+    as a copy of its teacher, so this is also the teacher/student check); a prediction type the method cannot
+    take (``prediction_types``). ``source`` loads another folder than ``ctx.teacher`` (a teacher's ``init``).
+    """
+    from distill.denoisers import DiffusersDenoiser, load_denoiser
+
+    source = source or ctx.teacher
+    if source is None:
+        raise DistillError(f"{method} needs a teacher: set `teacher:` in the recipe.")
+    teacher = load_denoiser(source)
+    if not isinstance(teacher, DiffusersDenoiser):
+        raise DistillError(f"{source} is already a consistency model; {method} distills a diffusion teacher.")
+    cfg, (c, h, w) = teacher.unet.config, ctx.sample_shape
+    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size, cfg.sample_size)
+    problems = []
+    if cfg.in_channels != c or cfg.out_channels != c:
+        problems.append(f"its UNet takes {cfg.in_channels} and gives {cfg.out_channels} channels, the data has {c}")
+    if size[0] is not None and tuple(size) != (h, w):
+        problems.append(f"its UNet is for {size[0]}x{size[1]} images, the data's are {h}x{w}")
+    if prediction_types is not None and teacher.prediction_type not in prediction_types:
+        problems.append(f"it predicts {teacher.prediction_type!r}; {method} takes {' or '.join(prediction_types)}")
+    if problems:
+        raise DistillError(f"the teacher {source} does not fit this recipe: {'; '.join(problems)}. Choose a "
+                           "teacher trained on this data (`data:` in the recipe), or data of the teacher's shape.")
+    return teacher
 
 
 def resolve_method(name: str) -> type[Method]:

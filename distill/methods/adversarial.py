@@ -38,9 +38,9 @@ from torch import nn
 
 from distill import losses
 from distill.config import OptimizerConfig
-from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, lcm_sigmas, lcm_timesteps, load_denoiser
+from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, lcm_sigmas, lcm_timesteps
 from distill.errors import DistillError
-from distill.methods import Context, Method, Role
+from distill.methods import Context, Method, Role, load_teacher
 
 DISTILL_WEIGHTINGS = ("exponential", "uniform")
 _EVAL_NETS = ("distill.eval", "digits_net", "digitsnet", "digits-net", "digits-features")
@@ -230,11 +230,7 @@ class AdversarialDistillation(Method):
 
     def __init__(self, config: AdversarialConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
-        if ctx.teacher is None:
-            raise DistillError("adversarial distillation needs a teacher: set `teacher:` in the recipe.")
-        teacher = load_denoiser(ctx.teacher)
-        if not isinstance(teacher, DiffusersDenoiser):
-            raise DistillError(f"{ctx.teacher} is a consistency model; distill a diffusion teacher.")
+        teacher = load_teacher(ctx, "adversarial distillation")
         T = teacher.schedule.num_train_timesteps
         if config.student_steps > T or config.disc_t_range[1] > T - 1:
             raise DistillError(f"the teacher has {T} timesteps: student_steps must be <= {T} and disc_t_range "
@@ -269,31 +265,29 @@ class AdversarialDistillation(Method):
 
     def _features(self, x0: torch.Tensor, sigma: torch.Tensor) -> Any:
         if self.uses_teacher_backbone:
-            return self.backbone(x0 + sigma.to(x0.dtype)[:, None, None, None] * torch.randn_like(x0), sigma)
+            return self.backbone(x0 + sigma.to(x0.dtype)[:, None, None, None] * self.randn_like(x0), sigma)
         return self.backbone(x0)
 
-    def _disc_sigma(self, b: int, device: torch.device) -> torch.Tensor:
+    def _disc_sigma(self, x0: torch.Tensor) -> torch.Tensor:
         lo, hi = self.config.disc_t_range
-        t = torch.randint(lo, hi + 1, (b,), device=device)
-        return self.teacher.schedule.sigmas.to(device)[t]
+        return self.teacher.schedule.sigmas.to(x0.device)[self.randint(lo, hi + 1, x0)]
 
     def logits(self, x0: torch.Tensor) -> torch.Tensor:
         """(heads, B) logits for images ``x0`` (re-noised first when the backbone is the teacher's encoder)."""
-        return self.disc(_as_list(self._features(x0, self._disc_sigma(x0.shape[0], x0.device))))
+        return self.disc(_as_list(self._features(x0, self._disc_sigma(x0))))
 
     def generate(self, x0: torch.Tensor) -> torch.Tensor:
         """The student's one-step output from ``x0`` noised to a random student timestep (B, C, H, W)."""
-        t = torch.tensor(self.timesteps, device=x0.device)[torch.randint(0, len(self.timesteps), (x0.shape[0],),
-                                                                          device=x0.device)]
+        t = torch.tensor(self.timesteps, device=x0.device)[self.randint(0, len(self.timesteps), x0)]
         s = self.teacher.schedule.sigmas.to(x0.device)[t].float()
-        return self.student(x0 + s[:, None, None, None] * torch.randn_like(x0), s)
+        return self.student(x0 + s[:, None, None, None] * self.randn_like(x0), s)
 
     def distill_loss(self, x_hat: torch.Tensor) -> torch.Tensor:
         sched = self.teacher.schedule
-        t = torch.randint(0, sched.num_train_timesteps, (x_hat.shape[0],), device=x_hat.device)
+        t = self.randint(0, sched.num_train_timesteps, x_hat)
         s = sched.sigmas.to(x_hat.device)[t].float()
         with torch.no_grad():
-            target = self.teacher(x_hat.detach() + s[:, None, None, None] * torch.randn_like(x_hat), s)
+            target = self.teacher(x_hat.detach() + s[:, None, None, None] * self.randn_like(x_hat), s)
         c = 1 / (1 + s**2) if self.config.distill_weighting == "exponential" else torch.ones_like(s)  # alpha_bar_t
         return (c * losses.l2(x_hat, target)).mean()
 

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from distill import losses
 from distill.config import OptimizerConfig
-from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, lcm_sigmas, lcm_timesteps, load_denoiser
+from distill.denoisers import ConsistencyDenoiser, lcm_sigmas, lcm_timesteps
 from distill.errors import DistillError
-from distill.methods import Context, Method, Role
+from distill.methods import Context, Method, Role, load_teacher
 from distill.schedules import karras_sigmas
 
 SOLVERS = ("ddim", "euler", "heun")
@@ -163,11 +163,7 @@ class ConsistencyDistillation(Method):
 
     def __init__(self, config: ConsistencyConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
-        if ctx.teacher is None:
-            raise DistillError("consistency distillation needs a teacher: set `teacher:` in the recipe.")
-        teacher = load_denoiser(ctx.teacher)
-        if not isinstance(teacher, DiffusersDenoiser):
-            raise DistillError(f"{ctx.teacher} is already a consistency model; distill a diffusion teacher.")
+        teacher = load_teacher(ctx, "consistency distillation")
         T = teacher.schedule.num_train_timesteps
         for N in config.stages():
             if N > T - 1:
@@ -240,9 +236,9 @@ class ConsistencyDistillation(Method):
         x0 = batch["image"]
         N = self.steps_at(step)
         grid = self.grids[N].to(x0.device, torch.float32)
-        n = torch.randint(0, N, (x0.shape[0],), device=x0.device)
+        n = self.randint(0, N, x0)
         s_prev, s = grid[n], grid[n + 1]  # s_n < s_{n+1}
-        x = x0 + s[:, None, None, None] * torch.randn_like(x0)
+        x = x0 + s[:, None, None, None] * self.randn_like(x0)
         x_prev = self.solver_step(x, s, s_prev)
         with torch.no_grad():
             target = self.target(x_prev, s_prev)

@@ -26,9 +26,8 @@ import torch
 
 from distill import losses
 from distill.config import OptimizerConfig
-from distill.denoisers import load_denoiser
 from distill.errors import DistillError
-from distill.methods import Context, Method, Milestone, Role, StepEvents
+from distill.methods import Context, Method, Milestone, Role, StepEvents, load_teacher
 
 
 @dataclass
@@ -92,14 +91,7 @@ class ProgressiveDistillation(Method):
 
     def __init__(self, config: ProgressiveConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
-        if ctx.teacher is None:
-            raise DistillError("progressive distillation needs a teacher: set `teacher:` in the recipe.")
-        teacher = load_denoiser(ctx.teacher)
-        if teacher.prediction_type not in ("epsilon", "v_prediction"):
-            raise DistillError(
-                f"progressive distillation takes epsilon or v_prediction teachers; {ctx.teacher} predicts "
-                f"{teacher.prediction_type!r}."
-            )
+        teacher = load_teacher(ctx, "progressive distillation", ("epsilon", "v_prediction"))
         T = teacher.schedule.num_train_timesteps
         if config.start_steps > T:
             raise DistillError(
@@ -177,9 +169,9 @@ class ProgressiveDistillation(Method):
         x0 = batch["image"]
         n = self.student_steps
         fine = self.grid(2 * n).to(x0.device, torch.float32)  # (2n + 1,): the teacher's grid
-        i = torch.randint(0, n, (x0.shape[0],), device=x0.device)
+        i = self.randint(0, n, x0)
         s, s_mid, s_next = fine[2 * i], fine[2 * i + 1], fine[2 * i + 2]
-        x = x0 + s[:, None, None, None] * torch.randn_like(x0)
+        x = x0 + s[:, None, None, None] * self.randn_like(x0)
         x_tilde = self.target(x, s, s_mid, s_next)
         err = losses.l2(self.student(x, s), x_tilde)
         loss = (self.weight(s) * err).mean()

@@ -16,9 +16,9 @@ import torch
 
 from distill import losses
 from distill.config import OptimizerConfig
-from distill.denoisers import DiffusersDenoiser, check_scheduler_config, load_denoiser
+from distill.denoisers import DiffusersDenoiser, check_scheduler_config
 from distill.errors import DistillError
-from distill.methods import Context, Method, Role
+from distill.methods import Context, Method, Role, load_teacher
 
 
 def _default_unet() -> dict[str, Any]:
@@ -73,7 +73,7 @@ class TeacherTraining(Method):
     def __init__(self, config: TeacherConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
         if config.init is not None:
-            denoiser = load_denoiser(config.init)
+            denoiser = load_teacher(ctx, "teacher training", source=config.init)
         else:
             from diffusers import UNet2DModel
 
@@ -97,9 +97,9 @@ class TeacherTraining(Method):
 
     def loss(self, role: str, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = batch["image"]
-        t = torch.randint(0, len(self.sigmas), (x0.shape[0],), device=x0.device)
+        t = self.randint(0, len(self.sigmas), x0)
         sigma = self.sigmas.to(x0.device)[t]
-        x = x0 + sigma[:, None, None, None] * torch.randn_like(x0)
+        x = x0 + sigma[:, None, None, None] * self.randn_like(x0)
         err = losses.l2(self.denoiser(x, sigma), x0)  # (B,)
         loss = (self.weight(sigma) * err).mean()
         return loss, {"x0_mse": err.mean().item()}
