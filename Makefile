@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/distill demo --out demo-out
+	$(VENV)/bin/distill quickstart --out demo-out
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -110,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from distill.eval.leaderboard import load_rows, markdown, plot, rich_tables
+    from distill.eval.leaderboard import load_rows, markdown, plot, relink_grids, rich_tables
 
     files = args.files or sorted(str(p) for p in Path("evals/results").glob("*.jsonl"))
     if not files:
@@ -124,23 +124,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     plots = plot(rows, args.plots)
     rel = {k: os.path.relpath(p, md_path.parent) for k, p in plots.items()}
     md = markdown(rows, rel)
-    md = _relink_grids(md, md_path.parent)
+    md = relink_grids(md, md_path.parent)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(md)
     console.print(f"wrote {md_path} and {len(plots)} plot(s) in {args.plots}")
     return 0
-
-
-def _relink_grids(md: str, base: Path) -> str:
-    import re
-
-    def fix(m: "re.Match[str]") -> str:
-        target = m.group(2)
-        if target.startswith(("http", "/")) or not Path(target).exists():
-            return m.group(0)
-        return f"]({os.path.relpath(target, base)})"
-
-    return re.sub(r"\]\(()([^)]+\.png)\)", fix, md)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -148,9 +136,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from distill.eval.leaderboard import rich_tables
 
     console.print("[bold]distill demo[/bold]: scores the shipped digits teacher (FD-digits against DDIM steps, the "
-                  "baseline every recipe must beat). The all-recipes quickstart is not in this build yet; to distill "
-                  "the teacher run `distill run recipes/digits/progressive.yaml --out runs/progressive` "
-                  "(about 7 minutes on 2 cores).")
+                  "baseline every recipe must beat). `distill quickstart` (what `make demo` runs) distills it with "
+                  "every recipe too.")
     out = Path(args.out)
     rows = evaluate(DIGITS_TEACHER, "digits", [1, 2, 4, 8, 16, 32], ["ddim"], name="digits-teacher",
                     grids=out / "grids")
@@ -159,6 +146,73 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for t in rich_tables(rows):
         console.print(t)
     console.print(f"rows in {out / 'results.jsonl'}, sample grids in {out / 'grids'}/")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from distill.quickstart import run_quickstart
+
+    out = Path(args.out or ("quickstart-fast" if args.fast else "quickstart"))
+    what = ("tiny budgets for a first look (about 2 minutes; its numbers are not the leaderboard's)" if args.fast
+            else "the recipes' default budgets (about 11 minutes on 2 CPU cores)")
+    console.print(f"[bold]distill quickstart[/bold]: the shipped digits teacher through progressive, consistency and "
+                  f"adversarial distillation at {what}, every student scored (FD-digits) against the teacher's DDIM; "
+                  f"output in {out}/")
+    run_quickstart(out, fast=args.fast, console=console)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from distill.config import load_recipe
+    from distill.export import parity
+    from distill.trainer import Trainer
+
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").is_file():
+        raise DistillError(f"{run} is not a run folder (no config.yaml); give the --out folder of a `distill run`.")
+    cfg = load_recipe(run / "config.yaml", ["trainer.progress=false"])
+    t = Trainer(cfg, run)
+    if not t.resume():
+        raise DistillError(f"{run / 'checkpoints'} holds no checkpoint to export; run the recipe first.")
+    folder = t.export(args.out, evaluate=False)
+    console.print(f"wrote {folder} (step {t.step}); it loads with diffusers.DiffusionPipeline.from_pretrained")
+    if not args.no_check:
+        for k, diff in parity(folder).items():
+            ok = diff <= 1e-4
+            console.print(f"  pipe(num_inference_steps={k}) vs distill's sampler, same noise: max abs difference "
+                          f"{diff:.2e} {'[green]ok[/green]' if ok else '[red]above 1e-4[/red]'}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from distill.config import load_recipe
+    from distill.methods import METHODS, describe_methods
+
+    t = Table(title="methods (name in a recipe's method.name)", title_justify="left")
+    for col in ("name", "class", "what it is"):
+        t.add_column(col)
+    for name, (target, doc) in describe_methods().items():
+        t.add_row(name, target, doc)
+    console.print(t)
+    root = Path(args.dir) if args.dir else Path(__file__).resolve().parent.parent / "recipes"
+    files = sorted(root.rglob("*.yaml"))
+    if not files:
+        raise DistillError(f"no recipes under {root}; pass --dir with your recipe folder.")
+    t = Table(title=f"recipes in {root}", title_justify="left")
+    for col in ("recipe", "method", "steps", "about"):
+        t.add_column(col)
+    for f in files:
+        first = next((ln[1:].strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+        try:
+            cfg = load_recipe(f)
+            method, steps = cfg.method_name, str(cfg.trainer.max_steps)
+        except DistillError as exc:
+            method, steps = "[red]invalid[/red]", escape(str(exc)[:60])
+        t.add_row(str(f.relative_to(root.parent) if root.parent in f.parents else f), method, steps, first)
+    console.print(t)
+    console.print(f"built-in methods: {', '.join(METHODS)}; your own: method.name: package.module:Class")
     return 0
 
 
@@ -220,7 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--plots", default="evals/plots")
     sp.set_defaults(fn=cmd_leaderboard)
 
-    sp = sub.add_parser("demo", help="sample and score the shipped digits teacher (what `make demo` runs)")
+    sp = sub.add_parser("quickstart", help="distill the shipped digits teacher with every recipe, score all on one "
+                        "leaderboard (what `make demo` runs)")
+    sp.add_argument("--out", default=None, help="output folder (default quickstart/, or quickstart-fast/ with --fast)")
+    sp.add_argument("--fast", action="store_true", help="tiny budgets, under 2 minutes; not the leaderboard's numbers")
+    sp.set_defaults(fn=cmd_quickstart)
+
+    sp = sub.add_parser("export", help="write a run's student (newest checkpoint) as a stock diffusers pipeline folder")
+    sp.add_argument("run_dir", help="the --out folder of a `distill run`")
+    sp.add_argument("--out", required=True, help="folder to write (DiffusionPipeline.from_pretrained loads it)")
+    sp.add_argument("--no-check", action="store_true",
+                    help="skip comparing the pipeline's images with distill's sampler on the same noise")
+    sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("recipes", help="list the built-in methods and the shipped recipes")
+    sp.add_argument("--dir", default=None, help="recipe folder to list (default: the repository's recipes/)")
+    sp.set_defaults(fn=cmd_recipes)
+
+    sp = sub.add_parser("demo", help="score the shipped digits teacher only (DDIM at 1-32 steps; seconds)")
     sp.add_argument("--out", default="demo-out")
     sp.set_defaults(fn=cmd_demo)
     return p

@@ -263,8 +263,12 @@ class Trainer:
             self._stepped.add(role)
         return logs
 
-    def fit(self, resume: bool = True) -> dict[str, Any]:
-        """Train to ``max_steps`` (resuming from ``out/checkpoints`` when asked), export ``out/model``."""
+    def fit(self, resume: bool = True, progress: Any = None, on_step: Any = None) -> dict[str, Any]:
+        """Train to ``max_steps`` (resuming from ``out/checkpoints`` when asked), export ``out/model``.
+
+        ``progress``: a running ``rich.progress.Progress`` to add this run's bar to (one display for several
+        runs; its columns may show the ``info`` field); ``on_step(step)`` is called after every step.
+        """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.out.mkdir(parents=True, exist_ok=True)
@@ -278,18 +282,19 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         resumed = resume and self.resume()
         metrics = open(self.out / "metrics.jsonl", "a") if self.accelerator.is_main_process else None
-        progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4g}"), TextColumn("{task.fields[sps]:.1f} steps/s"),
-            TimeElapsedColumn(), TimeRemainingColumn(),
-            disable=not (self.tc.progress and self.accelerator.is_main_process),
-        )
+        own = progress is None
+        if own:
+            progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(),
+                disable=not (self.tc.progress and self.accelerator.is_main_process),
+            )
         desc = f"{self.config.method_name}" + (f" (resumed at {self.step})" if resumed else "")
         t0, s0 = time.perf_counter(), self.step
         last: dict[str, float] = {}
         self._live = None if progress.disable else progress
-        with progress:
-            task = progress.add_task(desc, total=self.tc.max_steps, completed=self.step, loss=float("nan"), sps=0.0)
+        with progress if own else nullcontext():
+            task = progress.add_task(desc, total=self.tc.max_steps, completed=self.step, info="")
             while self.step < self.tc.max_steps:
                 micro = self._next_batch()
                 logs: dict[str, float] = {}
@@ -316,7 +321,9 @@ class Trainer:
                     self._handle(events)
                 sps = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
                 loss = next((v for k, v in logs.items() if k.endswith("/loss")), float("nan"))
-                progress.update(task, completed=self.step, loss=loss, sps=sps)
+                progress.update(task, completed=self.step, info=f"loss {loss:.4g}  {sps:.1f} steps/s")
+                if on_step is not None:
+                    on_step(self.step)
                 last = logs
                 if metrics is not None and (self.step % self.tc.log_every == 0 or self.step == self.tc.max_steps):
                     row = {"step": self.step, **logs, "steps_per_s": sps, "skipped": self.skipped, "time": time.time()}
@@ -324,19 +331,26 @@ class Trainer:
                     metrics.flush()
                 if self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0 and self.step < self.tc.max_steps:
                     self.save()
-        self._live = None
+        if own:
+            self._live = None
         if metrics is not None:
             metrics.close()
         self.save()
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            final = self.accelerator.unwrap_model(self.method.export_denoiser())
-            info = self.method.export_info()
-            if info is None:
-                save_pipeline(final, self.out / "model")
-            else:
-                self._export_student(Milestone("model", final, info), self.out / "model", self.config.eval.steps)
+            self.export(self.out / "model")
+        self._live = None
         return {"step": self.step, "skipped": self.skipped, "last": last, "wall_s": time.perf_counter() - t0}
+
+    def export(self, folder: str | Path, evaluate: bool = True) -> Path:
+        """Write the method's export network (a student, or a teacher) to ``folder`` as a diffusers pipeline
+        folder; a student also gets ``distill.json`` and, with ``evaluate``, is scored into ``results.jsonl``."""
+        final = self.accelerator.unwrap_model(self.method.export_denoiser())
+        info = self.method.export_info()
+        if info is None:
+            return save_pipeline(final, folder)
+        self._export_student(Milestone("model", final, info, evaluate=evaluate), Path(folder), self.config.eval.steps)
+        return Path(folder)
 
     # ------------------------------------------------------------------------------------------ events
 
@@ -376,7 +390,7 @@ class Trainer:
         write_rows(rows, self.out / "results.jsonl")
         say = self._live.console.print if live else print
         for r in rows[1:]:
-            say(f"{m.name}: {r['metric']} {r['value']:.2f} at {r['steps']} step(s) ({r['sampler']}); "
+            say(f"{self.out.name} {m.name}: {r['metric']} {r['value']:.2f} at {r['steps']} step(s) ({r['sampler']}); "
                 f"floor {r['floor']:.2f}")
 
 

@@ -173,6 +173,15 @@ def load_teacher(ctx: Context, method: str, prediction_types: tuple[str, ...] | 
     return teacher
 
 
+def describe_methods() -> dict[str, tuple[str, str]]:
+    """``{name: (package.module:Class, first line of its docstring)}`` for the built-in methods."""
+    out = {}
+    for name, target in METHODS.items():
+        cls = resolve_method(name)
+        out[name] = (target, (cls.__doc__ or "").strip().splitlines()[0])
+    return out
+
+
 def resolve_method(name: str) -> type[Method]:
     """A method class from a built-in name or ``package.module:Class``; unknown names list the choices."""
     target = METHODS.get(name, name)
