@@ -177,7 +177,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     folder = t.export(args.out, evaluate=False)
     console.print(f"wrote {folder} (step {t.step}); it loads with diffusers.DiffusionPipeline.from_pretrained")
     if not args.no_check:
-        for k, diff in parity(folder).items():
+        for k, diff in parity(folder, n=args.check_n).items():
             ok = diff <= 1e-4
             console.print(f"  pipe(num_inference_steps={k}) vs distill's sampler, same noise: max abs difference "
                           f"{diff:.2e} {'[green]ok[/green]' if ok else '[red]above 1e-4[/red]'}")
@@ -196,8 +196,11 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for name, (target, doc) in describe_methods().items():
         t.add_row(name, target, doc)
     console.print(t)
-    root = Path(args.dir) if args.dir else Path(__file__).resolve().parent.parent / "recipes"
+    repo = Path(__file__).resolve().parent.parent
+    root = Path(args.dir) if args.dir else repo / "recipes"
     files = sorted(root.rglob("*.yaml"))
+    if args.dir is None and (repo / "examples").is_dir():
+        files += sorted((repo / "examples").glob("*.yaml"))  # recipes of the custom-method example
     if not files:
         raise DistillError(f"no recipes under {root}; pass --dir with your recipe folder.")
     t = Table(title=f"recipes in {root}", title_justify="left")
@@ -210,9 +213,10 @@ def cmd_recipes(args: argparse.Namespace) -> int:
             method, steps = cfg.method_name, str(cfg.trainer.max_steps)
         except DistillError as exc:
             method, steps = "[red]invalid[/red]", escape(str(exc)[:60])
-        t.add_row(str(f.relative_to(root.parent) if root.parent in f.parents else f), method, steps, first)
+        t.add_row(str(f.relative_to(root.parent) if root.parent in f.parents else f), method, steps, escape(first))
     console.print(t)
-    console.print(f"built-in methods: {', '.join(METHODS)}; your own: method.name: package.module:Class")
+    console.print(f"built-in methods: {', '.join(METHODS)}; your own: method.name: package.module:Class or "
+                  "path/to/file.py:Class (see examples/custom_method.py)")
     return 0
 
 
@@ -285,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="folder to write (DiffusionPipeline.from_pretrained loads it)")
     sp.add_argument("--no-check", action="store_true",
                     help="skip comparing the pipeline's images with distill's sampler on the same noise")
+    sp.add_argument("--check-n", type=int, default=16, help="samples per step count in that comparison")
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("recipes", help="list the built-in methods and the shipped recipes")

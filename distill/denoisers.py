@@ -129,17 +129,22 @@ class DiffusersDenoiser(nn.Module):
 
 
 class ConsistencyDenoiser(nn.Module):
-    """A consistency function ``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(x, sigma)`` around a denoiser F.
+    """A consistency function ``f(x, sigma) = c_skip(sigma) alpha(sigma) x + c_out(sigma) F(x, sigma)`` around a
+    denoiser F, exactly as diffusers' ``LCMScheduler`` computes it when it samples the exported student.
 
     The boundary scalings are those of latent consistency models (Luo et al. 2023), in the teacher's timestep
-    units ``t(sigma)``, which is what diffusers' ``LCMScheduler`` applies when it samples the exported student::
+    units ``t(sigma)``::
 
         c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2),    c_out = s t / sqrt((s t)^2 + sigma_data^2)
 
-    with ``s = timestep_scaling``. At the schedule's smallest noise level ``sigma_min`` (``t = 0``) ``c_skip = 1``
-    and ``c_out = 0``, so ``f(x, sigma_min) = x`` exactly (the boundary condition of Song et al. 2023). With
-    ``s = 10`` the network's own estimate dominates from ``t = 1`` on, so a student initialised from its teacher
-    starts as (almost exactly) the teacher's one-step denoiser.
+    with ``s = timestep_scaling``; LCM applies ``c_skip`` to the VP sample ``x_t = alpha(sigma) x``, with
+    ``alpha = 1 / sqrt(1 + sigma^2)``, so distill does too. At the schedule's smallest noise level ``sigma_min``
+    (``t = 0``) ``c_skip = 1`` and ``c_out = 0``: ``f(x, sigma_min) = x_t``, the boundary condition of Song et
+    al. 2023 in VP units (``alpha(sigma_min) x``; 1.8e-5 from ``x`` for the digits teacher). Applying ``c_skip``
+    to ``x`` instead would differ from the stock pipeline by ``c_skip (1 - alpha) x``, up to 2e-4 at the cosine
+    schedule's top timestep, where ``x`` is 2e4 times the unit noise. With ``s = 10`` the network's own
+    estimate dominates from ``t = 1`` on, so a student initialised from its teacher starts as (almost exactly)
+    the teacher's one-step denoiser.
     """
 
     def __init__(self, inner: DiffusersDenoiser, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> None:
@@ -153,6 +158,11 @@ class ConsistencyDenoiser(nn.Module):
     @property
     def schedule(self) -> DiscreteVPSchedule:
         return self.inner.schedule
+
+    @property
+    def unet(self) -> nn.Module:
+        """The diffusers UNet inside (its config gives channels and resolution)."""
+        return self.inner.unet
 
     @property
     def sigma_min(self) -> float:
@@ -177,7 +187,8 @@ class ConsistencyDenoiser(nn.Module):
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out = self.scalings(sigma)
-        return _bcast(c_skip, x) * x + _bcast(c_out, x) * self.inner(x, sigma, **cond)
+        skip = _bcast(c_skip * vp_alpha(sigma.double()), x)
+        return skip * x + _bcast(c_out, x) * self.inner(x, sigma, **cond)
 
 
 def lcm_timesteps(num_train_timesteps: int, original_steps: int, steps: int) -> list[int]:

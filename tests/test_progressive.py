@@ -95,7 +95,7 @@ def test_bad_teachers_and_configs_are_refused_before_training(tmp_path):
         load_recipe(RECIPE, ["method.start_steps=48", "method.end_steps=5"])
     with pytest.raises(ConfigError, match="lists 2 values for 6 phases"):
         load_recipe(RECIPE, ["method.lr=[0.001, 0.002]"])
-    with pytest.raises(ConfigError, match="runs 2400 steps"):
+    with pytest.raises(ConfigError, match="runs 1200 steps"):
         load_recipe(RECIPE, ["trainer.max_steps=100"])
 
 

@@ -23,7 +23,6 @@ dotted path ``package.module:Class``.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -187,13 +186,12 @@ def resolve_method(name: str) -> type[Method]:
     target = METHODS.get(name, name)
     if ":" not in target:
         raise DistillError(
-            f"unknown method {name!r}; choose one of {', '.join(METHODS)} or name your own as package.module:Class."
+            f"unknown method {name!r}; choose one of {', '.join(METHODS)} or name your own as package.module:Class "
+            "or path/to/file.py:Class."
         )
-    module_name, _, attr = target.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:  # a user's file may fail in any way (SyntaxError, NameError...)
-        raise DistillError(f"cannot import method {target!r}: {type(exc).__name__}: {exc}") from exc
+    from distill.plugins import load_object
+
+    cls = load_object(target, "method")
     if not (isinstance(cls, type) and issubclass(cls, Method) and hasattr(cls, "Config")):
         raise DistillError(f"{target!r} is not a distill Method subclass with a Config dataclass.")
     return cls

@@ -27,7 +27,6 @@ are the identity to within 1e-7 at the student's timesteps.
 from __future__ import annotations
 
 import copy
-import importlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,9 +192,10 @@ def load_backbone(name: str, teacher: DiffusersDenoiser) -> nn.Module:
         return TeacherEncoder(teacher).requires_grad_(False).eval()
     if refers_to_eval_net(name):
         raise DistillError(f"backbone {name!r} is the evaluation feature network; it may never train a model.")
-    module_name, _, attr = name.partition(":")
+    from distill.plugins import load_object
+
+    factory = load_object(name, "backbone")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
         net = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
     except Exception as exc:  # a user's module may fail in any way
         raise DistillError(f"cannot build backbone {name!r}: {type(exc).__name__}: {exc}") from exc

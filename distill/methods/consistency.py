@@ -1,8 +1,8 @@
 """Consistency distillation (Song et al., ICML 2023, Algorithm 2; discrete-time teachers as in LCM, Luo et al. 2023).
 
-The student is a consistency function ``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(x, sigma)``
-(:class:`~distill.denoisers.ConsistencyDenoiser`): ``F`` is a copy of the teacher's denoiser and the scalings
-give ``f(x, sigma_min) = x`` exactly. Training walks a grid ``sigma_min = s_0 < s_1 < ... < s_N = sigma_max``:
+The student is a consistency function ``f(x, sigma) = c_skip(sigma) alpha(sigma) x + c_out(sigma) F(x, sigma)``
+(:class:`~distill.denoisers.ConsistencyDenoiser`, LCM's form): ``F`` is a copy of the teacher's denoiser and the
+scalings give ``f(x, sigma_min) = alpha(sigma_min) x``, the VP sample, with no network term. Training walks a grid ``sigma_min = s_0 < s_1 < ... < s_N = sigma_max``:
 
     x        = x0 + s_{n+1} * eps                              (a real image, noised to s_{n+1})
     x_n      = Phi(x, s_{n+1} -> s_n; teacher)                 (one step of the teacher's PF-ODE solver)
@@ -24,7 +24,6 @@ sigma grids are written into ``distill.json`` too.
 from __future__ import annotations
 
 import copy
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -131,8 +130,8 @@ class LPIPSDistance:
 
 
 def resolve_distance(name: str, huber_c: float = 0.00054) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``d(pred, target) -> (B,)`` for a built-in name or a dotted path ``package.module:function`` (a class
-    there is instantiated without arguments)."""
+    """``d(pred, target) -> (B,)`` for a built-in name, a dotted path ``package.module:function`` or a file
+    ``path/to/file.py:function`` (a class there is instantiated without arguments)."""
     if name == "l2":
         return losses.l2
     if name == "l1":
@@ -141,11 +140,9 @@ def resolve_distance(name: str, huber_c: float = 0.00054) -> Callable[[torch.Ten
         return lambda pred, target: losses.pseudo_huber(pred, target, c=huber_c)
     if name == "lpips":
         return LPIPSDistance()
-    module_name, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:  # a user's module may fail in any way
-        raise DistillError(f"cannot import distance {name!r}: {type(exc).__name__}: {exc}") from exc
+    from distill.plugins import load_object
+
+    fn = load_object(name, "distance")
     if isinstance(fn, type):
         fn = fn()
     if not callable(fn):

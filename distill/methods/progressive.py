@@ -8,7 +8,8 @@ The student's grid is the teacher's own discrete timesteps for N steps (trailing
     teacher: x'  = D(x, s)   + s'  / s  * (x  - D(x, s))          (DDIM, VE form)
              x'' = D(x', s') + s'' / s' * (x' - D(x', s'))
     target:  x_tilde = (x'' - s'' / s * x) / (1 - s'' / s)         (Alg. 2: one DDIM step s -> s'' lands on x'')
-    loss:    lambda(s) * ||D_student(x, s) - x_tilde||^2            (lambda: truncated SNR = max(SNR, 1), or SNR+1)
+    loss:    lambda(s) * ||D_student(x, s) - x_tilde||^2            (lambda: truncated SNR = max(SNR, 1), or SNR+1;
+                                                                    another distance by name or dotted path)
 
 Then the student becomes the next phase's teacher and N halves, until ``end_steps``. The student keeps the
 teacher's parameterization (the paper's v-prediction for the digits teacher), adapted at the edge as always.
@@ -28,6 +29,7 @@ from distill import losses
 from distill.config import OptimizerConfig
 from distill.errors import DistillError
 from distill.methods import Context, Method, Milestone, Role, StepEvents, load_teacher
+from distill.methods.consistency import DISTANCES, resolve_distance
 
 
 @dataclass
@@ -40,6 +42,7 @@ class ProgressiveConfig:
     lr: float | list[float] = 1e-4  # peak learning rate per phase (one number, or one per phase)
     lr_decay: bool = True  # decay linearly to 0 within each phase (after warm-up)
     weighting: str = "truncated_snr"  # lambda(sigma): truncated_snr = max(SNR, 1) | snr+1 | uniform | snr
+    distance: str = "l2"  # d(student x0, target x0): l2 (the paper's) | l1 | pseudo_huber | lpips | package.module:fn
     spacing: str = "trailing"  # the teacher's timesteps for a grid of N: leading | trailing | linspace
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, warmup_steps=20))
     reset_optimizer: bool = True  # fresh Adam moments at every phase
@@ -74,6 +77,9 @@ class ProgressiveConfig:
                 errs.append(f"iters_per_phase must be >= 1, got {self.iters_per_phase}")
             if any(lr < 0 for lr in self.per_phase(self.lr)):
                 errs.append(f"lr must be >= 0, got {self.lr}")
+        if self.distance not in DISTANCES and ":" not in self.distance:
+            errs.append(f"distance: {self.distance!r} is not one of {', '.join(DISTANCES)} nor a dotted path "
+                        "package.module:function")
         if self.weighting not in losses.WEIGHTINGS:
             errs.append(f"weighting: {self.weighting!r} is not one of {', '.join(losses.WEIGHTINGS)}")
         if self.spacing not in ("leading", "trailing", "linspace"):
@@ -113,6 +119,7 @@ class ProgressiveDistillation(Method):
             self.student_ema = copy.deepcopy(self.student).requires_grad_(False).eval()
             self.ema = {"student_ema": ("student", config.ema_decay)}
         self.weight = losses.weighting(config.weighting)
+        self.distance = resolve_distance(config.distance)
         self.iters = config.per_phase(config.iters_per_phase)
         self.lrs = config.per_phase(config.lr)
         self.phase = 0
@@ -173,9 +180,11 @@ class ProgressiveDistillation(Method):
         s, s_mid, s_next = fine[2 * i], fine[2 * i + 1], fine[2 * i + 2]
         x = x0 + s[:, None, None, None] * self.randn_like(x0)
         x_tilde = self.target(x, s, s_mid, s_next)
-        err = losses.l2(self.student(x, s), x_tilde)
-        loss = (self.weight(s) * err).mean()
-        return loss, {"x0_mse": err.mean().item(), "phase_steps": float(n)}
+        err = self.distance(self.student(x, s), x_tilde)
+        if err.ndim == 0:
+            err = err.expand(x0.shape[0])
+        loss = (self.weight(s).to(err.dtype) * err).mean()
+        return loss, {"distance": err.mean().item(), "phase_steps": float(n)}
 
     def end_of_step(self, step: int) -> StepEvents | None:
         if step != self._phase_start(self.phase + 1):

@@ -1,0 +1,81 @@
+"""Students out as stock diffusers folders: `distill export`, and the same images as distill's own samplers.
+
+For one student of each method: the folder loads with ``DiffusionPipeline.from_pretrained``, and
+``pipe(num_inference_steps=k, generator=...)`` gives the images distill's sampler gives from the same noise, to
+1e-4, at every step count the student supports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill import cli
+from distill.config import load_recipe
+from distill.errors import DistillError
+from distill.export import parity
+from distill.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes" / "digits"
+QUIET = ["trainer.progress=false", "trainer.batch_size=16", "eval.protocol=null", "trainer.checkpoint_every=0"]
+RUNS = {
+    "progressive": ["method.start_steps=4", "method.iters_per_phase=2"],
+    "consistency": ["method.iters=2", "method.num_steps=20"],
+    "adversarial": ["method.iters=2", "method.head_channels=8"],
+}
+
+
+def _run(tmp_path, teacher, method: str) -> Path:
+    out = tmp_path / method
+    Trainer(load_recipe(RECIPES / f"{method}.yaml", [f"teacher={teacher}", *QUIET, *RUNS[method]]), out).fit()
+    return out
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_export_round_trip_same_noise_same_images(tmp_path, tiny_teacher, one_thread, method):
+    from diffusers import DiffusionPipeline
+
+    run = _run(tmp_path, tiny_teacher, method)
+    folder = tmp_path / f"{method}-export"
+    assert cli.main(["export", str(run), "--out", str(folder)]) == 0
+    info = json.loads((folder / "distill.json").read_text())
+    assert info["method"] == method
+    # the export is the run's final student: the same weights as DIR/model, written at the end of `distill run`
+    a = DiffusionPipeline.from_pretrained(folder).unet.state_dict()
+    b = DiffusionPipeline.from_pretrained(run / "model").unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    expected = {"progressive": [1], "consistency": [1, 2, 4, 8], "adversarial": [1, 2, 4]}[method]
+    assert info["steps"] == expected
+    diffs = parity(folder)
+    assert sorted(diffs) == expected
+    assert all(d < 1e-4 for d in diffs.values()), diffs
+
+
+def test_progressive_intermediate_students_and_the_teacher_match_stock_ddim(tmp_path, tiny_teacher, one_thread):
+    run = _run(tmp_path, tiny_teacher, "progressive")
+    assert parity(run / "students" / "2-step")[2] < 1e-4
+    diffs = parity(ROOT / "distill" / "assets" / "digits-teacher", [1, 2, 4, 8])
+    assert all(d < 1e-4 for d in diffs.values()), diffs
+
+
+def test_parity_catches_a_pipeline_that_samples_differently(tmp_path, tiny_teacher, one_thread):
+    """The check can fail: the same student with a scheduler on other timesteps is far from distill's sampler."""
+    run = _run(tmp_path, tiny_teacher, "consistency")
+    cfg_path = run / "model" / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["original_inference_steps"] = 10  # LCM now picks its timesteps from a 10-point grid, not the student's 20
+    cfg_path.write_text(json.dumps(cfg))
+    assert min(parity(run / "model", [4, 8]).values()) > 1e-3
+
+
+def test_export_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    recipe = (RECIPES / "consistency.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(recipe.replace("teacher: distill/", f"teacher: {ROOT}/distill/"))
+    with pytest.raises(DistillError, match="no checkpoint"):
+        cli.cmd_export(cli.build_parser().parse_args(["export", str(tmp_path), "--out", str(tmp_path / "x")]))
