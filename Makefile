@@ -26,4 +26,4 @@ bench: $(STAMP)
 	$(PY) evals/bench_fd.py
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out quickstart quickstart-fast .pytest_cache

@@ -2,7 +2,8 @@
 
 Methods (``method.name``), distances (``method.distance``) and discriminator backbones (``method.backbone``)
 are all looked up here, so one spelling works everywhere. A file path is read relative to the working
-directory; the file is imported as a module named after it (``custom_method.py`` -> ``custom_method``).
+directory; the file is imported as module ``distill_user.<file stem>`` (``custom_method.py`` ->
+``distill_user.custom_method``), once per path.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def load_object(spec: str, what: str) -> Any:
             path = Path(module_name).resolve()
             if not path.is_file():
                 raise DistillError(f"{what} {spec!r}: no file {path}.")
-            name = path.stem
+            name = f"distill_user.{path.stem}"  # never shadows an installed module (a user's types.py, say)
             module = sys.modules.get(name)
             if module is None or Path(getattr(module, "__file__", "") or "").resolve() != path:
                 loader = importlib.util.spec_from_file_location(name, path)

@@ -216,4 +216,6 @@ class ProgressiveDistillation(Method):
         return self._exported()
 
     def export_info(self) -> dict[str, Any]:
-        return self._info(self.config.end_steps)
+        # the current phase's student (the last phase's, end_steps, once the run is done; earlier for a
+        # `distill export` of an unfinished run)
+        return self._info(self.student_steps)
