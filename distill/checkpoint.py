@@ -101,8 +101,8 @@ def save_checkpoint(
             (tmp / "optim" / f"{name}.json").write_text(json.dumps(meta))
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"torch_cuda_{i}"] = s
+            # the current device's generator: every rank uses its own device, seeded alike (one shared stream)
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())

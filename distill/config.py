@@ -74,7 +74,8 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    """The shared loop. Steps count optimizer updates; one update sees batch_size * grad_accum samples."""
+    """The shared loop. Steps count optimizer updates; one update sees batch_size x processes samples (the
+    global batch), each process's batch split into grad_accum micro-batches."""
 
     max_steps: int | None = 1000  # null: the method decides (progressive distillation: phases x iterations)
     batch_size: int = 128  # per optimizer step and per process, before accumulation

@@ -74,7 +74,8 @@ def parity(folder: str | Path, steps: list[int] | None = None, n: int = 4, seed:
     m = open_model(folder)
     D = m.denoiser
     cfg = D.unet.config
-    shape = (n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size, cfg.sample_size)
+    shape = (n, cfg.in_channels, *size)
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     if m.method == "teacher":  # a teacher keeps its DDPMScheduler; compare DDIM with diffusers' own DDIMScheduler

@@ -2,19 +2,22 @@
 
 Methods (``method.name``), distances (``method.distance``) and discriminator backbones (``method.backbone``)
 are all looked up here, so one spelling works everywhere. A file path is read relative to the working
-directory; the file is imported as module ``distill_user.<file stem>`` (``custom_method.py`` ->
-``distill_user.custom_method``), once per path.
+directory; the file is imported once per path, as module ``distill_user.<file stem>_<hash of its path>``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
 from distill.errors import DistillError
+
+USER_PACKAGE = "distill_user"
 
 
 def load_object(spec: str, what: str) -> Any:
@@ -27,13 +30,23 @@ def load_object(spec: str, what: str) -> Any:
             path = Path(module_name).resolve()
             if not path.is_file():
                 raise DistillError(f"{what} {spec!r}: no file {path}.")
-            name = f"distill_user.{path.stem}"  # never shadows an installed module (a user's types.py, say)
+            # distill_user.<stem>_<path hash>: never shadows an installed module (a user's types.py, say), and two
+            # files with one name stay apart
+            name = f"{USER_PACKAGE}.{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
             module = sys.modules.get(name)
-            if module is None or Path(getattr(module, "__file__", "") or "").resolve() != path:
+            if module is None:
+                if USER_PACKAGE not in sys.modules:
+                    pkg = types.ModuleType(USER_PACKAGE)
+                    pkg.__path__ = []  # a namespace for users' files, so their classes pickle by name
+                    sys.modules[USER_PACKAGE] = pkg
                 loader = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(loader)
-                sys.modules[name] = module  # dataclasses and pickling look their module up by name
-                loader.loader.exec_module(module)
+                sys.modules[name] = module  # dataclasses look their module up by name while it executes
+                try:
+                    loader.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]  # a failed import is not cached
+                    raise
         else:
             module = importlib.import_module(module_name)
         return getattr(module, attr)

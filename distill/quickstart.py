@@ -30,7 +30,7 @@ RECIPES = ("progressive", "consistency", "adversarial")
 STEPS = [1, 2, 4, 8]
 TEACHER_STEPS = [1, 2, 4, 8, 16, 32]
 FAST_N = 300  # samples per point with --fast (the protocol's 898 otherwise)
-# --fast: small budgets for a first look (under 2 minutes on 2 CPU cores); not the leaderboard's numbers.
+# --fast: small budgets for a first look (about 1 min 15 s on 2 CPU cores); not the leaderboard's numbers.
 FAST: dict[str, list[str]] = {
     "progressive": ["method.start_steps=8", "method.iters_per_phase=[20, 30, 40]", "trainer.checkpoint_every=0"],
     "consistency": ["method.iters=120", "method.optimizer.warmup_steps=20", "trainer.checkpoint_every=0"],
@@ -88,9 +88,13 @@ def run_quickstart(out: str | Path, fast: bool = False, console: Any = None) -> 
     with progress:
         overall = progress.add_task("quickstart", total=total, info="teacher baseline first")
         teacher_rows = results / "teacher.jsonl"
+        n = FAST_N if fast else None
+        proto = load_protocol("digits", n=n)
+        if teacher_rows.is_file() and _protocol_key(teacher_rows) != proto.key():
+            teacher_rows.unlink()  # made with another sample count (--fast and not, into one --out)
         if not teacher_rows.is_file():
             task = progress.add_task("teacher baseline: DDIM", total=None, info=f"{len(TEACHER_STEPS)} step counts")
-            rows = evaluate(TEACHER, load_protocol("digits", n=FAST_N if fast else None), TEACHER_STEPS, ["ddim"],
+            rows = evaluate(TEACHER, proto, TEACHER_STEPS, ["ddim"],
                             name="teacher", grids=out / "grids", progress=False)
             write_rows(rows, teacher_rows.with_suffix(".tmp"))
             teacher_rows.with_suffix(".tmp").replace(teacher_rows)
@@ -106,6 +110,7 @@ def run_quickstart(out: str | Path, fast: bool = False, console: Any = None) -> 
             else:
                 if (run / "config.yaml").is_file() and not same:
                     progress.console.print(f"{name}: {run} holds a run with other settings; starting it over")
+                (run / DONE).unlink(missing_ok=True)  # done only once this run's fit returns
                 base = done
                 Trainer(cfg, run, recipe_name=str(RECIPES_DIR.relative_to(ROOT) / f"{name}.yaml")).fit(
                     resume=same, progress=progress, on_step=lambda s, b=base: progress.update(overall, completed=b + s))
@@ -113,6 +118,15 @@ def run_quickstart(out: str | Path, fast: bool = False, console: Any = None) -> 
             done += cfg.trainer.max_steps
             progress.update(overall, completed=done)
     return report(out, fast, console, time.perf_counter() - t0)
+
+
+def _protocol_key(path: Path) -> str | None:
+    """The protocol key of the result rows in ``path`` (None if unreadable)."""
+    try:
+        first = json.loads(path.read_text().splitlines()[0])
+        return first["protocol"]["key"]
+    except (OSError, IndexError, KeyError, TypeError, json.JSONDecodeError):
+        return None
 
 
 def verdict(rows: list[dict[str, Any]], steps: tuple[int, ...] = (1, 2, 4)) -> dict[str, dict[int, tuple]]:

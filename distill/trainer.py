@@ -139,8 +139,10 @@ class Trainer:
         opts = {r: o.optimizer if hasattr(o, "optimizer") else o for r, o in self.optimizers.items()}
         return save_checkpoint(self.out / "checkpoints", self.step, self._state_modules(), opts, state, self.tc.keep_checkpoints)
 
-    def resume(self) -> bool:
-        """Load the newest complete checkpoint in ``out/checkpoints``; False if there is none."""
+    def resume(self, check_layout: bool = True) -> bool:
+        """Load the newest complete checkpoint in ``out/checkpoints``; False if there is none.
+
+        ``check_layout=False`` skips the global-batch check (to export a checkpoint made on other processes)."""
         ckpts = list_checkpoints(self.out / "checkpoints")
         if not ckpts:
             return False
@@ -166,12 +168,11 @@ class Trainer:
                 "made with another method or model. Use --fresh to start over, or another --out."
             ) from exc
         torch.set_rng_state(ck["rng"]["torch_cpu"])
-        if torch.cuda.is_available():
-            states = [ck["rng"][k] for k in sorted(ck["rng"]) if k.startswith("torch_cuda_")]
-            if states:
-                torch.cuda.set_rng_state_all(states)
+        if self.device.type == "cuda" and "torch_cuda" in ck["rng"]:
+            torch.cuda.set_rng_state(ck["rng"]["torch_cuda"], self.device)  # rank 0's stream, on this rank's GPU
         st = ck["state"]
-        self._check_layout(st.get("layout"), path)
+        if check_layout:
+            self._check_layout(st.get("layout"), path)
         if self.accelerator.scaler is not None and "scaler" in st:
             self.accelerator.scaler.load_state_dict(st["scaler"])
         random.setstate(_random_state_from_json(st["python_random"]))
@@ -382,13 +383,18 @@ class Trainer:
         # evaluation runs on the main process only: it must not move the training stream the ranks share
         rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         live = self._live is not None  # rich allows one live display: no second bar inside the training bar
-        with rng:
-            rows = evaluate(folder, load_protocol(proto, n=self.config.eval.n), steps or info["steps"],
-                            name=self.out.name, grids=self.out / "grids", progress=self.tc.progress and not live,
-                            device=self.device)
-        m.denoiser.train(was_training)
-        write_rows(rows, self.out / "results.jsonl")
         say = self._live.console.print if live else print
+        try:
+            with rng:
+                rows = evaluate(folder, load_protocol(proto, n=self.config.eval.n), steps or info["steps"],
+                                name=self.out.name, grids=self.out / "grids", progress=self.tc.progress and not live,
+                                device=self.device)
+        except DistillError as exc:  # the student is saved; a bad evaluation setting must not stop training
+            say(f"warning: {folder} was saved but not evaluated: {exc}")
+            return
+        finally:
+            m.denoiser.train(was_training)
+        write_rows(rows, self.out / "results.jsonl")
         for r in rows[1:]:
             say(f"{self.out.name} {m.name}: {r['metric']} {r['value']:.2f} at {r['steps']} step(s) ({r['sampler']}); "
                 f"floor {r['floor']:.2f}")

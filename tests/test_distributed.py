@@ -32,7 +32,8 @@ def _overrides(teacher) -> list[str]:
     return [f"teacher={teacher}", "trainer.progress=false", "eval.protocol=null", "trainer.threads=1",
             "method.student_optimizer.warmup_steps=0", "method.student_optimizer.lr=3e-4",
             "method.student_optimizer.eps=1e-6", "method.disc_optimizer.eps=1e-6", "method.head_channels=8",
-            "method.iters=4", "method.ema_decay=0.5", "method.r1_every=1", "trainer.checkpoint_every=2"]
+            "method.iters=4", "method.ema_decay=0.5", "method.r1_every=1", "trainer.checkpoint_every=2",
+            "trainer.grad_accum=2"]  # micro-batches of 4 per rank (2 processes) or 8 (1): the layout is global
 
 
 def _port() -> str:
@@ -67,7 +68,8 @@ def test_two_processes_train_like_one_and_resume_across_world_sizes(tmp_path, ti
     assert r.returncode == 0, r.stderr[-3000:]
     ref = _weights(one)
 
-    # 2 processes x batch 8 (gloo, torchrun) == 1 process x batch 16, within 1e-5 after 4 steps
+    # 2 processes x batch 8 (gloo, torchrun) == 1 process x batch 16, within 1e-5 after 4 steps, with 2
+    # micro-batches per step each
     two = tmp_path / "two"
     r = _run([*TORCHRUN, "--master_port", _port()], two, tiny_teacher, batch=8)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -79,3 +79,33 @@ def test_export_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text(recipe.replace("teacher: distill/", f"teacher: {ROOT}/distill/"))
     with pytest.raises(DistillError, match="no checkpoint"):
         cli.cmd_export(cli.build_parser().parse_args(["export", str(tmp_path), "--out", str(tmp_path / "x")]))
+
+
+def test_a_protocol_of_other_images_is_refused_and_training_goes_on(tmp_path, tiny_teacher, one_thread, capsys,
+                                                                      monkeypatch):
+    """A student whose images do not fit the protocol: one clear error from the harness; inside a run, the
+    student is saved, a warning says why it was not scored, and training continues."""
+    from conftest import tiny_unet
+
+    from distill.denoisers import DiffusersDenoiser
+    from distill.eval import harness
+    from distill.export import save_pipeline
+
+    sched = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
+             "clip_sample": False}
+    rgb = save_pipeline(DiffusersDenoiser(tiny_unet(sample_size=16, channels=3), sched), tmp_path / "rgb16")
+    with pytest.raises(DistillError, match=r"3x16x16 images, but protocol 'digits' scores 1x8x8"):
+        harness.evaluate(rgb, "digits", [1], ["ddim"], progress=False)
+
+    def refuse(*args, **kwargs):
+        raise DistillError("makes 3x16x16 images, but protocol 'digits' scores 1x8x8 images")
+
+    monkeypatch.setattr(harness, "evaluate", refuse)
+    out = tmp_path / "run"
+    over = [f"teacher={tiny_teacher}", "trainer.progress=false", "trainer.batch_size=16",
+            "trainer.checkpoint_every=0", *RUNS["progressive"]]
+    result = Trainer(load_recipe(RECIPES / "progressive.yaml", over), out).fit()
+    assert result["step"] == 4  # both phases ran, though neither student could be scored
+    assert (out / "students" / "2-step" / "model_index.json").is_file() and (out / "model" / "distill.json").is_file()
+    assert not (out / "results.jsonl").exists()
+    assert capsys.readouterr().out.count("saved but not evaluated") == 2

@@ -41,6 +41,9 @@ def test_quickstart_fast_end_to_end(tmp_path):
         nums = [float(c.split()[0]) for c in cells[:3]]  # 1, 2 and 4 steps: every model has all three
         assert all(v > 0 for v in nums), (name, cells)
     assert "## Against the teacher's DDIM" in md
+    verdicts = [line for line in md.splitlines() if "the teacher's DDIM at 1, 2 and 4 steps" in line]
+    assert [v.split()[1] for v in verdicts] == ["progressive", "consistency", "adversarial"]
+    teacher_rows = (out / "results" / "teacher.jsonl").read_text()
 
     plots = list((out / "plots").glob("*.png"))
     grids = list(out.rglob("grids/**/*.png"))
@@ -70,6 +73,7 @@ def test_quickstart_fast_end_to_end(tmp_path):
     r2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stdout.count("finished earlier") == 3
+    assert (out / "results" / "teacher.jsonl").read_text() == teacher_rows  # the baseline was kept too
     assert (out / "LEADERBOARD.md").read_text().count(" · ") == md.count(" · ")
 
 

@@ -174,6 +174,15 @@ def evaluate(
         if not steps:
             raise DistillError(f"{m.name} supports {list(m.steps)} steps, none of {unsupported}.")
     ref = reference(proto, extractor, device=device)
+    unet = getattr(m.denoiser, "unet", None)
+    if unet is not None and hasattr(unet, "config"):
+        size = unet.config.sample_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        if (unet.config.in_channels, *size) != tuple(ref.shape):
+            raise DistillError(
+                f"{m.name} makes {unet.config.in_channels}x{size[0]}x{size[1]} images, but protocol {proto.name!r} "
+                f"scores {'x'.join(map(str, ref.shape))} images of {proto.dataset!r}; evaluate it with a protocol of "
+                "its own data (eval.protocol in a recipe, --protocol here), or none (eval.protocol: null).")
     common = {
         "protocol": {"name": proto.name, "key": proto.key()},
         "extractor": {"name": ref.extractor.name, "weights_hash": ref.extractor.weights_hash()},

@@ -95,12 +95,11 @@ class Method(nn.Module):
         return slice(rank * n, (rank + 1) * n)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise shaped like this rank's ``x``: its rows of the global micro-batch's draw."""
-        world = self.shard[1]
-        if world == 1:
-            return torch.randn_like(x)
-        full = torch.randn((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        return full[self._rows(x.shape[0])]
+        """Standard normal noise shaped like ``x``, whose first dimension is this rank's micro-batch: its rows of
+        one draw for the global micro-batch (contiguous, whatever ``x``'s memory format)."""
+        world, n = self.shard[1], x.shape[0]
+        full = torch.randn((world * n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        return full if world == 1 else full[self._rows(n)]
 
     def randint(self, low: int, high: int, like: torch.Tensor) -> torch.Tensor:
         """One integer in ``[low, high)`` per row of ``like`` (on its device), drawn like :meth:`randn_like`."""
@@ -131,6 +130,7 @@ class Method(nn.Module):
         return None
 
     def method_state(self) -> dict[str, Any]:
+        """JSON state saved in checkpoints. Rank 0's copy is saved, so keep it the same on every rank."""
         return {}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
@@ -177,7 +177,7 @@ def describe_methods() -> dict[str, tuple[str, str]]:
     out = {}
     for name, target in METHODS.items():
         cls = resolve_method(name)
-        out[name] = (target, (cls.__doc__ or "").strip().splitlines()[0])
+        out[name] = (target, ((cls.__doc__ or "").strip().splitlines() or [""])[0])
     return out
 
 

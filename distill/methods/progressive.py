@@ -78,8 +78,8 @@ class ProgressiveConfig:
             if any(lr < 0 for lr in self.per_phase(self.lr)):
                 errs.append(f"lr must be >= 0, got {self.lr}")
         if self.distance not in DISTANCES and ":" not in self.distance:
-            errs.append(f"distance: {self.distance!r} is not one of {', '.join(DISTANCES)} nor a dotted path "
-                        "package.module:function")
+            errs.append(f"distance: {self.distance!r} is not one of {', '.join(DISTANCES)} nor "
+                        "package.module:function or path/to/file.py:function")
         if self.weighting not in losses.WEIGHTINGS:
             errs.append(f"weighting: {self.weighting!r} is not one of {', '.join(losses.WEIGHTINGS)}")
         if self.spacing not in ("leading", "trailing", "linspace"):
@@ -123,6 +123,7 @@ class ProgressiveDistillation(Method):
         self.iters = config.per_phase(config.iters_per_phase)
         self.lrs = config.per_phase(config.lr)
         self.phase = 0
+        self.steps_done = 0  # optimizer steps completed (kept in the method state, for export labels)
         self._grids: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------ phases
@@ -187,6 +188,7 @@ class ProgressiveDistillation(Method):
         return loss, {"distance": err.mean().item(), "phase_steps": float(n)}
 
     def end_of_step(self, step: int) -> StepEvents | None:
+        self.steps_done = step
         if step != self._phase_start(self.phase + 1):
             return None
         n = self.student_steps
@@ -207,15 +209,19 @@ class ProgressiveDistillation(Method):
         return {"sampler": "ddim", "steps": [steps], "sigmas": {str(steps): self.grid(steps).tolist()}}
 
     def method_state(self) -> dict[str, Any]:
-        return {"phase": self.phase}
+        return {"phase": self.phase, "steps_done": self.steps_done}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.phase = int(state["phase"])
+        self.steps_done = int(state.get("steps_done", -1))  # -1: a checkpoint from before this was recorded
 
     def export_denoiser(self) -> torch.nn.Module:
         return self._exported()
 
     def export_info(self) -> dict[str, Any]:
-        # the current phase's student (the last phase's, end_steps, once the run is done; earlier for a
-        # `distill export` of an unfinished run)
-        return self._info(self.student_steps)
+        # the current phase's student: end_steps once the run is done; for a `distill export` of an unfinished
+        # run, the phase it is in, or at a phase boundary (no step of the new phase yet) the phase just finished
+        n = self.student_steps
+        if self.phase > 0 and self.steps_done == self._phase_start(self.phase):
+            n *= 2
+        return self._info(n)
