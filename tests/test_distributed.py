@@ -76,6 +76,11 @@ def test_two_processes_train_like_one_and_resume_across_world_sizes(tmp_path, ti
     assert r.stdout.count("done:") == 1  # rank 0 alone reports
     got = _weights(two)
     assert _max_diff(ref, got) < 1e-5
+    # a run made by 2 processes exports from 1 (no global-batch check when nothing is trained)
+    from distill import cli
+
+    assert cli.main(["export", str(two), "--out", str(tmp_path / "two-export"), "--no-check"]) == 0
+    assert (tmp_path / "two-export" / "distill.json").is_file()
     # ...and the runs did train: 4 steps moved the student 50x beyond that tolerance
     start = load_file(str(list_checkpoints(one / "checkpoints")[0] / "modules" / "student.safetensors"))
     teacher = load_file(str(Path(tiny_teacher) / "unet" / "diffusion_pytorch_model.safetensors"))

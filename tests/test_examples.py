@@ -64,3 +64,25 @@ def test_custom_method_example_trains_without_changing_the_trainer(tmp_path, tin
     t2 = Trainer(load_recipe(EXAMPLES / "custom_method.yaml", over), tmp_path)
     assert t2.resume() and t2.method.targets_made == 32
 
+
+
+def test_user_code_by_file_path_errors_are_clear_and_not_cached(tmp_path):
+    import pytest
+
+    from distill.errors import DistillError
+    from distill.plugins import load_object
+
+    with pytest.raises(DistillError, match="no file"):
+        load_object(str(tmp_path / "missing.py") + ":f", "distance")
+    with pytest.raises(DistillError, match="not a name like"):
+        load_object("no_colon_here", "method")
+    broken = tmp_path / "types.py"  # named like a standard module: it must not shadow it
+    broken.write_text("def f(a, b):\n    return undefined_name\nraise RuntimeError('half-written file')\n")
+    with pytest.raises(DistillError, match="cannot import distance .*RuntimeError: half-written file"):
+        load_object(f"{broken}:f", "distance")
+    broken.write_text("def f(a, b):\n    return (a - b).abs().flatten(1).mean(1)\n")
+    f = load_object(f"{broken}:f", "distance")  # the failed import was not cached
+    assert f(torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)).tolist() == [1.0, 1.0]
+    import types as std_types
+
+    assert hasattr(std_types, "ModuleType")  # the standard module is untouched
