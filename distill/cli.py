@@ -54,16 +54,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from distill.eval.grid import save_grid
+    from distill.eval.harness import open_model
     from distill.eval.sweep import denoiser_draw, generate, sigma_grid
 
     if args.n < 1 or args.steps < 1 or args.batch_size < 1:
         raise DistillError("--n, --steps and --batch-size must be at least 1.")
-    from distill.eval.harness import open_model
-
     m = open_model(args.model)
-    D = m.denoiser
-    cfg = D.unet.config
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    D, pipe = m.denoiser, m.pipeline
+    kind = pipe.conditioning if pipe is not None else None
+    if kind == "text" and args.label is not None or kind == "class" and args.prompt is not None:
+        raise DistillError(f"{args.model} takes {'--prompt' if kind == 'text' else '--label'}, not the other.")
+    if kind == "text" and args.prompt is None:
+        raise DistillError(f"{args.model} is a text-to-image {pipe.class_name}; pass --prompt TEXT.")
+    if kind == "class" and args.label is None:
+        raise DistillError(f"{args.model} is class-conditional; pass --label N (0..{pipe.num_classes - 1}).")
+    if kind is None and (args.prompt is not None or args.label is not None or args.guidance is not None):
+        raise DistillError(f"{args.model} is unconditional; it takes no --prompt, --label or --guidance.")
     sampler = args.sampler or m.samplers[0]
     if m.method != "teacher" and m.steps is not None and args.steps not in m.steps:
         raise DistillError(f"{args.model} is a {m.method} student for {list(m.steps)} steps; pass --steps {m.steps[0]}.")
@@ -72,9 +78,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         grid = args.grid or ("karras" if sampler == "heun" else "trailing")
         sigmas = sigma_grid(D, args.steps, grid, args.sigma_max)
-    imgs = generate(denoiser_draw(D, sampler, sigmas), args.n, shape, seed=args.seed, batch_size=args.batch_size)
+    cond: dict = {}
+    if kind == "text":
+        cond = {k: v.expand(args.n, *v.shape[1:]) for k, v in pipe.encode_prompts([args.prompt]).items()}
+    elif kind == "class":
+        cond = pipe.labels([args.label] * args.n)
+    w = args.guidance if args.guidance is not None else (m.guidance if kind is not None else None)
+    if w is not None and D.takes_guidance:
+        cond["guidance"] = float(w)
+    elif w is not None and w != 1:
+        from distill.guidance import CFGDenoiser
+
+        D = CFGDenoiser(D, pipe.unconditional(), float(w))
+    decode = pipe.to_images if pipe is not None and pipe.spec.latent else None
+    shape = pipe.sample_shape if pipe is not None else D.shape()
+    imgs = generate(denoiser_draw(D, sampler, sigmas, decode), args.n, shape, seed=args.seed,
+                    batch_size=args.batch_size, cond=cond)
     path = save_grid(imgs, args.out, scale=args.scale)
-    console.print(f"wrote {args.n} samples ({sampler}, {args.steps} steps, {grid} grid) to {path}")
+    what = f" for {args.prompt!r}" if kind == "text" else (f" of class {args.label}" if kind == "class" else "")
+    guided = f", guidance {w:g}" if w is not None else ""
+    console.print(f"wrote {args.n} samples{escape(what)} ({sampler}, {args.steps} steps, {grid} grid{guided}) to {path}")
     return 0
 
 
@@ -99,8 +122,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     proto = load_protocol(args.protocol, **overrides)
     samplers = [s.strip() for s in args.sampler.split(",")] if args.sampler else None
     grids = None if args.no_grids else Path(args.grids)
+    guidance = [float(v) for v in args.guidance.split(",")] if args.guidance else None
     rows = evaluate(args.model, proto, _int_list(args.steps), samplers, name=args.name, grids=grids,
-                    device=args.device)
+                    device=args.device, guidance=guidance)
     out = Path(args.out) if args.out else Path("evals/results") / f"{proto.name}-{slug(rows[-1]['model'])}.jsonl"
     write_rows(rows, out)
     for t in rich_tables(rows):
@@ -259,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of each pixel")
+    sp.add_argument("--prompt", default=None, help="text-to-image models: the prompt (every sample gets it)")
+    sp.add_argument("--label", type=int, default=None, help="class-conditional models (DiT): the class index")
+    sp.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale w (diffusers' guidance_scale; default: a student's own, "
+                    "else 1 = none)")
     sp.add_argument("--out", default="samples.png")
     sp.set_defaults(fn=cmd_sample)
 
@@ -274,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--grids", default="evals/grids", help="folder for sample grids (first 64 samples of each point)")
     sp.add_argument("--no-grids", action="store_true")
     sp.add_argument("--inception-weights", default=None, help="Inception weights file for FID protocols (offline use)")
+    sp.add_argument("--guidance", default=None,
+                    help="comma-separated guidance scales for a conditional model (default: a student's own, else "
+                    "the protocol's)")
     sp.add_argument("--device", default="cpu")
     sp.set_defaults(fn=cmd_eval)
 

@@ -1,11 +1,15 @@
 """Recipe configs: YAML -> typed dataclasses, ``key=value`` overrides, every problem reported at once.
 
-A recipe file has four sections::
+A recipe file has these sections::
 
     method:   {name: teacher | progressive | ... | package.module:Class, <that method's fields>}
+    teacher:  path or hub id of the teacher's pipeline (methods that distill one)
     data:     DataConfig
     trainer:  TrainerConfig
-    teacher:  path or hub id of the teacher (methods that distill one)
+    eval:     EvalConfig
+    guidance: GuidanceConfig (conditional teachers; optional)
+
+The generic typed-dataclass validation is :mod:`distill.typed`; this module is the recipe schema.
 
 Each section is a dataclass with commented defaults. Unknown keys, wrong types and impossible values are all
 collected into one :class:`~distill.errors.ConfigError` that names each key and its valid choices, before any
@@ -14,10 +18,6 @@ model is loaded.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -25,6 +25,10 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from distill.errors import ConfigError, DistillError
+from distill.typed import INVALID, build, from_dict, to_plain, unknown_key_message
+
+__all__ = ["OptimizerConfig", "DataConfig", "TrainerConfig", "EvalConfig", "GuidanceConfig", "RecipeConfig",
+           "from_dict", "to_plain", "load_recipe", "recipe_from_dict", "parse_override", "apply_overrides"]
 
 
 @dataclass
@@ -35,8 +39,21 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
-    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many optimizer steps, then constant
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many optimizer steps
+    schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warm-up: constant, or decay to 0
     grad_clip: float | None = 1.0  # max global grad norm; null disables clipping
+
+    def lr_at(self, local: int, length: int, peak: float | None = None) -> float:
+        """The learning rate ``local`` steps into a cycle of ``length`` steps peaking at ``peak`` (default ``lr``):
+        ``peak * min(1, (local + 1) / warmup_steps) * decay(local / length)``."""
+        import math
+
+        scale = min(1.0, (local + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.schedule == "linear":
+            scale *= 1.0 - local / length
+        elif self.schedule == "cosine":
+            scale *= 0.5 * (1.0 + math.cos(math.pi * local / length))
+        return (self.lr if peak is None else peak) * scale
 
     def check(self) -> list[str]:
         errs = []
@@ -58,7 +75,8 @@ class DataConfig:
     name: str = "digits"
     split: str = "train"
     image_column: str = "image"
-    label_column: str | None = "label"
+    label_column: str | None = "label"  # class labels (a class-conditional teacher's conditioning)
+    caption_column: str | None = None  # captions (a text-conditional teacher's conditioning), e.g. caption
     resolution: int | None = None  # resize + center-crop to this size; null keeps the dataset's size
     channels: int | None = None  # 1 (grayscale) or 3 (RGB); null keeps the dataset's channels
     hflip: bool = False  # random horizontal flips (never for digits)
@@ -77,7 +95,7 @@ class TrainerConfig:
     """The shared loop. Steps count optimizer updates; one update sees batch_size x processes samples (the
     global batch), each process's batch split into grad_accum micro-batches."""
 
-    max_steps: int | None = 1000  # null: the method decides (progressive distillation: phases x iterations)
+    max_steps: int | None = None  # null: the method decides (its iterations; phases x iterations), else 1000
     batch_size: int = 128  # per optimizer step and per process, before accumulation
     grad_accum: int = 1  # micro-batches per optimizer step (the batch is split into this many)
     seed: int = 0
@@ -130,6 +148,32 @@ class EvalConfig:
 
 
 @dataclass
+class GuidanceConfig:
+    """Classifier-free guidance of a conditional teacher (``w`` is diffusers' ``guidance_scale``; 1 = none)."""
+
+    scale: float | None = None  # the teacher's w for the targets; null = no guidance. With range: the w at which
+    # the w-conditioned student is evaluated and exported
+    range: list[float] | None = None  # [w_min, w_max]: a w-conditioned student (guidance embedding); each sample
+    # draws w uniformly from the range, for the teacher's targets and as the student's input
+    embedding_dim: int = 256  # width of the student's guidance embedding (UNet: time_cond_proj_dim)
+
+    @property
+    def active(self) -> bool:
+        return self.scale is not None or self.range is not None
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.scale is not None and self.scale < 0:
+            errs.append(f"scale must be >= 0, got {self.scale}")
+        if self.range is not None:
+            if len(self.range) != 2 or not 0 <= self.range[0] <= self.range[1]:
+                errs.append(f"range must be [w_min, w_max] with 0 <= w_min <= w_max, got {self.range}")
+        if self.embedding_dim < 2 or self.embedding_dim % 2:
+            errs.append(f"embedding_dim must be an even number >= 2, got {self.embedding_dim}")
+        return errs
+
+
+@dataclass
 class RecipeConfig:
     """A whole recipe: which method, on what data, with which loop settings, and how students are evaluated."""
 
@@ -139,168 +183,19 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "method": {"name": self.method_name, **to_plain(self.method)},
             "teacher": self.teacher,
             "data": to_plain(self.data),
             "trainer": to_plain(self.trainer),
             "eval": to_plain(self.eval),
         }
-
-
-# ------------------------------------------------------------------------------------------ generic checking
-
-
-def to_plain(obj: Any) -> Any:
-    """Dataclasses -> dicts, tuples -> lists: what ``yaml.safe_dump`` writes."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_plain(v) for k, v in obj.items()}
-    return obj
-
-
-_BAD = object()  # a value that failed its type check
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
-        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
-    """Check ``value`` against type ``tp``; return the converted value, or ``_BAD`` after recording an error."""
-    origin = typing.get_origin(tp)
-    bad = f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        errors.append(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in typing.get_args(tp))}")
-        return _BAD
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            trial: list[str] = []
-            out = _convert(value, a, where, trial)
-            if not trial:
-                return out
-        errors.append(bad)
-        return _BAD
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            errors.append(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-            return _BAD
-        return _build(tp, value, where, errors)
-    if origin in (list, Sequence) or tp is list:
-        if not isinstance(value, (list, tuple)):
-            errors.append(bad)
-            return _BAD
-        (a,) = typing.get_args(tp) or (Any,)
-        items = [_convert(v, a, f"{where}[{i}]", errors) for i, v in enumerate(value)]
-        return _BAD if any(v is _BAD for v in items) else items
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
-            errors.append(bad)
-            return _BAD
-        if args and args[-1] is Ellipsis:
-            args = (args[0],) * len(value)
-        items = [_convert(v, a, f"{where}[{i}]", errors) for i, (v, a) in enumerate(zip(value, args))]
-        return _BAD if any(v is _BAD for v in items) else tuple(items)
-    if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            errors.append(bad)
-            return _BAD
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        errors.append(bad)
-        return _BAD
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        errors.append(bad)
-        return _BAD
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads 3e-4 (no dot) as a string; accept what Python reads as a number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        errors.append(bad)
-        return _BAD
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        errors.append(bad)
-        return _BAD
-    return value
-
-
-def unknown_key_message(key: str, where: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{where}{'.' if where else ''}{key}: unknown key{hint}; valid keys: {', '.join(choices)}"
-
-
-def _build(cls: type, data: Mapping[str, Any], where: str, errors: list[str]) -> Any:
-    """Build ``cls`` from ``data``, appending every problem to ``errors``.
-
-    Returns ``_BAD`` when a value has the wrong type (nothing can be built); otherwise the object, whose
-    ``check()`` value problems are recorded too, so that one pass reports every problem.
-    """
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in fields:
-            errors.append(unknown_key_message(str(key), where, list(fields)))
-            continue
-        kwargs[key] = _convert(value, hints[key], f"{where}.{key}" if where else key, errors)
-    missing = [
-        n for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    errors.extend(f"{where}.{n}: required key is missing" for n in missing)
-    if missing or any(v is _BAD for v in kwargs.values()):
-        return _BAD
-    obj = cls(**kwargs)
-    check = getattr(obj, "check", None)
-    if callable(check):
-        errors.extend(f"{where}.{msg}" if where else msg for msg in check())
-    return obj
-
-
-def from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; raise one :class:`ConfigError` listing every problem."""
-    errors: list[str] = []
-    obj = _build(cls, data, where, errors)
-    if errors:
-        raise ConfigError(errors)
-    return obj
+        if self.guidance.active:  # unguided recipes keep the layout (and the resolved config.yaml) they had
+            out["guidance"] = to_plain(self.guidance)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- overrides
@@ -334,7 +229,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 # ----------------------------------------------------------------------------------------------- recipes
 
-RECIPE_KEYS = ("method", "teacher", "data", "trainer", "eval")
+DEFAULT_MAX_STEPS = 1000  # for a method whose config does not say how long it runs (total_steps)
+RECIPE_KEYS = ("method", "teacher", "data", "trainer", "eval", "guidance")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -359,7 +255,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> RecipeC
         if key not in RECIPE_KEYS:
             errors.append(unknown_key_message(str(key), "", list(RECIPE_KEYS)))
     sections = {}
-    for key in ("method", "data", "trainer", "eval"):
+    for key in ("method", "data", "trainer", "eval", "guidance"):
         value = data.get(key) or {}
         if not isinstance(value, Mapping):
             errors.append(f"{key}: expected a mapping of fields (key: value lines), got {value!r}")
@@ -376,15 +272,15 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> RecipeC
         except DistillError as exc:
             errors.append(f"method.name: {exc}")
         else:
-            method_cfg = _build(method_cls.Config, method_data, "method", errors)
-    data_cfg = _build(DataConfig, sections["data"], "data", errors)
-    trainer_cfg = _build(TrainerConfig, sections["trainer"], "trainer", errors)
-    eval_cfg = _build(EvalConfig, sections["eval"], "eval", errors)
-    if all(c is not None and c is not _BAD for c in (method_cfg, trainer_cfg)):
+            method_cfg = build(method_cls.Config, method_data, "method", errors)
+    data_cfg = build(DataConfig, sections["data"], "data", errors)
+    trainer_cfg = build(TrainerConfig, sections["trainer"], "trainer", errors)
+    eval_cfg = build(EvalConfig, sections["eval"], "eval", errors)
+    guidance_cfg = build(GuidanceConfig, sections["guidance"], "guidance", errors)
+    total = None
+    if all(c is not None and c is not INVALID for c in (method_cfg, trainer_cfg)):
         total = getattr(method_cfg, "total_steps", lambda: None)()
-        if total is None and trainer_cfg.max_steps is None:
-            errors.append("trainer.max_steps: required for method " + repr(name))
-        elif total is not None and trainer_cfg.max_steps is not None and trainer_cfg.max_steps != total:
+        if total is not None and trainer_cfg.max_steps is not None and trainer_cfg.max_steps != total:
             errors.append(f"trainer.max_steps: method {name!r} runs {total} steps (its phases x iterations); "
                           "set max_steps to null or to that number")
     teacher = data.get("teacher")
@@ -393,9 +289,9 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> RecipeC
     if errors:
         raise ConfigError(errors, source)
     if trainer_cfg.max_steps is None:
-        trainer_cfg.max_steps = method_cfg.total_steps()
+        trainer_cfg.max_steps = total if total is not None else DEFAULT_MAX_STEPS
     return RecipeConfig(method=method_cfg, method_name=str(name), teacher=teacher, data=data_cfg, trainer=trainer_cfg,
-                        eval=eval_cfg)
+                        eval=eval_cfg, guidance=guidance_cfg)
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:

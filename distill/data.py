@@ -3,11 +3,16 @@
 Everything is served as float images in [-1, 1] of shape (C, H, W) under ``image`` and an int ``label`` when
 the dataset has one. ``ImageBatches`` turns a dataset into deterministic, resumable batches: the order of
 epoch ``e`` is a permutation drawn from ``seed + e``, so a position ``(epoch, offset)`` names the next batch.
+
+Given the teacher's pipeline (:class:`~distill.pipelines.TeacherPipeline`), ``ImageBatches`` also serves what the
+teacher needs (:mod:`distill.conditioning`): a latent teacher's ``image`` is the VAE latent of each image, encoded
+once and cached; a text teacher's batches carry the caption's embeddings (``encoder_hidden_states``, ``pooled``,
+``time_ids``), each distinct caption encoded once by the teacher's own text encoders and cached; a class teacher's
+carry ``class_labels``.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,8 @@ import torch
 
 from distill.config import DataConfig
 from distill.errors import DistillError
+from distill.hub import hub_offline
+from distill.tensors import append_dims
 
 
 def digits_dataset():
@@ -30,10 +37,6 @@ def digits_dataset():
     images = (d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
     ds = datasets.Dataset.from_dict({"image": images, "label": d.target.astype(np.int64)})
     return ds.with_format("torch")
-
-
-def _hub_offline() -> bool:
-    return any(os.environ.get(k, "0").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def load_dataset(cfg: DataConfig):
@@ -56,7 +59,7 @@ def load_dataset(cfg: DataConfig):
                 ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=cfg.split)
         elif path.exists() or cfg.name.startswith((".", "/", "~")):
             raise DistillError(f"dataset folder {cfg.name} does not exist or is not a folder.")
-        elif _hub_offline():
+        elif hub_offline():
             raise DistillError(
                 f"dataset {cfg.name!r} is not a local folder and the hub is offline; download it on a connected "
                 "machine (datasets.load_dataset(...).save_to_disk(DIR)) and set data.name to DIR."
@@ -70,6 +73,11 @@ def load_dataset(cfg: DataConfig):
     if cfg.image_column not in ds.column_names:
         raise DistillError(
             f"dataset {cfg.name!r} has no column {cfg.image_column!r}; set data.image_column to one of "
+            f"{', '.join(ds.column_names)}."
+        )
+    if cfg.caption_column is not None and cfg.caption_column not in ds.column_names:
+        raise DistillError(
+            f"dataset {cfg.name!r} has no caption column {cfg.caption_column!r}; set data.caption_column to one of "
             f"{', '.join(ds.column_names)}."
         )
     return ds
@@ -114,10 +122,11 @@ class ImageBatches:
 
     ``batch(epoch, offset, size)`` returns ``{"image": (size, C, H, W) float32 in [-1, 1], "label": (size,)}``
     for positions ``offset .. offset + size`` of epoch ``epoch``'s permutation. Images are decoded once and
-    kept in memory when the dataset is small (the digits set is 110 KB).
+    kept in memory when the dataset is small (the digits set is 110 KB). With a teacher ``pipeline`` the batches
+    are what that teacher takes (latents, caption embeddings, class labels; see the module docstring).
     """
 
-    def __init__(self, dataset, cfg: DataConfig, seed: int = 0) -> None:
+    def __init__(self, dataset, cfg: DataConfig, seed: int = 0, pipeline: Any = None) -> None:
         self.ds = dataset
         self.cfg = cfg
         self.seed = seed
@@ -125,7 +134,13 @@ class ImageBatches:
         if self.n == 0:
             raise DistillError(f"dataset {cfg.name!r} (split {cfg.split!r}) is empty.")
         self._cache: dict[str, torch.Tensor] | None = None
-        if self.n <= 50_000:
+        self.tables: dict[str, torch.Tensor] = {}  # cond tensors per distinct caption, gathered by caption_index
+        if pipeline is not None:
+            from distill.conditioning import prepare
+
+            self._cache = self._decode(list(range(self.n)))
+            self._cache, self.tables = prepare(self.ds, cfg, pipeline, self._cache)
+        elif self.n <= 50_000:
             self._cache = self._decode(list(range(self.n)))
 
     def _decode(self, idx: list[int]) -> dict[str, torch.Tensor]:
@@ -144,7 +159,11 @@ class ImageBatches:
     def get(self, idx: list[int]) -> dict[str, torch.Tensor]:
         if self._cache is not None:
             t = torch.as_tensor(idx)
-            return {k: v[t] for k, v in self._cache.items()}
+            out = {k: v[t] for k, v in self._cache.items()}
+            if self.tables:
+                rows = out.pop("caption_index")
+                out.update({k: v[rows] for k, v in self.tables.items()})
+            return out
         return self._decode(idx)
 
     def permutation(self, epoch: int) -> torch.Tensor:
@@ -164,5 +183,5 @@ class ImageBatches:
         if self.cfg.hflip:
             g = torch.Generator().manual_seed(flip_seed if flip_seed is not None else epoch * 1_000_003 + offset)
             flip = torch.rand(size, generator=g) < 0.5
-            out["image"] = torch.where(flip[:, None, None, None], out["image"].flip(-1), out["image"])
+            out["image"] = torch.where(append_dims(flip, out["image"].ndim), out["image"].flip(-1), out["image"])
         return out, epoch, offset

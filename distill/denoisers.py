@@ -1,114 +1,175 @@
-"""The one denoiser convention, and the adapters that bring diffusers models into it.
+"""The one denoiser convention, and the adapters that bring diffusers networks into it.
 
-Every network inside distill is called as ``D(x, sigma, **cond) -> x0_hat`` where ``x`` (B, C, H, W) is
-``x0 + sigma * eps`` (variance-exploding, Karras et al. 2022) and ``sigma`` is a tensor of shape (B,).
-Samplers and methods only see this call. A model's native parameterization (eps / v / sample prediction,
-discrete DDPM timesteps, VP input scaling) is handled here, at the edge, and nowhere else.
+Every network inside distill is called as ``D(x, sigma, **cond) -> x0_hat``: ``x`` (B, ...) is ``x0 + sigma * eps``
+(variance-exploding, Karras et al. 2022; any rank: images, latents, video latents), ``sigma`` a tensor of shape
+(B,) (or a float). Samplers and methods only see this call. A network's native parameterization (eps / v / sample
+/ flow-velocity prediction, discrete or continuous timesteps, VP / flow / EDM input scaling) is handled here, by
+the network's :mod:`~distill.schedules` schedule, and nowhere else.
+
+Conditioning travels as flat keyword tensors with one name each, whatever the network calls them:
+
+| ``cond`` key | shape | what | network keyword |
+|---|---|---|---|
+| ``encoder_hidden_states`` | (B, L, D) | text encoder states | ``encoder_hidden_states`` |
+| ``pooled`` | (B, P) | pooled text embedding | SD3 ``pooled_projections``; SDXL ``added_cond_kwargs["text_embeds"]`` |
+| ``time_ids`` | (B, 6) | SDXL size / crop conditioning | ``added_cond_kwargs["time_ids"]`` |
+| ``class_labels`` | (B,) | class index (DiT, class-conditional UNets) | ``class_labels`` |
+| ``guidance`` | (B,) or float | guidance scale ``w`` of a guidance-embedded student | UNet ``timestep_cond``; transformers: see :mod:`distill.guidance` |
+
+Networks are called by keyword (``sample=`` / ``hidden_states=``, ``timestep=``), so a transformer never receives
+the timestep in its ``encoder_hidden_states`` slot.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.schedules import DiscreteVPSchedule, vp_alpha, vp_sigma
+from distill.schedules import (
+    NoiseSchedule,
+    default_prediction_type,
+    schedule_from_config,
+    schedule_kind,
+    vp_from_x0,
+    vp_to_x0,
+)
+from distill.tensors import per_row
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+COND_KEYS = ("encoder_hidden_states", "pooled", "time_ids", "class_labels", "guidance")
 
 
-def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Sigma of shape (B,) or () -> (B, 1, 1, ...) in x's dtype, for elementwise math with x."""
-    sigma = torch.as_tensor(sigma, device=x.device)
-    if sigma.ndim == 0:
-        sigma = sigma.expand(x.shape[0])
-    return sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+# ---------------------------------------------------------------------------------------------- VP helpers
 
 
 def x0_from_prediction(pred: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """x0 estimate from a native model output.
-
-    ``x`` is the VE input ``x0 + sigma * eps``; in VP terms ``x_t = alpha_t x`` with ``alpha_t = 1/sqrt(1+sigma^2)``.
-    epsilon: ``x0 = x - sigma * eps``; v (Salimans & Ho 2022, ``v = alpha_t eps - sigma_t x0``):
-    ``x0 = alpha_t x_t - sigma_t v``; sample: ``x0 = pred``.
-    """
-    s = _bcast(sigma, x)
-    if prediction_type == "epsilon":
-        return x - s * pred
-    if prediction_type == "v_prediction":
-        a, st = vp_alpha(s), vp_sigma(s)
-        return a * (a * x) - st * pred
-    if prediction_type == "sample":
-        return pred
-    raise DistillError(_bad_prediction_type(prediction_type))
+    """x0 estimate from a VP network's native output (see :meth:`DiscreteVPSchedule.to_x0`)."""
+    return vp_to_x0(pred, x, sigma, prediction_type)
 
 
 def prediction_from_x0(x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """Inverse of :func:`x0_from_prediction`: the native output that yields ``x0`` at input ``x``, ``sigma > 0``."""
-    s = _bcast(sigma, x)
-    eps = (x - x0) / s
-    if prediction_type == "epsilon":
-        return eps
-    if prediction_type == "v_prediction":
-        return vp_alpha(s) * eps - vp_sigma(s) * x0
-    if prediction_type == "sample":
-        return x0
-    raise DistillError(_bad_prediction_type(prediction_type))
-
-
-def _bad_prediction_type(prediction_type: str) -> str:
-    return (
-        f"prediction_type {prediction_type!r} is not supported; distill adapts "
-        f"{', '.join(PREDICTION_TYPES)} (set it in the scheduler config)."
-    )
+    """Inverse of :func:`x0_from_prediction` (VP), ``sigma > 0``."""
+    return vp_from_x0(x0, x, sigma, prediction_type)
 
 
 def check_scheduler_config(config: Mapping[str, Any]) -> None:
     """Refuse a scheduler config distill cannot adapt, before any weights are loaded."""
-    from distill.schedules import BETA_SCHEDULES
+    pred = default_prediction_type(config)
+    kind = schedule_kind(config)
+    allowed = {"vp": ("epsilon", "v_prediction", "sample"), "flow": ("flow", "epsilon", "sample"),
+               "edm": ("epsilon", "v_prediction")}[kind]
+    if pred not in allowed:
+        raise DistillError(f"prediction_type {pred!r} is not supported for a {kind} scheduler "
+                           f"({config.get('_class_name', 'DDPMScheduler')}); distill adapts {', '.join(allowed)} "
+                           "(set it in the scheduler config).")
+    if config.get("thresholding"):
+        raise DistillError("scheduler config sets thresholding: true (dynamic thresholding, a sampling-time clamp); "
+                           "distill's samplers do not apply it: set it to false or use a teacher without it.")
 
-    pred = config.get("prediction_type", "epsilon")
-    if pred not in PREDICTION_TYPES:
-        raise DistillError(_bad_prediction_type(pred))
-    unsupported = {
-        "rescale_betas_zero_snr": (True, "zero-terminal-SNR rescaling"),
-        "thresholding": (True, "dynamic thresholding"),
-    }
-    for key, (bad, what) in unsupported.items():
-        if config.get(key) == bad:
-            raise DistillError(f"scheduler config sets {key}: {bad} ({what}), which distill does not adapt; "
-                               "set it to false or use a teacher without it.")
-    if str(config.get("variance_type", "fixed_small")).startswith("learned"):
-        raise DistillError("scheduler config has a learned variance (variance_type: learned*): the UNet outputs "
-                           "2x channels, which distill does not adapt; use a fixed-variance teacher.")
-    beta = config.get("beta_schedule", "linear")
-    if config.get("trained_betas") is None and beta not in BETA_SCHEDULES:
-        raise DistillError(
-            f"beta_schedule {beta!r} is not supported; distill adapts {', '.join(BETA_SCHEDULES)} "
-            "(or explicit trained_betas)."
-        )
+
+# ---------------------------------------------------------------------------------------------- networks
+
+
+def _unet2d(cond: Mapping[str, Any]) -> dict[str, Any]:
+    return {"class_labels": cond["class_labels"]} if "class_labels" in cond else {}
+
+
+def _unet2d_condition(cond: Mapping[str, Any]) -> dict[str, Any]:
+    kw: dict[str, Any] = {"encoder_hidden_states": cond.get("encoder_hidden_states")}
+    if "class_labels" in cond:
+        kw["class_labels"] = cond["class_labels"]
+    if "pooled" in cond or "time_ids" in cond:
+        kw["added_cond_kwargs"] = {"text_embeds": cond.get("pooled"), "time_ids": cond.get("time_ids")}
+    return kw
+
+
+def _sd3(cond: Mapping[str, Any]) -> dict[str, Any]:
+    return {"encoder_hidden_states": cond.get("encoder_hidden_states"), "pooled_projections": cond.get("pooled")}
+
+
+def _dit(cond: Mapping[str, Any]) -> dict[str, Any]:
+    return {"class_labels": cond.get("class_labels")}
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """How a diffusers network class is called: the keyword of its noisy input, which ``cond`` keys it takes
+    and needs, and how they become its keywords."""
+
+    input: str
+    takes: tuple[str, ...]
+    needs: tuple[str, ...]
+    kwargs: Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+NETWORKS: dict[str, NetworkSpec] = {
+    "UNet2DModel": NetworkSpec("sample", ("class_labels",), (), _unet2d),
+    "UNet2DConditionModel": NetworkSpec("sample", ("encoder_hidden_states", "pooled", "time_ids", "class_labels"),
+                                        ("encoder_hidden_states",), _unet2d_condition),
+    "SD3Transformer2DModel": NetworkSpec("hidden_states", ("encoder_hidden_states", "pooled"),
+                                         ("encoder_hidden_states", "pooled"), _sd3),
+    "Transformer2DModel": NetworkSpec("hidden_states", ("class_labels",), ("class_labels",), _dit),
+    "DiTTransformer2DModel": NetworkSpec("hidden_states", ("class_labels",), ("class_labels",), _dit),
+}
+
+
+def network_spec(net: nn.Module) -> NetworkSpec:
+    name = type(net).__name__
+    spec = NETWORKS.get(name)
+    if spec is None:
+        # anything else is called like a UNet (sample=, timestep=) with its cond passed through
+        return NetworkSpec("sample", COND_KEYS, (), lambda cond: dict(cond))
+    return spec
+
+
+def sample_size(config: Mapping[str, Any]) -> tuple[int, int] | None:
+    """A diffusers config's ``sample_size`` (an int, a list/tuple or null) as (H, W) or None: the one place it
+    is normalised."""
+    size = config.get("sample_size")
+    if size is None:
+        return None
+    if isinstance(size, (list, tuple)):
+        return int(size[0]), int(size[-1])
+    return int(size), int(size)
+
+
+def network_shape(net: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) a network denoises, from its config."""
+    cfg = net.config
+    hw = sample_size(cfg)
+    if hw is None:
+        raise DistillError(f"{type(net).__name__} has no sample_size in its config; set it to the latent/image size.")
+    return int(cfg.in_channels), *hw
 
 
 class DiffusersDenoiser(nn.Module):
-    """A diffusers UNet (``UNet2DModel`` or ``UNet2DConditionModel``) + DDPM-family schedule as ``D(x, sigma)``.
+    """A diffusers network (UNet or transformer) + its noise schedule as ``D(x, sigma, **cond) -> x0_hat``.
 
-    ``forward(x, sigma, **cond)``: x (B, C, H, W) VE-noised, sigma (B,) or () -> x0_hat (B, C, H, W).
-    The UNet sees ``x_t = x / sqrt(1 + sigma^2)`` at the (fractional) timestep whose noise level is sigma,
-    and ``cond`` is passed through (``class_labels=...``, ``encoder_hidden_states=...``).
+    ``forward(x, sigma, **cond)``: x (B, ...) VE-noised, sigma (B,) or () -> x0_hat like x. The network sees
+    ``c_in(sigma) x`` at its native timestep, by keyword; ``cond`` uses the keys in the module table.
+    ``source`` is the pipeline folder the network came from: an export keeps that pipeline's other components.
     """
 
-    def __init__(self, unet: nn.Module, scheduler_config: Mapping[str, Any]) -> None:
+    def __init__(self, net: nn.Module, scheduler_config: Mapping[str, Any], *, prediction_type: str | None = None,
+                 source: str | os.PathLike | None = None) -> None:
         super().__init__()
-        self.unet = unet
+        self.net = net
         self.scheduler_config = dict(scheduler_config)
         check_scheduler_config(self.scheduler_config)
-        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
-        self.schedule = DiscreteVPSchedule.from_config(self.scheduler_config)
+        self.prediction_type = prediction_type or default_prediction_type(self.scheduler_config)
+        self.schedule: NoiseSchedule = schedule_from_config(self.scheduler_config)
+        self.schedule.check_prediction_type(self.prediction_type)
+        self.spec = network_spec(net)
+        self.source = None if source is None else str(source)
+        self._guidance_vec: torch.Tensor | None = None  # set for one forward of a transformer w-student
+
+    # ------------------------------------------------------------------------------------------ description
 
     @property
     def sigma_min(self) -> float:
@@ -118,22 +179,100 @@ class DiffusersDenoiser(nn.Module):
     def sigma_max(self) -> float:
         return self.schedule.sigma_max
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether ``guidance=w`` is a network input (a guidance-embedded student)."""
+        cfg = getattr(self.net, "config", None)
+        return getattr(cfg, "time_cond_proj_dim", None) is not None or hasattr(self, "guidance_embedder")
+
+    @property
+    def learned_sigma(self) -> bool:
+        """Whether the network also outputs a variance (DiT): twice the input's channels."""
+        cfg = getattr(self.net, "config", None)
+        return getattr(cfg, "out_channels", None) == 2 * getattr(cfg, "in_channels", -1)
+
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images or latents it denoises."""
+        return network_shape(self.net)
+
+    # ------------------------------------------------------------------------------------------ the call
+
+    def _kwargs(self, cond: Mapping[str, Any], x: torch.Tensor) -> dict[str, Any]:
+        unknown = [k for k in cond if k not in self.spec.takes and k != "guidance"]
+        if unknown:
+            raise DistillError(f"{type(self.net).__name__} takes no {', '.join(unknown)}; it takes "
+                               f"{', '.join(self.spec.takes) or 'no conditioning'}.")
+        missing = [k for k in self.spec.needs if k not in cond]
+        if missing:
+            raise DistillError(f"{type(self.net).__name__} is conditional and needs {', '.join(missing)} (a recipe "
+                               "needs data with a caption or label column: data.caption_column / data.label_column).")
+        kw = self.spec.kwargs(cond)
+        w = cond.get("guidance")
+        if self.takes_guidance:
+            if w is None:
+                raise DistillError("this student is guidance-embedded: call it with guidance=w (the guidance scale).")
+            w = torch.as_tensor(w, device=x.device, dtype=torch.float32)
+            w = w.expand(x.shape[0]) if w.ndim == 0 else w
+            dim = getattr(self.net.config, "time_cond_proj_dim", None)
+            if dim is not None:
+                from distill.guidance import guidance_scale_embedding
+
+                kw["timestep_cond"] = guidance_scale_embedding(w - 1, dim).to(x.dtype)
+            else:
+                self._guidance_vec = self.guidance_embedder(w)
+        elif w is not None:
+            raise DistillError("guidance=w was given to a network without a guidance input; wrap the teacher in "
+                               "distill.guidance.CFGDenoiser for classifier-free guidance.")
+        return kw
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
-        t = self.schedule.sigma_to_t(sigma).to(torch.float32)
-        x_t = x * _bcast(vp_alpha(sigma.double()), x)
-        out = self.unet(x_t, t, **cond, return_dict=False)[0]
-        return x0_from_prediction(out, x, sigma.double(), self.prediction_type)
+        s64 = sigma.double()
+        x_in = x * per_row(self.schedule.c_in(s64), x)
+        t = self.schedule.timestep(sigma)
+        kw = self._kwargs(cond, x)
+        try:
+            out = self.net(**{self.spec.input: x_in, "timestep": t}, **kw, return_dict=False)[0]
+        finally:
+            self._guidance_vec = None
+        if self.learned_sigma:
+            out = out[:, : x.shape[1]]  # the learned variance half (DiT, IF) is not used by ODE samplers
+        return self.schedule.to_x0(out, x, s64, self.prediction_type)
+
+    # ------------------------------------------------------------------------------------------ w-students
+
+    def _add_guidance(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        vec = self._guidance_vec
+        if vec is None:
+            raise DistillError("this student is guidance-embedded: call it with guidance=w (the guidance scale).")
+        return output + vec.to(output.dtype)
+
+    def attach_guidance_hooks(self) -> None:
+        from distill.guidance import timestep_embedders
+
+        for m in timestep_embedders(self.net):
+            m.register_forward_hook(self._add_guidance)
+
+    def remove_guidance_input(self) -> None:
+        from distill.guidance import timestep_embedders
+
+        for m in timestep_embedders(self.net):
+            for key, hook in list(m._forward_hooks.items()):
+                if getattr(hook, "__self__", None) is self:
+                    del m._forward_hooks[key]
+        if hasattr(self, "guidance_embedder"):
+            del self.guidance_embedder
 
 
 class ConsistencyDenoiser(nn.Module):
-    """A consistency function ``f(x, sigma) = c_skip(sigma) alpha(sigma) x + c_out(sigma) F(x, sigma)`` around a
-    denoiser F, exactly as diffusers' ``LCMScheduler`` computes it when it samples the exported student.
+    """A consistency function around a denoiser F, exactly as the stock scheduler that samples the exported
+    student computes it.
 
-    The boundary scalings are those of latent consistency models (Luo et al. 2023), in the teacher's timestep
-    units ``t(sigma)``::
+    VP teachers (``LCMScheduler``): ``f(x, sigma) = c_skip(sigma) alpha(sigma) x + c_out(sigma) F(x, sigma)`` with
+    the boundary scalings of latent consistency models (Luo et al. 2023), in the teacher's timestep units
+    ``t(sigma)``::
 
         c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2),    c_out = s t / sqrt((s t)^2 + sigma_data^2)
 
@@ -142,9 +281,11 @@ class ConsistencyDenoiser(nn.Module):
     (``t = 0``) ``c_skip = 1`` and ``c_out = 0``: ``f(x, sigma_min) = x_t``, the boundary condition of Song et
     al. 2023 in VP units (``alpha(sigma_min) x``; 1.8e-5 from ``x`` for the digits teacher). Applying ``c_skip``
     to ``x`` instead would differ from the stock pipeline by ``c_skip (1 - alpha) x``, up to 2e-4 at the cosine
-    schedule's top timestep, where ``x`` is 2e4 times the unit noise. With ``s = 10`` the network's own
-    estimate dominates from ``t = 1`` on, so a student initialised from its teacher starts as (almost exactly)
-    the teacher's one-step denoiser.
+    schedule's top timestep. With ``s = 10`` the network's own estimate dominates from ``t = 1`` on, so a student
+    initialised from its teacher starts as (almost exactly) the teacher's one-step denoiser.
+
+    Flow teachers (``FlowMatchLCMScheduler``): ``f = F``. The flow parameterization ``x0 = x_t - t v`` already
+    gives ``f(x, 0) = x``, and the stock scheduler applies no scalings.
     """
 
     def __init__(self, inner: DiffusersDenoiser, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> None:
@@ -156,13 +297,13 @@ class ConsistencyDenoiser(nn.Module):
         self.sigma_data = float(sigma_data)
 
     @property
-    def schedule(self) -> DiscreteVPSchedule:
+    def schedule(self) -> NoiseSchedule:
         return self.inner.schedule
 
     @property
-    def unet(self) -> nn.Module:
-        """The diffusers UNet inside (its config gives channels and resolution)."""
-        return self.inner.unet
+    def net(self) -> nn.Module:
+        """The diffusers network inside (its config gives channels and resolution)."""
+        return self.inner.net
 
     @property
     def sigma_min(self) -> float:
@@ -176,25 +317,56 @@ class ConsistencyDenoiser(nn.Module):
     def prediction_type(self) -> str:
         return self.inner.prediction_type
 
+    @property
+    def takes_guidance(self) -> bool:
+        return self.inner.takes_guidance
+
+    @property
+    def source(self) -> str | None:
+        return self.inner.source
+
+    def shape(self) -> tuple[int, int, int]:
+        return self.inner.shape()
+
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(c_skip, c_out)`` of shape (B,), float64, for noise levels ``sigma`` (B,)."""
+        """``(c_skip, c_out)`` of shape (B,), float64, for noise levels ``sigma`` (B,) (VP only)."""
         st = self.schedule.sigma_to_t(torch.as_tensor(sigma)) * self.timestep_scaling
         sd2 = self.sigma_data**2
         return sd2 / (st**2 + sd2), st / (st**2 + sd2).sqrt()
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        if self.schedule.kind != "vp":
+            return self.inner(x, sigma, **cond)
         sigma = torch.as_tensor(sigma, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out = self.scalings(sigma)
-        skip = _bcast(c_skip * vp_alpha(sigma.double()), x)
-        return skip * x + _bcast(c_out, x) * self.inner(x, sigma, **cond)
+        skip = per_row(c_skip * self.schedule.c_in(sigma.double()), x)
+        return skip * x + per_row(c_out, x) * self.inner(x, sigma, **cond)
+
+
+def consistency_timesteps(schedule: NoiseSchedule, original_steps: int, steps: int) -> list[float]:
+    """The network timesteps the stock consistency scheduler samples ``steps`` steps at: ``LCMScheduler``'s pick
+    from its ``original_steps``-point grid (VP), or ``FlowMatchLCMScheduler``'s grid (flow)."""
+    if schedule.kind == "flow":
+        from diffusers import FlowMatchLCMScheduler
+
+        sched = FlowMatchLCMScheduler.from_config(schedule.config)
+        sched.set_timesteps(steps)
+        return sched.timesteps.tolist()
+    if schedule.kind != "vp":
+        raise DistillError(f"consistency students of a {schedule.kind} teacher have no stock scheduler; distill "
+                           "distills VP (LCMScheduler) and flow (FlowMatchLCMScheduler) teachers this way.")
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(num_train_timesteps=schedule.num_train_timesteps, original_inference_steps=original_steps)
+    sched.set_timesteps(steps)
+    return sched.timesteps.tolist()
 
 
 def lcm_timesteps(num_train_timesteps: int, original_steps: int, steps: int) -> list[int]:
     """The teacher timesteps diffusers' ``LCMScheduler`` samples ``steps`` steps at, picked from its
-    ``original_steps``-point grid: the grid an exported consistency student is sampled on, in stock diffusers
-    and in distill alike."""
+    ``original_steps``-point grid."""
     from diffusers import LCMScheduler
 
     sched = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=original_steps)
@@ -202,71 +374,44 @@ def lcm_timesteps(num_train_timesteps: int, original_steps: int, steps: int) -> 
     return sched.timesteps.tolist()
 
 
-def lcm_sigmas(schedule: DiscreteVPSchedule, original_steps: int, steps: int) -> list[float]:
-    """Descending sigma grid of :func:`lcm_timesteps`: ``steps`` noise levels, then 0."""
-    t = torch.tensor(lcm_timesteps(schedule.num_train_timesteps, original_steps, steps))
+def consistency_sigmas(schedule: NoiseSchedule, original_steps: int, steps: int) -> list[float]:
+    """Descending sigma grid of the stock consistency scheduler: ``steps`` noise levels, then 0."""
+    if schedule.kind == "flow":
+        from diffusers import FlowMatchLCMScheduler
+
+        sched = FlowMatchLCMScheduler.from_config(schedule.config)
+        sched.set_timesteps(steps)
+        t = sched.sigmas.double()
+        return (t / (1 - t)).tolist()
+    t = torch.tensor(consistency_timesteps(schedule, original_steps, steps)).long()
     return schedule.sigmas[t].tolist() + [0.0]
+
+
+def lcm_sigmas(schedule: NoiseSchedule, original_steps: int, steps: int) -> list[float]:
+    """Descending sigma grid of :func:`lcm_timesteps`: ``steps`` noise levels, then 0."""
+    return consistency_sigmas(schedule, original_steps, steps)
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """A local folder for ``name_or_path``: the folder itself, or a hub snapshot when online.
-
-    Raises a one-sentence :class:`DistillError` for a missing folder, or a hub id while offline.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise DistillError(f"{path} is a file; give the model's folder (a diffusers pipeline or UNet folder).")
-        return path
-    name = str(name_or_path)
-    if not _looks_like_hub_id(name):
-        raise DistillError(f"model folder {name} does not exist; give a diffusers pipeline folder or a hub id.")
-    if _hub_offline():
-        raise DistillError(
-            f"{name} is not a local folder and the Hugging Face hub is offline (HF_HUB_OFFLINE=1); "
-            "download it on a connected machine with `huggingface-cli download "
-            f"{name} --local-dir DIR` and pass DIR instead."
-        )
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-    except Exception as exc:  # any hub failure is one sentence for the user
-        raise DistillError(
-            f"could not download {name} from the Hugging Face hub ({type(exc).__name__}); check the id and the "
-            "network, or download it elsewhere and pass the local folder."
-        ) from exc
-
-
 def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DistillError(f"cannot read {path}: {exc}; the model folder is damaged or incomplete.") from exc
 
 
-def load_unet(folder: Path) -> nn.Module:
-    """Load a diffusers UNet from ``folder`` (holding ``config.json``); safetensors weights only."""
+def load_network(folder: Path, what: str = "network") -> nn.Module:
+    """Load a diffusers network from ``folder`` (holding ``config.json``); safetensors weights only."""
     import diffusers
 
     config = _read_json(folder / "config.json")
     cls_name = config.get("_class_name", "UNet2DModel")
-    if cls_name not in ("UNet2DModel", "UNet2DConditionModel"):
-        raise DistillError(
-            f"{folder} holds a {cls_name}; distill adapts UNet2DModel and UNet2DConditionModel teachers."
-        )
+    if cls_name not in NETWORKS:
+        raise DistillError(f"{folder} holds a {cls_name}; distill adapts {', '.join(NETWORKS)}.")
     if not any(folder.glob("*.safetensors")):
         raise DistillError(
             f"{folder} has no .safetensors weights; distill never unpickles .bin/.pt files. Convert them with "
@@ -275,28 +420,19 @@ def load_unet(folder: Path) -> nn.Module:
     try:
         return getattr(diffusers, cls_name).from_pretrained(folder, use_safetensors=True)
     except Exception as exc:
-        raise DistillError(f"cannot load the UNet in {folder}: {exc}") from exc
+        raise DistillError(f"cannot load the {what} in {folder}: {exc}") from exc
+
+
+def load_unet(folder: Path) -> nn.Module:
+    """Back-compatible name of :func:`load_network`."""
+    return load_network(folder, "UNet")
 
 
 def load_denoiser(name_or_path: str | os.PathLike) -> DiffusersDenoiser | ConsistencyDenoiser:
-    """Load a teacher or student as a :class:`DiffusersDenoiser` (a :class:`ConsistencyDenoiser` around one when
-    the folder's scheduler is an ``LCMScheduler``: a consistency student).
+    """Load a teacher or student (a pipeline folder or hub id) as a :class:`DiffusersDenoiser`; a
+    :class:`ConsistencyDenoiser` around one when the folder's scheduler is ``LCMScheduler`` or
+    ``FlowMatchLCMScheduler`` (a consistency student). See :func:`distill.pipelines.load_pipeline`."""
+    from distill.pipelines import load_pipeline
 
-    Accepts a diffusers pipeline folder (``model_index.json`` with ``unet/`` and ``scheduler/``), a folder
-    holding ``unet/`` and ``scheduler/`` without a model index, or a hub id when online.
-    """
-    root = resolve_model_path(name_or_path)
-    unet_dir, sched_dir = root / "unet", root / "scheduler"
-    if not unet_dir.is_dir() or not (sched_dir / "scheduler_config.json").is_file():
-        raise DistillError(
-            f"{root} is not a diffusers pipeline folder: it needs unet/ and scheduler/scheduler_config.json "
-            "(save one with `pipeline.save_pretrained(folder)`)."
-        )
-    sched = _read_json(sched_dir / "scheduler_config.json")
-    check_scheduler_config(sched)
-    unet = load_unet(unet_dir)
-    denoiser = DiffusersDenoiser(unet, sched)
-    if sched.get("_class_name") == "LCMScheduler":
-        # a consistency student: diffusers' LCMScheduler applies the boundary scalings, so distill does too
-        return ConsistencyDenoiser(denoiser, sched.get("timestep_scaling", 10.0))
-    return denoiser
+    return load_pipeline(name_or_path).load_denoiser()
+

@@ -1,98 +1,250 @@
-"""Students and teachers out as stock diffusers pipeline folders."""
+"""Students and teachers out as stock diffusers pipeline folders, of the teacher's own pipeline class.
+
+A student keeps its teacher's pipeline: the network (``unet/`` or ``transformer/``) is the student's, the scheduler a
+stock one that samples it, and every other component (VAE, text encoders, tokenizers) is copied from the teacher's
+folder unchanged, so ``DiffusionPipeline.from_pretrained(folder)`` gives the same class as the teacher's:
+
+| student | VP teacher (DDPM, SD, SDXL, DiT) | flow teacher (SD3) |
+|---|---|---|
+| samples with DDIM (progressive) | ``DDIMScheduler``, trailing spacing | ``FlowMatchEulerDiscreteScheduler`` |
+| consistency function (consistency, adversarial) | ``LCMScheduler`` (its boundary scalings) | ``FlowMatchLCMScheduler`` |
+| a teacher | the teacher's own scheduler | the teacher's own scheduler |
+
+Two things diffusers 0.42 needs for an SD3 folder without T5, both handled here or documented: its VAE config must
+set ``shift_factor`` (the pipeline adds it when decoding; a null fails), which an export sets to 0 where null; and
+such a folder loads only with ``from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``
+(:func:`load_kwargs`).
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser
 from distill.errors import DistillError
 
+NETWORK_FOLDERS = ("unet", "transformer")
+
+
+def load_kwargs(folder: str | Path) -> dict[str, Any]:
+    """Extra ``from_pretrained`` kwargs a stock pipeline folder needs: ``text_encoder_3=None, tokenizer_3=None``
+    for an SD3 folder saved without T5 (diffusers 0.42 refuses it otherwise)."""
+    index_path = Path(folder) / "model_index.json"
+    if not index_path.is_file():
+        return {}
+    index = json.loads(index_path.read_text())
+    return {k: None for k in ("text_encoder_3", "tokenizer_3")
+            if k in index and (not isinstance(index[k], list) or index[k][0] is None)}
+
+
+def stock_scheduler(denoiser: DiffusersDenoiser, consistency: bool, sampler: str | None,
+                    original_inference_steps: int | None = None, timestep_scaling: float = 10.0) -> Any:
+    """The stock diffusers scheduler that samples a network the way distill's sampler does (table above)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler
+
+    from distill.schedules import _scheduler_object
+
+    cfg, kind = denoiser.scheduler_config, denoiser.schedule.kind
+    if consistency:
+        if kind == "flow":
+            return FlowMatchLCMScheduler.from_config(cfg)
+        if kind != "vp":
+            raise DistillError(f"a consistency student of a {kind} teacher has no stock scheduler to export with.")
+        kwargs = {"original_inference_steps": original_inference_steps} if original_inference_steps else {}
+        return LCMScheduler.from_config(cfg, timestep_scaling=timestep_scaling, clip_sample=False, thresholding=False,
+                                        set_alpha_to_one=True, timestep_spacing="trailing",
+                                        prediction_type=denoiser.prediction_type, **kwargs)
+    if sampler == "ddim":
+        if kind == "flow":
+            return FlowMatchEulerDiscreteScheduler.from_config(cfg)  # flow Euler is DDIM on a flow teacher
+        return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
+                                         prediction_type=denoiser.prediction_type)
+    return _scheduler_object(cfg, "DDPMScheduler")
+
 
 def save_pipeline(denoiser: nn.Module, folder: str | Path, sampler: str | None = None,
-                  original_inference_steps: int | None = None) -> Path:
-    """Write ``denoiser`` as a ``DDPMPipeline`` folder (``model_index.json``, ``unet/``, ``scheduler/``).
+                  original_inference_steps: int | None = None, *, guidance: float | None = None,
+                  source: str | Path | None = None) -> Path:
+    """Write ``denoiser`` as a pipeline folder of its teacher's class (``model_index.json``, the network, a stock
+    scheduler, the teacher's other components); weights are safetensors.
 
-    ``diffusers.DiffusionPipeline.from_pretrained(folder)`` loads it; weights are safetensors. A teacher keeps
-    a ``DDPMScheduler``; a student that samples with ``ddim`` gets a ``DDIMScheduler`` with trailing spacing
-    (its grid), so that ``pipe(num_inference_steps=k)`` runs DDIM. A consistency student
-    (:class:`~distill.denoisers.ConsistencyDenoiser`) gets an ``LCMScheduler`` that applies its boundary
-    scalings and picks its timesteps from the ``original_inference_steps``-point training grid, so
-    ``pipe(num_inference_steps=k)`` runs multistep consistency sampling.
+    ``source`` is the teacher's pipeline folder (default: the one the denoiser was loaded from; a bare UNet2DModel
+    denoiser without one becomes a ``DDPMPipeline``). A transformer student with a guidance embedding gets
+    ``guidance`` (its ``w``) baked into its network, since stock pipelines have no guidance input for it.
     """
-    from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, LCMScheduler
+    from diffusers import DDPMPipeline
+
+    from distill.guidance import bake_guidance
 
     folder = Path(folder)
-    if isinstance(denoiser, ConsistencyDenoiser):
-        inner = denoiser.inner
-        kwargs = {"original_inference_steps": original_inference_steps} if original_inference_steps else {}
-        scheduler = LCMScheduler.from_config(inner.scheduler_config, timestep_scaling=denoiser.timestep_scaling,
-                                             clip_sample=False, thresholding=False, set_alpha_to_one=True,
-                                             timestep_spacing="trailing", **kwargs)
-        DDPMPipeline(unet=inner.unet, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
-        return folder
-    if not isinstance(denoiser, DiffusersDenoiser):
+    consistency = isinstance(denoiser, ConsistencyDenoiser)
+    inner = denoiser.inner if consistency else denoiser
+    if not isinstance(inner, DiffusersDenoiser):
         raise DistillError(f"only diffusers-backed denoisers can be exported, got {type(denoiser).__name__}.")
-    if sampler == "ddim":
-        scheduler = DDIMScheduler.from_config(denoiser.scheduler_config, timestep_spacing="trailing",
-                                              clip_sample=False, set_alpha_to_one=True)
-    else:
-        scheduler = DDPMScheduler.from_config(denoiser.scheduler_config)
-    pipe = DDPMPipeline(unet=denoiser.unet, scheduler=scheduler)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    if hasattr(inner, "guidance_embedder"):
+        if guidance is None:
+            raise DistillError("a guidance-embedded transformer student is exported at one guidance scale; pass "
+                               "guidance=w (distill.json records it).")
+        inner = bake_guidance(inner, guidance)
+    scaling = denoiser.timestep_scaling if consistency else 10.0
+    scheduler = stock_scheduler(inner, consistency, sampler, original_inference_steps, scaling)
+    net = inner.net
+    source = Path(source) if source is not None else (Path(inner.source) if inner.source else None)
+    if source is None or not (source / "model_index.json").is_file():
+        if type(net).__name__ != "UNet2DModel":
+            raise DistillError(f"a {type(net).__name__} is exported into its teacher's pipeline folder layout; the "
+                               "denoiser does not know the folder it came from (load it with distill.load_denoiser).")
+        DDPMPipeline(unet=net, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
+        return folder
+    if folder.resolve() == source.resolve():
+        raise DistillError(f"{folder} is the teacher's own folder; export the student somewhere else.")
+    index = json.loads((source / "model_index.json").read_text())
+    net_name = next((k for k in NETWORK_FOLDERS if isinstance(index.get(k), list) and index[k][0] is not None), None)
+    if net_name is None:
+        raise DistillError(f"{source}/model_index.json names no unet or transformer.")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, entry in index.items():
+        if name.startswith("_") or name in (net_name, "scheduler") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        if (source / name).is_dir():
+            shutil.copytree(source / name, folder / name, dirs_exist_ok=True)
+    net.save_pretrained(folder / net_name, safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    index[net_name] = ["diffusers", type(net).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    vae_cfg = folder / "vae" / "config.json"
+    if index.get("_class_name") == "StableDiffusion3Pipeline" and vae_cfg.is_file():
+        cfg = json.loads(vae_cfg.read_text())
+        if cfg.get("shift_factor") is None:  # the SD3 pipeline decodes with latents / scale + shift_factor
+            cfg["shift_factor"] = 0.0
+            vae_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return folder
 
 
 def save_student(denoiser: nn.Module, folder: str | Path, info: dict) -> Path:
-    """A pipeline folder plus ``distill.json`` (method, sampler, step counts, sigma grids) for the harness."""
-    import json
-
-    folder = save_pipeline(denoiser, folder, info.get("sampler"), info.get("original_inference_steps"))
+    """A pipeline folder plus ``distill.json`` (method, sampler, step counts, sigma grids, the ``guidance`` to pass
+    as ``guidance_scale``) for the harness and for users."""
+    folder = save_pipeline(denoiser, folder, info.get("sampler"), info.get("original_inference_steps"),
+                           guidance=info.get("guidance"))
     (folder / "distill.json").write_text(json.dumps(info, indent=1))
     return folder
 
 
-def parity(folder: str | Path, steps: list[int] | None = None, n: int = 4, seed: int = 0) -> dict[int, float]:
-    """How far stock diffusers' pipeline is from distill's own sampler on the same initial noise.
+def _stock_call_kwargs(class_name: str, n: int, prompts: list[str] | None, labels: list[int] | None,
+                       guidance: float | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if prompts is not None:
+        kw["prompt"] = [prompts[i % len(prompts)] for i in range(n)]
+    elif labels is not None:
+        kw["class_labels"] = [labels[i % len(labels)] for i in range(n)]
+    else:
+        kw["batch_size"] = n
+    if class_name != "DDPMPipeline":
+        kw["guidance_scale"] = 1.0 if guidance is None else float(guidance)
+    return kw
+
+
+def parity(folder: str | Path, steps: list[int] | None = None, n: int = 4, seed: int = 0,
+           prompts: list[str] | None = None, labels: list[int] | None = None,
+           guidance: float | None = None) -> dict[int, float]:
+    """How far the stock diffusers pipeline is from distill's own sampler on the same inputs.
 
     For each step count ``k`` (default: every count a student supports; 1, 2, 4, 8 for a teacher) this runs
-    ``DiffusionPipeline.from_pretrained(folder)(batch_size=n, num_inference_steps=k, generator=Generator(seed))``
-    and distill's sampler for the folder (DDIM for a progressive student, or for a teacher against diffusers'
-    ``DDIMScheduler`` with trailing spacing in place of its DDPM scheduler; multistep consistency for a
-    consistency or adversarial student) from the same unit noise ``z`` and with the same generator for any
-    re-noising, and returns the max abs difference of the images in [0, 1]. diffusers starts in the VP space
-    (``x_t = z``); distill's variance-exploding state at the same point is ``z * sqrt(1 + sigma_max^2)``.
+    ``DiffusionPipeline.from_pretrained(folder)`` at ``num_inference_steps=k`` and distill's sampler for the folder
+    (DDIM for a progressive student or a teacher, whose stock scheduler is swapped for DDIM with trailing spacing;
+    multistep consistency for a consistency or adversarial student) from the same unit noise, with the same
+    generator for any re-noising, and returns the max abs difference of the outputs: images in [0, 1] for pixel
+    pipelines and DiT (which returns no latents), latents for SD, SDXL and SD3 (passed in as ``latents=``).
+    Conditional pipelines get ``prompts`` (default two fixed ones) or class ``labels`` (default 0, 1, ...), and
+    ``guidance`` (default: the student's ``distill.json`` value, else 1) as ``guidance_scale``; distill applies
+    it with :class:`~distill.guidance.CFGDenoiser`, or feeds it to a guidance-embedded student.
     """
-    import torch
-    from diffusers import DiffusionPipeline
+    from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
     from distill.eval.harness import open_model
     from distill.eval.sweep import sigma_grid
+    from distill.guidance import CFGDenoiser
     from distill.samplers import get_sampler
+    from distill.schedules import scale_noise
 
     m = open_model(folder)
-    D = m.denoiser
-    cfg = D.unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size, cfg.sample_size)
-    shape = (n, cfg.in_channels, *size)
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    D, pipe_info = m.denoiser, m.pipeline
+    cls = pipe_info.class_name
+    shape = (n, *pipe_info.sample_shape)
+    pipe = DiffusionPipeline.from_pretrained(folder, **load_kwargs(folder))
     pipe.set_progress_bar_config(disable=True)
-    if m.method == "teacher":  # a teacher keeps its DDPMScheduler; compare DDIM with diffusers' own DDIMScheduler
-        from diffusers import DDIMScheduler
-
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
-                                                   clip_sample=False, set_alpha_to_one=True)
+    if m.method == "teacher":  # a teacher keeps its own scheduler; compare DDIM with diffusers' own DDIM
+        if D.schedule.kind == "flow":
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        else:
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                       clip_sample=False, set_alpha_to_one=True)
     sample = get_sampler(m.samplers[0] if m.method != "teacher" else "ddim")
+    w = guidance if guidance is not None else m.guidance
+    cond: dict[str, torch.Tensor] = {}
+    if pipe_info.conditioning == "text":
+        prompts = list(prompts or ["a red seven", "the digit two in blue"])
+        cond = pipe_info.encode_prompts([prompts[i % len(prompts)] for i in range(n)])
+        labels = None
+    elif pipe_info.conditioning == "class":
+        labels = list(labels or range(n))
+        cond = pipe_info.labels([labels[i % len(labels)] for i in range(n)])
+        prompts = None
+    else:
+        prompts = labels = None
+    call = _stock_call_kwargs(cls, n, prompts, labels, w)
+    model: Any = D
+    if cond and D.takes_guidance:
+        cond["guidance"] = torch.full((n,), 1.0 if w is None else float(w))
+    elif cond and w is not None and w > 1:
+        model = CFGDenoiser(D, pipe_info.unconditional(), float(w))
+    takes_latents = "latents" in inspect.signature(pipe.__call__).parameters
+    meta_path = Path(folder) / "distill.json"
+    stock_sigmas = json.loads(meta_path.read_text()).get("scheduler_sigmas", {}) if meta_path.is_file() else {}
     out: dict[int, float] = {}
     for k in steps or list(m.steps or (1, 2, 4, 8)):
+        extra = {"sigmas": stock_sigmas[str(k)]} if str(k) in stock_sigmas else {}
+        sigmas = torch.tensor(m.sigmas[k], dtype=torch.float64) if k in m.sigmas else sigma_grid(D, k, "trailing")
         with torch.no_grad():
-            theirs = pipe(batch_size=n, num_inference_steps=k, generator=torch.Generator().manual_seed(seed),
-                          output_type="np").images
-            sigmas = (torch.tensor(m.sigmas[k], dtype=torch.float64) if k in m.sigmas else sigma_grid(D, k, "trailing"))
             g = torch.Generator().manual_seed(seed)
             z = torch.randn(shape, generator=g)
-            ours = sample(D, z * float((1 + sigmas[0] ** 2).sqrt()), sigmas, generator=g)
-        ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+            if takes_latents:
+                # the pipeline starts from these latents; re-noising draws from a fresh generator on both sides.
+                # The stock SD3 pipeline does not pass its generator to the scheduler's step, so FlowMatchLCM draws
+                # from torch's global stream: seed that too (a user reproduces it with torch.manual_seed)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    theirs = pipe(**call, **extra, num_inference_steps=k, latents=z, output_type="latent",
+                                  generator=torch.Generator().manual_seed(seed)).images
+                g = torch.Generator().manual_seed(seed)
+            else:  # DDPMPipeline, DiTPipeline: they draw the initial noise from the generator themselves (and
+                # DiT's step draws any re-noising from the global stream)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    theirs = pipe(**call, num_inference_steps=k, generator=torch.Generator().manual_seed(seed),
+                                  output_type="np").images
+                if cls == "DiTPipeline":  # its re-noising came from the global stream, seeded afresh
+                    g = torch.Generator().manual_seed(seed)
+            c0 = D.schedule.c_in(sigmas[:1])
+            x = scale_noise(z, sigmas[0]) if torch.isinf(sigmas[0]) else z / float(c0)
+            ours = sample(model, x, sigmas, generator=g, cond=cond)
+        if not takes_latents:
+            ours = pipe_info.to_images(ours) if pipe_info.spec.latent else ours
+            ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+            theirs = torch.as_tensor(theirs).numpy()
+        else:
+            theirs = torch.as_tensor(theirs)
+            ours = ours.to(theirs.dtype)
+            scale = max(1.0, float(abs(theirs).max()))
+            out[k] = float(abs(ours - theirs).max()) / scale
+            continue
         out[k] = float(abs(ours - theirs).max())
     return out

@@ -1,8 +1,11 @@
 """Samplers: pure functions ``sample_<name>(denoiser, x, sigmas, *, generator=None, callback=None)``.
 
-Each takes ``x`` (B, C, H, W) already at noise level ``sigmas[0]`` (VE: pure noise is ``sigma_max * randn``)
-and a descending grid ``sigmas`` of shape (n + 1,) that ends at the final noise level (usually 0). It
-returns the sample at ``sigmas[-1]``. ``denoiser`` is any ``D(x, sigma, **cond) -> x0_hat``.
+Each takes ``x`` (B, ...) already at noise level ``sigmas[0]`` (VE: pure noise is ``sigma_max * randn``, made by
+:func:`distill.schedules.scale_noise`; at ``sigma = inf``, a flow teacher's ``t = 1``, the state is the unit noise
+itself) and a descending grid ``sigmas`` of shape (n + 1,) that ends at the final noise level (usually 0). It
+returns the sample at ``sigmas[-1]``. ``denoiser`` is any ``D(x, sigma, **cond) -> x0_hat``; ``cond`` (prompt
+embeddings, class labels, ``guidance=w`` for a guided teacher or a guidance-embedded student) is passed to every
+call.
 
 ``generator`` is a ``torch.Generator`` or a list of B generators, one per sample; with a list, sample i's
 noise comes from generator i alone, so results do not depend on how samples are batched.
@@ -15,6 +18,9 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+
+from distill.errors import DistillError
+from distill.schedules import add_noise, noise_estimate
 
 Denoiser = Callable[..., torch.Tensor]
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -36,8 +42,6 @@ def randn(shape: Sequence[int], generator: Generator = None, *, dtype=torch.floa
     if isinstance(generator, torch.Generator):
         return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=generator.device).to(device)
     if len(generator) != shape[0]:
-        from distill.errors import DistillError
-
         raise DistillError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample.")
     rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=g.device) for g in generator]
     return torch.stack(rows).to(device)
@@ -72,7 +76,7 @@ def sample_ddim(
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = _d(denoiser, x, s, cond)
-        eps = (x - x0) / s.to(x.dtype)
+        eps = noise_estimate(x, x0, s)
         sigma_up = eta * s_next * (1 - s_next**2 / s**2).clamp(min=0).sqrt()
         sigma_down = (s_next**2 - sigma_up**2).clamp(min=0).sqrt()
         x = x0 + sigma_down.to(x.dtype) * eps
@@ -94,13 +98,19 @@ def sample_euler(
     callback: Callable[[dict], None] | None = None,
     cond: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Euler's method on the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` (EDM Eq. 3)."""
+    """Euler's method on the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` (EDM Eq. 3).
+
+    A step from ``sigma = inf`` (a flow teacher's ``t = 1``) is taken in its limit form ``x0 + sigma' eps_hat``, the
+    same map (a DDIM step), which is also what flow Euler (``x_t + (t' - t) v``) does there."""
     sigmas = sigmas.double()
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = _d(denoiser, x, s, cond)
-        d = (x - x0) / s.to(x.dtype)
-        x = x + (s_next - s).to(x.dtype) * d
+        if torch.isinf(s):
+            x = add_noise(x0, x, s_next)  # x holds the unit noise at inf: eps_hat = x
+        else:
+            d = (x - x0) / s.to(x.dtype)
+            x = x + (s_next - s).to(x.dtype) * d
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": x0})
     return x
@@ -126,6 +136,9 @@ def sample_heun(
     ``2n - 1`` denoiser calls for n steps: the last step, to ``sigma = 0``, is plain Euler.
     """
     sigmas = sigmas.double()
+    if torch.isinf(sigmas[0]):
+        raise DistillError("Heun's trapezoid step is not defined from sigma = inf (a flow teacher's t = 1); sample "
+                           "Heun on a karras grid (a finite sigma_max), or use euler / ddim.")
     n = len(sigmas) - 1
     for i in range(n):
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -170,8 +183,8 @@ def sample_consistency(
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = _d(denoiser, x, s, cond)
         if s_next > 0:
-            scale = (s_next**2 - sigma_min**2).clamp(min=0).sqrt().to(x.dtype)
-            x = x0 + scale * randn(x.shape, generator, dtype=x.dtype, device=x.device)
+            scale = (s_next**2 - sigma_min**2).clamp(min=0).sqrt()
+            x = add_noise(x0, randn(x.shape, generator, dtype=x.dtype, device=x.device), scale)
         else:
             x = x0
         if callback is not None:
@@ -185,8 +198,6 @@ def nfe(sampler: str, num_steps: int) -> int:
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
-    from distill.errors import DistillError
-
     if name not in SAMPLERS:
         raise DistillError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(SAMPLERS))}.")
     return SAMPLERS[name]

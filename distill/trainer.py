@@ -30,7 +30,7 @@ from distill.config import OptimizerConfig, RecipeConfig
 from distill.data import ImageBatches, load_dataset
 from distill.errors import DistillError
 from distill.export import save_pipeline, save_student
-from distill.methods import Context, Method, Milestone, StepEvents, resolve_method
+from distill.methods import Context, Method, Milestone, Role, StepEvents, resolve_method
 
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.jsonl", "students", "grids", "model")
@@ -52,8 +52,15 @@ def make_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
 
 
-def _lr_at(cfg: OptimizerConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+def role_lr(role: Role, step: int, max_steps: int) -> float:
+    """The learning rate of ``role`` at ``step``: its optimizer's schedule (warm-up, then constant, linear or cosine
+    decay) over the whole run, or restarted in each of its :class:`~distill.methods.Cycle` (the latest that has
+    started)."""
+    cfg = role.optimizer
+    if not role.cycles:
+        return cfg.lr_at(step, max_steps)
+    cycle = next((c for c in reversed(role.cycles) if c.start <= step), role.cycles[0])
+    return cfg.lr_at(step - cycle.start, cycle.length, cycle.lr)
 
 
 class Trainer:
@@ -83,6 +90,9 @@ class Trainer:
             # accelerate would run "fp16" on the CPU as plain fp32, with no grad scaler: say so instead
             raise DistillError("trainer.mixed_precision: fp16 needs a CUDA GPU (on the CPU accelerate silently "
                                "trains in fp32); use bf16 or no on the CPU.")
+        # the learning-rate schedules' length: the run as configured (fixed here, so stopping early, as a preempted
+        # run or a test does by lowering max_steps, does not reshape the schedule a resume continues)
+        self.schedule_steps = int(self.tc.max_steps)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
 
@@ -90,8 +100,10 @@ class Trainer:
         # rows (Method.randn_like), so 1 process and N processes at the same global batch train alike.
         torch.manual_seed(self.tc.seed)
         random.seed(self.tc.seed)
-        self.data = ImageBatches(load_dataset(config.data), config.data, seed=self.tc.seed)
-        ctx = Context(config.teacher, self.data.sample_shape, self.tc.seed, self.device)
+        self.pipeline = self._teacher_pipeline()
+        self.data = ImageBatches(load_dataset(config.data), config.data, seed=self.tc.seed, pipeline=self.pipeline)
+        ctx = Context(config.teacher, self.data.sample_shape, self.tc.seed, self.device, self.pipeline,
+                      config.guidance)
         method_cls = resolve_method(config.method_name)
         self.method: Method = method_cls(config.method, ctx).to(self.device)
         self.method.unwrap = self.accelerator.unwrap_model  # methods copy weights between roles through this
@@ -112,6 +124,23 @@ class Trainer:
         self.epoch = 0
         self.offset = 0
         self.skipped = 0
+
+    def _teacher_pipeline(self) -> Any:
+        """The recipe's teacher pipeline (read, not loaded), checked against the guidance settings; None without
+        a teacher."""
+        if self.config.teacher is None:
+            if self.config.guidance.active:
+                raise DistillError("guidance: is set but the recipe has no teacher; guidance applies to a "
+                                   "conditional teacher's targets. Remove the guidance section or set teacher:.")
+            return None
+        from distill.pipelines import load_pipeline
+
+        pipeline = load_pipeline(self.config.teacher)
+        if self.config.guidance.active and pipeline.conditioning is None:
+            raise DistillError(f"guidance: is set but the teacher {self.config.teacher} ({pipeline.class_name}) is "
+                               "unconditional: classifier-free guidance needs a text- or class-conditional teacher. "
+                               "Remove the guidance section.")
+        return pipeline
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -239,9 +268,9 @@ class Trainer:
         gnorm = float(gnorm)
         logs[f"{role}/loss"] = total
         logs[f"{role}/grad_norm"] = gnorm
-        lr = self.method.lr(role, self.step)
+        lr = role_lr(self.roles[role], self.step, self.schedule_steps)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, self.step) if lr is None else lr
+            g["lr"] = lr
         logs[f"{role}/lr"] = opt.param_groups[0]["lr"]
         if self.accelerator.scaler is not None:
             # fp16: the grad scaler skips an overflowing step itself and lowers its scale; pre-empting it
@@ -372,6 +401,9 @@ class Trainer:
         from distill.eval.harness import evaluate, write_rows
 
         info = {"name": self.out.name, "method": self.config.method_name, "recipe": self.recipe_name, **m.info}
+        if self.config.guidance.active and "guidance" not in info:
+            # what a stock pipeline gets as guidance_scale: a w-student's w, else None (it needs no guidance)
+            info["guidance"] = self.method.student_guidance()
         save_student(m.denoiser, folder, info)
         proto = self.config.eval.protocol
         if proto is None or not m.evaluate:

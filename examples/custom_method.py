@@ -5,11 +5,14 @@
 The recipe names this file's class (``method.name: examples/custom_method.py:OneStepKD``); the trainer needs no
 change. A method says which networks it trains (``roles``), the loss of each (``loss``), the state it carries
 through checkpoints (``method_state``), and what it exports (``export_denoiser``, ``export_info``).
+
+The same file distills a text-to-image or class-conditional teacher, guided or not: ``self.guided(teacher)`` is
+the teacher under the recipe's classifier-free guidance, ``self.new_student(teacher)`` its trainable copy, and
+``self.cond(batch)`` the conditioning every network call gets.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +21,7 @@ from distill import losses
 from distill.config import OptimizerConfig
 from distill.methods import Method, Role, load_teacher
 from distill.samplers import sample_ddim
+from distill.schedules import scale_noise
 
 
 @dataclass
@@ -41,8 +45,8 @@ class OneStepKD(Method):
     def __init__(self, config: OneStepKDConfig, ctx) -> None:
         super().__init__(config, ctx)
         teacher = load_teacher(ctx, "one-step knowledge distillation")
-        self.teacher = teacher.requires_grad_(False).eval()
-        self.student = copy.deepcopy(teacher).requires_grad_(True).train()
+        self.student = self.new_student(teacher)  # a trainable copy (guidance-embedded if the recipe asks)
+        self.teacher = self.guided(teacher).requires_grad_(False).eval()  # with the recipe's guidance, if any
         self.grid = teacher.schedule.grid(config.teacher_steps, "trailing")  # (K + 1,) sigmas, descending to 0
         self.targets_made = 0  # the method's own state, saved in checkpoints
 
@@ -51,11 +55,12 @@ class OneStepKD(Method):
 
     def loss(self, role: str, batch: dict, step: int):
         x0 = batch["image"]  # only its shape is used: the targets come from the teacher, not the data
+        cond = self.cond(batch)  # prompt embeddings / class labels (and w), or nothing for an unconditional teacher
         sigma_max = self.grid[0].to(x0.device, torch.float32)
-        x = self.randn_like(x0) * sigma_max
+        x = scale_noise(self.randn_like(x0), sigma_max)  # sigma_max * noise (the noise itself at sigma = inf)
         with torch.no_grad():
-            target = sample_ddim(self.teacher, x, self.grid.to(x0.device))
-        err = losses.l2(self.student(x, sigma_max.expand(x0.shape[0])), target)
+            target = sample_ddim(self.teacher, x, self.grid.to(x0.device), cond=cond)
+        err = losses.l2(self.student(x, sigma_max.expand(x0.shape[0]), **cond), target)
         self.targets_made += x0.shape[0] * self.shard[1]  # all ranks' rows: the state must not depend on the rank
         return err.mean(), {"mse": err.mean().item()}
 

@@ -71,3 +71,29 @@ def save_tiny_teacher(folder, prediction_type: str = "v_prediction", seed: int =
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     return save_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory):
+    """Folders of the tiny random pipelines of ``tests/tiny_pipelines.py`` (ddpm, sd, sdxl, sd3, dit), built once."""
+    from tiny_pipelines import BUILDERS
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {name: build(root / name) for name, build in BUILDERS.items()}
+
+
+@pytest.fixture(scope="session")
+def caption_data(tmp_path_factory):
+    """A saved ``datasets.Dataset`` of 24 random 16x16 RGB images with captions and labels (the tiny pipelines'
+    image size; the caption words are in their tokenizer's vocabulary)."""
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    captions = ["a red seven", "a blue two", "the digit one in green", "a white nine"]
+    images = (rng.random((24, 3, 16, 16)) * 2 - 1).astype(np.float32)
+    ds = datasets.Dataset.from_dict({"image": images, "caption": [captions[i % 4] for i in range(24)],
+                                     "label": [i % 10 for i in range(24)]})
+    folder = tmp_path_factory.mktemp("caption-data")
+    ds.save_to_disk(str(folder))
+    return folder

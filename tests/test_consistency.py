@@ -103,7 +103,7 @@ def test_target_moves_by_ema_only(tmp_path, tiny_teacher, one_thread):
 
 
 def test_short_run_loss_falls_and_every_parameter_changes(tmp_path, tiny_teacher):
-    t = _trainer(tmp_path, tiny_teacher, "method.iters=60", "method.optimizer.lr=0.002", "method.lr_decay=false",
+    t = _trainer(tmp_path, tiny_teacher, "method.iters=60", "method.optimizer.lr=0.002", "method.optimizer.schedule=constant",
                  "method.mu=0.5", "method.num_steps=10", "method.sample_steps=[1,2]", "method.weighting=uniform",
                  "trainer.log_every=1")
     init = {k: v.clone() for k, v in t.method.unwrap(t.method.student).named_parameters()}

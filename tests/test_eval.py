@@ -162,6 +162,7 @@ def test_eval_errors_write_nothing(tmp_path, capsys, monkeypatch):
     _no_output(tmp_path, [str(tmp_path / "nope"), "--n", "100"], capsys, "does not exist")
     broken = tmp_path / "broken"
     (broken / "unet").mkdir(parents=True)
+    (broken / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel", "sample_size": 8}')
     (broken / "scheduler").mkdir()
     (broken / "scheduler" / "scheduler_config.json").write_text("{not json")
     _no_output(tmp_path, [str(broken)], capsys, "cannot read")
@@ -172,7 +173,7 @@ def test_eval_errors_write_nothing(tmp_path, capsys, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("DISTILL_INCEPTION_WEIGHTS", str(empty))
-    import distill.eval.extractors as E
+    import distill.eval.inception as E
 
     monkeypatch.setattr(E, "_cleanfid_cache_dir", lambda: empty)
     proto.write_text("name: x\ndataset: digits\nextractor: clean-fid\nn: 100\n")

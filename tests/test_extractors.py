@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import sys
 import types
 import urllib.request
@@ -23,6 +24,7 @@ from torch import nn
 
 from distill.errors import DistillError
 from distill.eval import extractors as ex
+from distill.eval import inception as inc
 from distill.eval.digits_net import DEFAULT_FOLDER, digits_array
 from distill.eval.extractors import (
     CleanFIDInception,
@@ -34,7 +36,8 @@ from distill.eval.extractors import (
     to_uint8,
 )
 
-torch.set_num_threads(1)
+# The two cores are shared; these sizes need one thread (the fixture restores the previous count afterwards).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n: int, c: int = 1, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -77,9 +80,9 @@ def empty_weights(monkeypatch, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv(ex.WEIGHTS_ENV, str(empty))
-    monkeypatch.setattr(ex, "_cleanfid_cache_dir", lambda: tmp_path / "cleanfid-cache")
-    monkeypatch.setattr(ex, "_torchmetrics_cache_dir", lambda: tmp_path / "hub" / "checkpoints")
+    monkeypatch.setenv(inc.WEIGHTS_ENV, str(empty))
+    monkeypatch.setattr(inc, "_cleanfid_cache_dir", lambda: tmp_path / "cleanfid-cache")
+    monkeypatch.setattr(inc, "_torchmetrics_cache_dir", lambda: tmp_path / "hub" / "checkpoints")
     return empty
 
 
@@ -193,14 +196,14 @@ def test_module_extractor_refuses_fid_name():
 
 
 @pytest.mark.parametrize("cls, filename, url_part", [
-    (CleanFIDInception, ex.CLEANFID_WEIGHTS_FILE, "nvlabs-fi-cdn.nvidia.com"),
-    (TorchmetricsInception, ex.TORCHMETRICS_WEIGHTS_FILE, "github.com/toshas/torch-fidelity"),
+    (CleanFIDInception, inc.CLEANFID_WEIGHTS_FILE, "nvlabs-fi-cdn.nvidia.com"),
+    (TorchmetricsInception, inc.TORCHMETRICS_WEIGHTS_FILE, "github.com/toshas/torch-fidelity"),
 ])
 def test_inception_offline_without_weights_is_one_clear_error(cls, filename, url_part, empty_weights, no_network):
     with pytest.raises(DistillError) as info:
         cls()
     msg = str(info.value)
-    for part in (filename, url_part, ex.WEIGHTS_ENV, ex.WEIGHTS_FLAG, "offline"):
+    for part in (filename, url_part, inc.WEIGHTS_ENV, inc.WEIGHTS_FLAG, "offline"):
         assert part in msg, (part, msg)
     # An explicit path without the file is an error too, never a fall-through to a download.
     with pytest.raises(DistillError, match=filename):
@@ -210,18 +213,33 @@ def test_inception_offline_without_weights_is_one_clear_error(cls, filename, url
     assert no_network == []
 
 
-def test_download_false_never_downloads_even_online(empty_weights, no_network, monkeypatch):
+def _go_online(monkeypatch) -> None:
+    """Lift both offline switches that distill.hub.hub_offline honours (conftest sets them for the session)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+
+
+def test_download_false_never_downloads_even_online(empty_weights, no_network, monkeypatch):
+    _go_online(monkeypatch)
     with pytest.raises(DistillError, match="download=False"):
         CleanFIDInception(download=False)
     assert no_network == []
 
 
 def test_failed_download_is_a_distill_error(empty_weights, no_network, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    _go_online(monkeypatch)
     with pytest.raises(DistillError, match="downloading it failed"):
         CleanFIDInception()
     assert no_network == ["torch.hub.download_url_to_file"]  # the guard caught the one attempt
+
+
+def test_hf_datasets_offline_also_stops_the_download(empty_weights, no_network, monkeypatch):
+    """The project's one offline switch (distill.hub.hub_offline) honours HF_DATASETS_OFFLINE too."""
+    _go_online(monkeypatch)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DistillError, match="offline"):
+        TorchmetricsInception()
+    assert no_network == []
 
 
 # ------------------------------------------------------------------------------------------- clean-fid plumbing
@@ -251,7 +269,7 @@ class _StandInInception(nn.Module):
         return self.layers((x - 128) / 128).flatten(1)
 
 
-def _save_stand_in(folder: Path, filename: str = ex.CLEANFID_WEIGHTS_FILE) -> Path:
+def _save_stand_in(folder: Path, filename: str = inc.CLEANFID_WEIGHTS_FILE) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # torch.jit is deprecated, but clean-fid's weights are TorchScript
         warnings.simplefilter("ignore", FutureWarning)
@@ -305,7 +323,7 @@ def test_cleanfid_plumbing_with_stand_in_weights(tmp_path, empty_weights, no_net
 
     h = ext.weights_hash()
     assert len(h) == 16 and h == CleanFIDInception(weights_path=folder).weights_hash()
-    assert ext.describe()["weights_file"] == ex.CLEANFID_WEIGHTS_FILE
+    assert ext.describe()["weights_file"] == inc.CLEANFID_WEIGHTS_FILE
     assert no_network == []
 
 
@@ -316,19 +334,19 @@ def test_cleanfid_weights_lookup_order(tmp_path, empty_weights, monkeypatch, no_
     want = CleanFIDInception(weights_path=_save_stand_in(tmp_path / "canonical").parent).features(x)
     assert torch.allclose(CleanFIDInception(weights_path=renamed).features(x), want, rtol=1e-5, atol=1e-4)
 
-    monkeypatch.setenv(ex.WEIGHTS_ENV, str(tmp_path / "canonical"))
-    assert CleanFIDInception().weights_path == tmp_path / "canonical" / ex.CLEANFID_WEIGHTS_FILE
-    monkeypatch.setenv(ex.WEIGHTS_ENV, str(renamed))
+    monkeypatch.setenv(inc.WEIGHTS_ENV, str(tmp_path / "canonical"))
+    assert CleanFIDInception().weights_path == tmp_path / "canonical" / inc.CLEANFID_WEIGHTS_FILE
+    monkeypatch.setenv(inc.WEIGHTS_ENV, str(renamed))
     assert CleanFIDInception().weights_path == renamed
 
-    monkeypatch.setenv(ex.WEIGHTS_ENV, str(empty_weights))
+    monkeypatch.setenv(inc.WEIGHTS_ENV, str(empty_weights))
     cache = _save_stand_in(tmp_path / "cleanfid-cache")
     assert CleanFIDInception().weights_path == cache
     assert no_network == []
 
 
 def test_cleanfid_rejects_a_file_that_is_not_torchscript(tmp_path, empty_weights):
-    bad = tmp_path / "bad" / ex.CLEANFID_WEIGHTS_FILE
+    bad = tmp_path / "bad" / inc.CLEANFID_WEIGHTS_FILE
     bad.parent.mkdir()
     bad.write_bytes(b"not a torchscript archive")
     with pytest.raises(DistillError, match="TorchScript"):
@@ -362,7 +380,7 @@ def test_torchmetrics_plumbing_with_stand_in_weights(tmp_path, empty_weights, no
 
     folder = tmp_path / "tm"
     folder.mkdir()
-    weights = _random_fidelity_weights(folder / ex.TORCHMETRICS_WEIGHTS_FILE)
+    weights = _random_fidelity_weights(folder / inc.TORCHMETRICS_WEIGHTS_FILE)
     ext = TorchmetricsInception(weights_path=folder, batch_size=1)
     x = _images(2, c=1, seed=4)
     feats = ext.features(x)
@@ -377,7 +395,7 @@ def test_torchmetrics_plumbing_with_stand_in_weights(tmp_path, empty_weights, no
 
 
 def test_torchmetrics_refuses_a_torchscript_file(tmp_path, empty_weights):
-    script = _save_stand_in(tmp_path / "ts", ex.TORCHMETRICS_WEIGHTS_FILE)
+    script = _save_stand_in(tmp_path / "ts", inc.TORCHMETRICS_WEIGHTS_FILE)
     with pytest.raises(DistillError, match="TorchScript archive"):
         TorchmetricsInception(weights_path=script)
     junk = tmp_path / "junk.pth"
@@ -423,3 +441,44 @@ def test_get_extractor_dotted_path(monkeypatch):
         get_extractor("distill_test_fake_nets:not_a_module")
     with pytest.raises(DistillError, match="failed"):
         get_extractor("distill_test_fake_nets:build", depth=3)
+
+
+def test_get_extractor_file_path(tmp_path):
+    """A file path works as everywhere in distill (distill.plugins.load_object)."""
+    nets = tmp_path / "my_nets.py"
+    nets.write_text("from torch import nn\n\n\ndef build():\n    return nn.Flatten()\n")
+    ext = get_extractor(f"{nets}:build", dim=64)
+    assert isinstance(ext, ModuleExtractor) and ext.name == "build" and ext.metric == "FD-build"
+    assert ext.features(_images(2)).shape == (2, 64)
+    with pytest.raises(DistillError, match="no file"):
+        get_extractor(f"{tmp_path / 'nope.py'}:build")
+    with pytest.raises(DistillError, match="not a name like"):
+        get_extractor("distill_test_fake_nets:")
+
+
+# ------------------------------------------------------------------------------------------- module layout
+
+
+def test_reexports_are_the_defining_modules_objects():
+    from distill.eval import digits_extractor
+
+    assert ex.DigitsExtractor is digits_extractor.DigitsExtractor is DigitsExtractor
+    assert ex.CleanFIDInception is inc.CleanFIDInception and ex.TorchmetricsInception is inc.TorchmetricsInception
+    assert (ex.WEIGHTS_ENV, ex.WEIGHTS_FLAG) == (inc.WEIGHTS_ENV, inc.WEIGHTS_FLAG)
+    assert ex.EXTRACTORS == {"digits": DigitsExtractor, "clean-fid": CleanFIDInception,
+                             "torchmetrics": TorchmetricsInception}
+    assert set(ex.__all__) <= set(dir(ex))
+    with pytest.raises(AttributeError):
+        _ = ex.no_such_name
+
+
+@pytest.mark.parametrize("first", ["distill.eval.inception", "distill.eval.digits_extractor"])
+def test_each_extractor_module_can_be_imported_first(first):
+    """No import cycle: a concrete extractor's module imported first, in a fresh interpreter, still works."""
+    code = (f"import {first}\n"
+            "from distill.eval.extractors import EXTRACTORS, CleanFIDInception, DigitsExtractor\n"
+            "assert list(EXTRACTORS) == ['digits', 'clean-fid', 'torchmetrics'], EXTRACTORS\n"
+            "assert EXTRACTORS['clean-fid'] is CleanFIDInception and EXTRACTORS['digits'] is DigitsExtractor\n")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr

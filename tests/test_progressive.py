@@ -73,7 +73,7 @@ def test_phase_transition_student_teaches_next_phase(tmp_path, tiny_teacher):
 
 def test_short_run_loss_falls_and_every_parameter_changes(tmp_path, tiny_teacher):
     t = _trainer(tmp_path, tiny_teacher, "method.start_steps=2", "method.iters_per_phase=60", "method.lr=0.002",
-                 "method.lr_decay=false", "trainer.log_every=1")
+                 "method.optimizer.schedule=constant", "trainer.log_every=1")
     init = {k: v.clone() for k, v in t.method.student.state_dict().items()}
     t.fit()
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]

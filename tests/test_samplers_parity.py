@@ -94,3 +94,21 @@ def test_euler_matches_diffusers(prediction_type, steps, spacing):
     sigmas = torch.cat([D.schedule.t_to_sigma(sched.timesteps.double()), torch.zeros(1)])
     ours = sample_euler(D, latents, sigmas)
     assert close(ours, ref)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_ddim_from_zero_terminal_snr_matches_diffusers(steps):
+    """A zero-terminal-SNR v-prediction teacher (Lin et al. 2024) starts at sigma = inf; distill carries that state
+    as the unit noise and takes x0 = -v there, as diffusers' DDIM does at alpha = 0."""
+    unet = tiny_unet()
+    cfg = dict(SCHED, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+               rescale_betas_zero_snr=True, clip_sample=False, timestep_spacing="trailing")
+    sched = DDIMScheduler(**cfg)
+    sched.set_timesteps(steps)
+    latents = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    ref = _diffusers_loop(unet, sched, latents, eta=0.0)
+    D = DiffusersDenoiser(unet, cfg)
+    sigmas = D.schedule.grid(steps, "trailing")
+    assert torch.isinf(sigmas[0])
+    ours = sample_ddim(D, latents, sigmas)  # at sigma = inf the state is the unit noise itself
+    assert torch.isfinite(ours).all() and close(ours, ref)

@@ -58,10 +58,10 @@ def test_prediction_conversions_round_trip(prediction_type):
 def test_denoiser_feeds_unet_vp_input_and_integer_timestep():
     seen = {}
 
-    class Spy(torch.nn.Module):
-        def forward(self, x, t, return_dict=False, **cond):
-            seen.update(x=x, t=t, cond=cond)
-            return (torch.zeros_like(x),)
+    class Spy(torch.nn.Module):  # called by keyword, as every network is
+        def forward(self, sample, timestep, return_dict=False, **cond):
+            seen.update(x=sample, t=timestep, cond=cond)
+            return (torch.zeros_like(sample),)
 
     D = DiffusersDenoiser(Spy(), {"prediction_type": "epsilon"})
     t = torch.tensor([10, 500, 999])
@@ -75,12 +75,29 @@ def test_denoiser_feeds_unet_vp_input_and_integer_timestep():
 
 
 def test_unsupported_scheduler_configs_are_refused():
-    with pytest.raises(DistillError, match="prediction_type 'flow'"):
+    with pytest.raises(DistillError, match="prediction_type 'flow' is not supported for a vp scheduler"):
         check_scheduler_config({"prediction_type": "flow"})
-    with pytest.raises(DistillError, match="beta_schedule 'sigmoid'"):
-        check_scheduler_config({"beta_schedule": "sigmoid"})
+    with pytest.raises(DistillError, match="thresholding"):
+        check_scheduler_config({"thresholding": True})
+    with pytest.raises(DistillError, match="cannot build DDPMScheduler"):
+        DiscreteVPSchedule.from_config({"beta_schedule": "no-such-schedule"})
     with pytest.raises(DistillError):
         DiffusersDenoiser(tiny_unet(), {"prediction_type": "flow"})
+
+
+@pytest.mark.parametrize("config", [
+    {"beta_schedule": "sigmoid"},
+    {"beta_schedule": "scaled_linear", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
+    {"trained_betas": [0.01 * (i + 1) / 50 for i in range(50)], "num_train_timesteps": 50},
+])
+def test_alphas_come_from_the_diffusers_scheduler(config):
+    """Sigmoid betas, zero-terminal-SNR rescaling and trained betas need no formula of distill's own."""
+    sched = DDPMScheduler(**config)
+    s = DiscreteVPSchedule.from_config({"_class_name": "DDPMScheduler", **config})
+    assert torch.equal(s.alphas_cumprod, sched.alphas_cumprod)
+    if config.get("rescale_betas_zero_snr"):
+        assert s.sigma_max == float("inf")  # zero terminal SNR: the last timestep is pure noise
+        assert s.sigma_to_t(torch.tensor([float("inf"), s.sigmas[998]])).tolist() == [999, 998]
 
 
 def test_spacings_match_diffusers_ddim():

@@ -40,7 +40,7 @@ def test_ddim_parity_on_trained_teacher_absolute(steps):
     x = latents.clone()
     for t in sched.timesteps:
         with torch.no_grad():
-            x = sched.step(D.unet(x, t).sample, t, x).prev_sample
+            x = sched.step(D.net(x, t).sample, t, x).prev_sample
     sigmas = D.schedule.grid(steps, "trailing")
     ours = sample_ddim(D, latents / vp_alpha(sigmas[0].item()), sigmas)
     assert (ours - x).abs().max().item() <= 1e-4

@@ -36,7 +36,7 @@ def _rows(out: Path) -> list[dict]:
 def test_teacher_cli_50_steps_loss_falls_and_every_parameter_changes(tmp_path):
     """The issue's check, on the shipped recipe's real architecture: loss falls, every parameter changed."""
     overrides = ["trainer.max_steps=50", "trainer.log_every=1", "trainer.progress=false"]
-    init = Trainer(load_recipe(TEACHER, overrides), tmp_path / "init").method.denoiser.unet.state_dict()
+    init = Trainer(load_recipe(TEACHER, overrides), tmp_path / "init").method.denoiser.net.state_dict()
     out = tmp_path / "run"
     assert cli.main(["teacher", str(TEACHER), "--out", str(out), *overrides]) == 0
     rows = _rows(out)
@@ -44,7 +44,7 @@ def test_teacher_cli_50_steps_loss_falls_and_every_parameter_changes(tmp_path):
     losses = [r["denoiser/loss"] for r in rows]
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     trained = load_file(str(list_checkpoints(out / "checkpoints")[-1] / "modules" / "denoiser.safetensors"))
-    unchanged = [k for k, v in init.items() if torch.equal(trained[f"unet.{k}"], v)]
+    unchanged = [k for k, v in init.items() if torch.equal(trained[f"net.{k}"], v)]
     assert not unchanged, f"parameters that did not change: {unchanged}"
     # the run folder layout, and the model loads in stock diffusers
     assert (out / "config.yaml").is_file()
@@ -162,6 +162,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad"
     (bad / "scheduler").mkdir(parents=True)
     (bad / "unet").mkdir()
+    (bad / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel", "sample_size": 8}')
     (bad / "scheduler" / "scheduler_config.json").write_text('{"prediction_type": "flow"}')
     assert cli.main(["sample", str(bad), "--out", str(tmp_path / "g.png")]) == 2
     assert "prediction_type 'flow' is not supported" in capsys.readouterr().err

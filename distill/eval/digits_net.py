@@ -6,8 +6,8 @@ not comparable to FID). The network is trained by this file and shipped in ``dis
 
     python -m distill.eval.digits_net --out distill/assets/digits-features --seed 0
 
-The network is an evaluation instrument only: it never feeds a training loss or a discriminator
-(DESIGN.md, convention 7).
+The network is an evaluation instrument only: it never feeds a training loss or a discriminator, since a
+metric that also trains a model would grade its own student (the adversarial recipe refuses it as a backbone).
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ plus the protocol's data-vs-data floor row. ``write_rows`` appends rows to a JSO
 A model is a diffusers pipeline folder (or hub id), a denoiser ``D(x, sigma)``, or a sampler function
 ``fn(noise, steps, generators) -> images`` taking standard-normal noise (B, C, H, W). A pipeline folder
 with a ``distill.json`` is a student: it is evaluated with its own sampler at the step counts it supports.
+
+Conditional models (text or class teachers and their students) are sampled for the protocol's prompt or label
+set (sample i for ``prompts[i % len]``) at each of its guidance scales (classifier-free guidance through
+:class:`~distill.guidance.CFGDenoiser`; a guidance-embedded student takes ``w`` as an input instead), and latent
+models' samples are decoded by the pipeline's VAE before they are scored. Rows carry the guidance scale.
 """
 
 from __future__ import annotations
@@ -46,15 +51,19 @@ class Model:
     samplers: tuple[str, ...] = TEACHER_SAMPLERS  # default samplers
     steps: tuple[int, ...] | None = None  # step counts a student supports; None = any
     sigmas: dict[int, list[float]] = field(default_factory=dict)  # explicit student grids by step count
+    pipeline: Any = None  # its TeacherPipeline (distill.pipelines) when it is a pipeline folder
+    guidance: float | None = None  # a student's own guidance scale (distill.json), None when it needs none
 
 
 def open_model(model: Any, name: str | None = None) -> Model:
     """Wrap a folder / hub id, a denoiser module, or a sampler function as a :class:`Model`."""
-    from distill.denoisers import load_denoiser, resolve_model_path
+    from distill.hub import resolve_model_path
+    from distill.pipelines import load_pipeline
 
     if isinstance(model, (str, Path)):
         path = resolve_model_path(model)
-        D = load_denoiser(path).eval()
+        pipeline = load_pipeline(path)
+        D = pipeline.load_denoiser().eval()
         meta_path = path / STUDENT_META
         if meta_path.is_file():
             try:
@@ -67,8 +76,9 @@ def open_model(model: Any, name: str | None = None) -> Model:
                 recipe=meta.get("recipe"), denoiser=D, samplers=(sampler,),
                 steps=tuple(int(s) for s in meta["steps"]) if meta.get("steps") else None,
                 sigmas={int(k): v for k, v in (meta.get("sigmas") or {}).items()},
+                pipeline=pipeline, guidance=meta.get("guidance"),
             )
-        return Model(name=name or _model_name(path), denoiser=D)
+        return Model(name=name or _model_name(path), denoiser=D, pipeline=pipeline)
     if isinstance(model, torch.nn.Module) or hasattr(model, "sigma_max"):
         return Model(name=name or type(model).__name__, denoiser=model)
     if callable(model):
@@ -126,14 +136,70 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} torch threads{gpu}"
 
 
-def _draw(model: Model, sampler: str, steps: int, protocol: Protocol) -> Draw:
+def _draw(model: Model, sampler: str, steps: int, protocol: Protocol, w: float | None = None) -> Draw:
     if model.sampler_fn is not None:
-        return lambda noise, gens: model.sampler_fn(noise, steps, gens)
+        return lambda noise, gens, **cond: model.sampler_fn(noise, steps, gens)
     if steps in model.sigmas:
         sigmas = torch.tensor(model.sigmas[steps], dtype=torch.float64)
     else:
         sigmas = sigma_grid(model.denoiser, steps, protocol.grid_for(sampler), protocol.karras_sigma_max)
-    return denoiser_draw(model.denoiser, sampler, sigmas)
+    D = model.denoiser
+    if w is not None and w != 1 and not getattr(D, "takes_guidance", False):
+        from distill.guidance import CFGDenoiser
+
+        D = CFGDenoiser(D, {k: v.to(next(D.parameters()).device) for k, v in model.pipeline.unconditional().items()},
+                        w)
+    p = model.pipeline
+    decode = p.to_images if p is not None and p.spec.latent else None
+    return denoiser_draw(D, sampler, sigmas, decode)
+
+
+def check_conditioning(model: Model, protocol: Protocol) -> None:
+    """Refuse a protocol whose prompt or label set does not fit the model's conditioning."""
+    p = model.pipeline
+    kind = p.conditioning if p is not None else None
+    prompts, labels = protocol.prompt_list(), protocol.labels
+    if kind is None and (prompts or labels):
+        raise DistillError(f"{model.name} is unconditional but protocol {protocol.name!r} has "
+                           f"{'prompts' if prompts else 'labels'}; use a protocol without them.")
+    if kind == "text" and not prompts:
+        raise DistillError(f"{model.name} is text-conditional; protocol {protocol.name!r} needs a prompt set "
+                           "(prompts: a list, or a file with one prompt a line).")
+    if kind == "class" and not labels:
+        raise DistillError(f"{model.name} is class-conditional; protocol {protocol.name!r} needs labels (a list of "
+                           "class indices).")
+
+
+def conditioning(model: Model, protocol: Protocol, n: int) -> dict[str, torch.Tensor]:
+    """The ``cond`` rows (n of each) for sampling a conditional model under ``protocol``; {} for others."""
+    check_conditioning(model, protocol)
+    p = model.pipeline
+    kind = p.conditioning if p is not None else None
+    prompts, labels = protocol.prompt_list(), protocol.labels
+    if kind is None:
+        return {}
+    if kind == "text":
+        distinct = sorted(set(prompts))
+        table = p.encode_prompts(distinct)
+        where = {c: i for i, c in enumerate(distinct)}
+        idx = torch.tensor([where[prompts[i % len(prompts)]] for i in range(n)])
+        return {k: v[idx] for k, v in table.items()}
+    return p.labels([labels[i % len(labels)] for i in range(n)])
+
+
+def guidance_scales(model: Model, protocol: Protocol, guidance: Sequence[float] | None) -> list[float | None]:
+    """The guidance scales a model is scored at: given ones, else a student's own, else the protocol's; [None]
+    for an unconditional model."""
+    if model.pipeline is None or model.pipeline.conditioning is None:
+        if guidance and any(w != 1 for w in guidance):
+            raise DistillError(f"{model.name} is unconditional; classifier-free guidance needs a conditional model. "
+                               "Drop the guidance scale(s).")
+        return [None]
+    if guidance:
+        return [float(w) for w in guidance]
+    if model.method not in ("teacher", "custom"):
+        return [float(model.guidance) if model.guidance is not None else 1.0]
+    return [float(w) for w in protocol.guidance]
 
 
 def evaluate(
@@ -147,6 +213,7 @@ def evaluate(
     progress: bool = True,
     device: str | torch.device = "cpu",
     extractor: Any = None,
+    guidance: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
     """Score ``model`` at every (sampler, step count); returns the rows (floor row first). Writes nothing
     except sample grids when ``grids`` is a folder (written after every point has been scored)."""
@@ -173,16 +240,21 @@ def evaluate(
         steps = [k for k in steps if k in m.steps]
         if not steps:
             raise DistillError(f"{m.name} supports {list(m.steps)} steps, none of {unsupported}.")
+    check_conditioning(m, proto)
+    scales = guidance_scales(m, proto, guidance)
     ref = reference(proto, extractor, device=device)
-    unet = getattr(m.denoiser, "unet", None)
-    if unet is not None and hasattr(unet, "config"):
-        size = unet.config.sample_size
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        if (unet.config.in_channels, *size) != tuple(ref.shape):
-            raise DistillError(
-                f"{m.name} makes {unet.config.in_channels}x{size[0]}x{size[1]} images, but protocol {proto.name!r} "
-                f"scores {'x'.join(map(str, ref.shape))} images of {proto.dataset!r}; evaluate it with a protocol of "
-                "its own data (eval.protocol in a recipe, --protocol here), or none (eval.protocol: null).")
+    if m.pipeline is not None:
+        makes, noise_shape = m.pipeline.image_shape, m.pipeline.sample_shape
+    elif hasattr(m.denoiser, "shape"):
+        makes = noise_shape = m.denoiser.shape()
+    else:
+        makes = noise_shape = tuple(ref.shape)
+    if tuple(makes) != tuple(ref.shape):
+        raise DistillError(
+            f"{m.name} makes {'x'.join(map(str, makes))} images, but protocol {proto.name!r} scores "
+            f"{'x'.join(map(str, ref.shape))} images of {proto.dataset!r}; evaluate it with a protocol of its own data "
+            "(eval.protocol in a recipe, --protocol here), or none (eval.protocol: null).")
+    cond = conditioning(m, proto, ref.n)
     common = {
         "protocol": {"name": proto.name, "key": proto.key()},
         "extractor": {"name": ref.extractor.name, "weights_hash": ref.extractor.weights_hash()},
@@ -193,29 +265,36 @@ def evaluate(
                                    "sampler": None, "steps": None, "nfe": None, "value": ref.floor, **common,
                                    "wall_s": None, "samples_per_s": None}]
     pending_grids = []
-    points = [(s, k) for s in chosen for k in steps]
+    points = [(s, k, w) for s in chosen for k in steps for w in scales]
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    disable=not progress)
     with bar:
         task = bar.add_task(f"eval {m.name}", total=len(points) * ref.n)
-        for sampler, k in points:
-            bar.update(task, description=f"eval {m.name}: {sampler} {k} step{'s' if k > 1 else ''}")
+        for sampler, k, w in points:
+            label = f"{sampler} {k} step{'s' if k > 1 else ''}" + (f" w={w:g}" if w is not None else "")
+            bar.update(task, description=f"eval {m.name}: {label}")
             t0 = time.perf_counter()
-            imgs = generate(_draw(m, sampler, k, proto), ref.n, ref.shape, seed=proto.seed,
-                            batch_size=proto.batch_size, device=device, progress=lambda b: bar.advance(task, b))
+            embedded = w is not None and getattr(m.denoiser, "takes_guidance", False)
+            point_cond = {**cond, "guidance": float(w)} if embedded else cond
+            imgs = generate(_draw(m, sampler, k, proto, w), ref.n, noise_shape, seed=proto.seed,
+                            batch_size=proto.batch_size, device=device, progress=lambda b: bar.advance(task, b),
+                            cond=point_cond)
             gen_s = time.perf_counter() - t0
             value = ref.fd(imgs)
             calls = k if m.sampler_fn is not None else nfe(sampler, k)  # a sampler function: one call per step
+            if w is not None and w != 1 and not embedded:
+                calls *= 2  # classifier-free guidance: two network evaluations per step (one batched forward)
             rows.append({
                 "model": m.name, "method": m.method, "recipe": m.recipe, "sampler": sampler, "steps": k,
-                "nfe": calls,
+                "nfe": calls, "guidance": w,
                 "grid": "student" if k in m.sigmas else (proto.grid_for(sampler) if m.sampler_fn is None else None),
                 "value": value, **common, "wall_s": round(time.perf_counter() - t0, 3),
                 "samples_per_s": round(ref.n / gen_s, 1),
                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             })
             if grids is not None:
-                path = Path(grids) / slug(m.name) / f"{sampler}-{k}.png"
+                tag = f"-w{w:g}" if w is not None else ""
+                path = Path(grids) / slug(m.name) / f"{sampler}-{k}{tag}.png"
                 pending_grids.append((imgs[:64], path))
                 rows[-1]["grid_png"] = str(path)
     for imgs, path in pending_grids:

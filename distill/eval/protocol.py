@@ -52,6 +52,11 @@ class Protocol:
     grid: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_GRIDS))
     karras_sigma_max: float = 80.0  # upper end of karras grids (capped at the model's own sigma_max)
     batch_size: int = 450  # generation batch; results do not depend on it
+    # conditional models: sample i is made for prompts[i % len] (a list, or a text file with one prompt a line)
+    # or labels[i % len]; each (sampler, steps) point is scored at every guidance scale w (diffusers' guidance_scale)
+    prompts: list[str] | str | None = None
+    labels: list[int] | None = None
+    guidance: list[float] = field(default_factory=lambda: [1.0])
 
     def check(self) -> list[str]:
         errs = []
@@ -64,7 +69,29 @@ class Protocol:
                 errs.append(f"grid.{sampler}: {g!r} is not one of {', '.join(GRIDS)}")
         if self.karras_sigma_max <= 0:
             errs.append(f"karras_sigma_max must be > 0, got {self.karras_sigma_max}")
+        if self.prompts is not None and self.labels is not None:
+            errs.append("give prompts or labels, not both")
+        if isinstance(self.prompts, list) and not self.prompts:
+            errs.append("prompts is an empty list")
+        if self.labels is not None and (not self.labels or min(self.labels) < 0):
+            errs.append(f"labels must be a non-empty list of class indices >= 0, got {self.labels}")
+        if not self.guidance or min(self.guidance) < 0:
+            errs.append(f"guidance must list scales >= 0, got {self.guidance}")
         return errs
+
+    def prompt_list(self) -> list[str] | None:
+        """The prompts (read from the file when ``prompts`` names one)."""
+        if self.prompts is None or isinstance(self.prompts, list):
+            return self.prompts
+        path = Path(self.prompts)
+        if not path.is_absolute() and not path.is_file():
+            path = REPO_PROTOCOLS / self.prompts
+        if not path.is_file():
+            raise DistillError(f"protocol {self.name!r}: prompts file {self.prompts} does not exist.")
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        if not lines:
+            raise DistillError(f"protocol {self.name!r}: prompts file {path} holds no prompts.")
+        return lines
 
     def grid_for(self, sampler: str) -> str:
         return self.grid.get(sampler, "trailing")

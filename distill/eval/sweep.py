@@ -12,10 +12,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from distill.samplers import get_sampler, randn
-from distill.schedules import karras_sigmas
+from distill.schedules import karras_sigmas, scale_noise
 
-# draw(noise (B, C, H, W) standard normal, generators [B]) -> images (B, C, H, W)
-Draw = Callable[[torch.Tensor, Sequence[torch.Generator]], torch.Tensor]
+# draw(noise (B, C, H, W) standard normal, generators [B], **cond) -> images (B, C, H, W)
+Draw = Callable[..., torch.Tensor]
 
 
 def sigma_grid(denoiser: Any, steps: int, grid: str = "trailing", sigma_max: float | None = None) -> torch.Tensor:
@@ -27,7 +27,9 @@ def sigma_grid(denoiser: Any, steps: int, grid: str = "trailing", sigma_max: flo
         if not (hasattr(denoiser, "sigma_min") and hasattr(denoiser, "sigma_max")):
             raise DistillError(f"a karras grid needs the denoiser's sigma_min and sigma_max; "
                                f"{type(denoiser).__name__} has none: give it those attributes or explicit sigmas.")
-        top = denoiser.sigma_max if sigma_max is None else min(sigma_max, denoiser.sigma_max)
+        schedule = getattr(denoiser, "schedule", None)
+        most = schedule.sigma_max_finite if schedule is not None else denoiser.sigma_max  # a flow teacher's is inf
+        top = most if sigma_max is None else min(sigma_max, most)
         return karras_sigmas(steps, denoiser.sigma_min, top)
     if not hasattr(denoiser, "schedule"):
         raise DistillError(f"{type(denoiser).__name__} has no discrete schedule for a {grid!r} grid; use grid karras "
@@ -35,10 +37,16 @@ def sigma_grid(denoiser: Any, steps: int, grid: str = "trailing", sigma_max: flo
     return denoiser.schedule.grid(steps, grid)
 
 
-def denoiser_draw(denoiser: Any, sampler: str, sigmas: torch.Tensor) -> Draw:
-    """A ``draw`` that runs ``sample_<sampler>`` from ``sigmas[0] * noise`` down ``sigmas``."""
+def denoiser_draw(denoiser: Any, sampler: str, sigmas: torch.Tensor, decode: Callable | None = None) -> Draw:
+    """A ``draw`` that runs ``sample_<sampler>`` from ``sigmas[0] * noise`` (the noise itself at ``sigma = inf``)
+    down ``sigmas``, passing ``**cond`` to every denoiser call; ``decode`` turns latents into images."""
     fn = get_sampler(sampler)
-    return lambda noise, gens: fn(denoiser, noise * float(sigmas[0]), sigmas, generator=list(gens))
+
+    def draw(noise: torch.Tensor, gens: Sequence[torch.Generator], **cond: torch.Tensor) -> torch.Tensor:
+        out = fn(denoiser, scale_noise(noise, float(sigmas[0])), sigmas, generator=list(gens), cond=cond)
+        return decode(out) if decode is not None else out
+
+    return draw
 
 
 @torch.no_grad()
@@ -51,13 +59,19 @@ def generate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
+    cond: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``n`` images (n, *shape) on the CPU; sample i uses ``torch.Generator().manual_seed(seed + i)`` alone."""
+    """``n`` images on the CPU from noise of ``shape`` (C, H, W); sample i uses
+    ``torch.Generator().manual_seed(seed + i)`` alone, and row i of each ``cond`` tensor (n rows; ``guidance`` may
+    be a float)."""
     out = []
     for lo in range(0, n, batch_size):
-        gens = [torch.Generator().manual_seed(seed + i) for i in range(lo, min(lo + batch_size, n))]
+        hi = min(lo + batch_size, n)
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(lo, hi)]
         noise = randn((len(gens), *shape), gens, device=device)
-        out.append(draw(noise, gens).detach().float().cpu())
+        rows = {k: (v[lo:hi].to(device) if isinstance(v, torch.Tensor) and v.ndim > 0 else v)
+                for k, v in (cond or {}).items()}
+        out.append(draw(noise, gens, **rows).detach().float().cpu())
         if progress is not None:
             progress(len(gens))
     return torch.cat(out)

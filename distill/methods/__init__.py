@@ -5,6 +5,9 @@ A method is one file with a config dataclass and a :class:`Method` subclass. It 
 * ``roles()``: its trainable networks, each an attribute of the method, with an optimizer config and how often
   it is updated (an attribute ``self.student`` is role ``"student"``);
 * ``loss(role, batch, step)``: the scalar loss that role minimises on one micro-batch, plus numbers to log;
+  ``batch["image"]`` is what the teacher denoises (pixels, or VAE latents for a latent teacher) and
+  ``self.cond(batch)`` the conditioning to pass to every network call (``teacher(x, sigma, **cond)``): prompt
+  embeddings or class labels, and ``guidance=w`` per sample for a guidance-embedded student;
 * ``ema``: which attributes are exponential moving averages of which roles, and at what decay;
 * ``method_state()`` / ``load_method_state()``: its own JSON bookkeeping (a phase counter, say);
 * ``export_denoiser()``: the network that becomes ``DIR/model/``; ``export_info()``: for a student, how it
@@ -13,8 +16,14 @@ A method is one file with a config dataclass and a :class:`Method` subclass. It 
   several processes every rank draws the global micro-batch's numbers from one shared stream and keeps its own
   rows, so a run gives the same numbers on 1 or N processes at the same global batch;
 * optionally ``end_of_step(step)`` returning :class:`StepEvents` (reset the optimizers, export and evaluate a
-  student now), ``lr(role, step)`` to own the learning-rate schedule, and ``checkpointed``: extra module
-  attributes a resume needs (a phase's teacher). A config with ``total_steps()`` decides the run's length.
+  student now), and ``checkpointed``: extra module attributes a resume needs (a phase's teacher). A config with
+  ``total_steps()`` decides the run's length.
+
+Building blocks every method uses the same way: :func:`load_teacher` (the teacher's denoiser, checked against the
+data), :meth:`Method.guided` (the teacher under the recipe's classifier-free guidance) and
+:meth:`Method.new_student` (a trainable copy, guidance-embedded when the recipe asks for a ``w``-conditioned
+student). The learning rate follows each role's :class:`~distill.config.OptimizerConfig` (warm-up, then constant,
+linear or cosine decay), owned by the trainer; a role may restart it in cycles (progressive distillation's phases).
 
 The trainer owns everything else: devices and accelerate, optimizers, accumulation, EMA updates, clipping,
 non-finite guards, checkpoints and resume. Methods are named in YAML by a built-in name (``METHODS``) or by a
@@ -23,6 +32,7 @@ dotted path ``package.module:Class``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,11 +51,24 @@ METHODS: dict[str, str] = {
 
 
 @dataclass
+class Cycle:
+    """A stretch of ``length`` steps from ``start`` over which a role's learning-rate schedule runs once from its
+    warm-up, peaking at ``lr`` (progressive distillation: one per phase)."""
+
+    start: int
+    length: int
+    lr: float
+
+
+@dataclass
 class Role:
-    """A trainable network's optimizer and update schedule: updated on steps where ``step % every == 0``."""
+    """A trainable network's optimizer and update schedule: updated on steps where ``step % every == 0``.
+
+    ``cycles``: restarts of the learning-rate schedule; None is one cycle over the whole run at ``optimizer.lr``."""
 
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     every: int = 1
+    cycles: list[Cycle] | None = None
 
 
 @dataclass
@@ -71,9 +94,11 @@ class Context:
     """What the trainer tells a method when building it."""
 
     teacher: str | None  # teacher folder or hub id from the recipe
-    sample_shape: tuple[int, int, int]  # (C, H, W) of a training image
+    sample_shape: tuple[int, ...]  # (C, H, W) of what the networks denoise: a training image, or its latent
     seed: int
     device: torch.device
+    pipeline: Any = None  # the teacher's TeacherPipeline (distill.pipelines); None without a teacher
+    guidance: Any = None  # the recipe's GuidanceConfig (distill.config)
 
 
 class Method(nn.Module):
@@ -107,6 +132,67 @@ class Method(nn.Module):
         full = torch.randint(low, high, (world * n,), device=like.device)
         return full if world == 1 else full[self._rows(n)]
 
+    def rand(self, like: torch.Tensor) -> torch.Tensor:
+        """One uniform number in [0, 1) per row of ``like``, drawn like :meth:`randn_like`."""
+        world, n = self.shard[1], like.shape[0]
+        full = torch.rand((world * n,), device=like.device)
+        return full if world == 1 else full[self._rows(n)]
+
+    # ------------------------------------------------------------------------------------------ conditioning
+
+    @property
+    def w_student(self) -> bool:
+        """Whether the student takes the guidance scale as an input (``guidance.range`` set)."""
+        g = self.ctx.guidance
+        return g is not None and g.range is not None
+
+    def cond(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The conditioning of a micro-batch, to pass to the teacher, the student and any discriminator: its
+        prompt embeddings or class labels, and for a ``w``-conditioned student ``guidance``, one ``w`` per sample
+        drawn uniformly from ``guidance.range`` (call once per loss: each call draws anew)."""
+        from distill.denoisers import COND_KEYS
+
+        out = {k: v for k, v in batch.items() if k in COND_KEYS}
+        if self.w_student:
+            lo, hi = self.ctx.guidance.range
+            x = batch["image"]
+            out["guidance"] = lo + (hi - lo) * self.rand(x)
+        return out
+
+    def guided(self, teacher: nn.Module) -> nn.Module:
+        """The teacher under the recipe's classifier-free guidance (a :class:`~distill.guidance.CFGDenoiser` at
+        ``guidance.scale``, which also takes ``guidance=w`` per sample), or the teacher itself when the recipe
+        asks for none."""
+        g = self.ctx.guidance
+        if g is None or (g.scale is None and g.range is None):
+            return teacher
+        from distill.guidance import CFGDenoiser
+
+        return CFGDenoiser(teacher, self.ctx.pipeline.unconditional(), g.scale if g.scale is not None else 1.0)
+
+    def new_student(self, teacher: nn.Module) -> nn.Module:
+        """A trainable copy of the (unguided) teacher; with ``guidance.range`` it takes ``guidance=w`` as an input
+        (:func:`distill.guidance.add_guidance_input`), starting equal to the teacher for every ``w``.
+
+        Parameters the network's forward never reaches (SD3's last joint block computes text queries whose output
+        it discards) are frozen: they would never change, and several processes (DDP) refuse unused parameters."""
+        if self.w_student:
+            from distill.guidance import add_guidance_input
+
+            student = add_guidance_input(teacher, self.ctx.guidance.embedding_dim).requires_grad_(True).train()
+        else:
+            student = copy.deepcopy(teacher).requires_grad_(True).train()
+        freeze_unused(student, self.ctx)
+        return student
+
+    def student_guidance(self) -> float | None:
+        """The ``guidance`` a stock pipeline passes as ``guidance_scale`` to reproduce this run's student: ``w``
+        for a ``w``-conditioned student, else None (the student needs no guidance)."""
+        g = self.ctx.guidance
+        if g is None or g.range is None:
+            return None
+        return float(g.scale if g.scale is not None else sum(g.range) / 2)
+
     def unwrap(self, module: nn.Module) -> nn.Module:
         """The bare network behind a role attribute (the trainer wraps roles for DDP); use it to copy weights."""
         return module
@@ -119,10 +205,6 @@ class Method(nn.Module):
 
     def end_of_step(self, step: int) -> StepEvents | None:
         """Called after every optimizer step (``step`` counts completed steps); phase changes go here."""
-        return None
-
-    def lr(self, role: str, step: int) -> float | None:
-        """Learning rate of ``role`` at ``step``; None keeps the trainer's (optimizer config, with warm-up)."""
         return None
 
     def export_info(self) -> dict[str, Any] | None:
@@ -140,30 +222,60 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
+def freeze_unused(net: nn.Module, ctx: Context) -> list[str]:
+    """Freeze the parameters of ``net`` (a denoiser) that one forward and backward on a probe sample leave without
+    a gradient; returns their names. The probe draws no random numbers."""
+    shape = tuple(ctx.sample_shape)
+    device = next(net.parameters()).device
+    x = torch.zeros(1, *shape, device=device)
+    cond: dict[str, Any] = {}
+    if ctx.pipeline is not None and ctx.pipeline.conditioning is not None:
+        cond = {k: v.to(device) for k, v in ctx.pipeline.unconditional().items()}
+    if getattr(net, "takes_guidance", False):
+        cond["guidance"] = torch.ones(1, device=device)
+    was = {n: p.grad for n, p in net.named_parameters()}
+    for p in net.parameters():
+        p.grad = None
+    net(x, torch.ones(1, dtype=torch.float64, device=device), **cond).float().sum().backward()
+    frozen = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in net.named_parameters():
+        p.grad = was[n]
+        if n in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
 def load_teacher(ctx: Context, method: str, prediction_types: tuple[str, ...] | None = None,
                  source: str | None = None) -> nn.Module:
-    """The recipe's teacher as a :class:`~distill.denoisers.DiffusersDenoiser`, checked against the data.
+    """The recipe's teacher as a :class:`~distill.denoisers.DiffusersDenoiser` (unguided), checked against the data.
 
     Refused before any training, each with what to change: no ``teacher:``; a consistency student given as
-    teacher; a UNet whose input/output channels or resolution differ from the data's images (a student starts
-    as a copy of its teacher, so this is also the teacher/student check); a prediction type the method cannot
-    take (``prediction_types``). ``source`` loads another folder than ``ctx.teacher`` (a teacher's ``init``).
+    teacher; a network whose input/output channels or resolution differ from what the data gives (images, or
+    latents for a latent teacher; a student starts as a copy of its teacher, so this is also the teacher/student
+    check); a prediction type the method cannot take (``prediction_types``). ``source`` loads another folder than
+    ``ctx.teacher`` (a teacher's ``init``).
     """
-    from distill.denoisers import DiffusersDenoiser, load_denoiser
+    from distill.denoisers import DiffusersDenoiser
+    from distill.pipelines import load_pipeline
 
     source = source or ctx.teacher
     if source is None:
         raise DistillError(f"{method} needs a teacher: set `teacher:` in the recipe.")
-    teacher = load_denoiser(source)
+    pipeline = ctx.pipeline if ctx.pipeline is not None and source == ctx.teacher else load_pipeline(source)
+    teacher = pipeline.load_denoiser()
     if not isinstance(teacher, DiffusersDenoiser):
         raise DistillError(f"{source} is already a consistency model; {method} distills a diffusion teacher.")
-    cfg, (c, h, w) = teacher.unet.config, ctx.sample_shape
-    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size, cfg.sample_size)
+    cfg, shape = teacher.net.config, tuple(ctx.sample_shape)
+    c, size = shape[0], shape[1:]
     problems = []
-    if cfg.in_channels != c or cfg.out_channels != c:
-        problems.append(f"its UNet takes {cfg.in_channels} and gives {cfg.out_channels} channels, the data has {c}")
-    if size[0] is not None and tuple(size) != (h, w):
-        problems.append(f"its UNet is for {size[0]}x{size[1]} images, the data's are {h}x{w}")
+    out_c = cfg.out_channels if not teacher.learned_sigma else cfg.in_channels
+    if cfg.in_channels != c or out_c != c:
+        problems.append(f"its {type(teacher.net).__name__} takes {cfg.in_channels} and gives {out_c} channels, the "
+                        f"data has {c}")
+    net_size = pipeline.sample_shape[1:]
+    if tuple(net_size) != tuple(size):
+        problems.append(f"it denoises {net_size[0]}x{net_size[1]} {'latents' if pipeline.spec.latent else 'images'}, "
+                        f"the data's are {'x'.join(map(str, size))}")
     if prediction_types is not None and teacher.prediction_type not in prediction_types:
         problems.append(f"it predicts {teacher.prediction_type!r}; {method} takes {' or '.join(prediction_types)}")
     if problems:

@@ -13,11 +13,13 @@ and the discriminator's heads ``h_k`` (on features of a frozen backbone ``B``) m
 
     sum_k mean(relu(1 - h_k(B(x0)))) + mean(relu(1 + h_k(B(sg(x_hat))))) + r1_weight / 2 * ||grad_x0 sum_k h_k||^2
 
-The default backbone is the frozen teacher's own encoder (its UNet's down blocks and middle block) on
-re-noised inputs, as in LADD: it needs no external weights and works on any UNet teacher. Any frozen
-``nn.Module`` named by a dotted path ``package.module:factory`` may replace it (for instance a DINOv2 where its
-weights are available); it sees clean images. The FD-digits evaluation network may never be the backbone: the
-config and the method refuse it.
+The default backbone is the frozen teacher's own network on re-noised inputs, as in LADD: the outputs of its
+public blocks (a UNet's ``conv_in``, down blocks and middle block; a transformer's blocks, image tokens), read by
+forward hooks during the network's own forward, which stops after the last of them. It needs no external weights,
+works on any teacher distill adapts, and sees the conditioning (the prompt or class) like the teacher does. Any
+frozen ``nn.Module`` named by a dotted path ``package.module:factory`` may replace it (for instance a DINOv2 where
+its weights are available); it sees clean images. The FD-digits evaluation network may never be the backbone:
+the config and the method refuse it.
 
 The student samples at 1, 2 and 4 steps: denoise, then re-noise to the next student timestep (multistep
 consistency sampling); it is exported like a consistency student (``LCMScheduler``), whose boundary scalings
@@ -37,9 +39,10 @@ from torch import nn
 
 from distill import losses
 from distill.config import OptimizerConfig
-from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, lcm_sigmas, lcm_timesteps
+from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, consistency_sigmas, consistency_timesteps
 from distill.errors import DistillError
 from distill.methods import Context, Method, Role, load_teacher
+from distill.schedules import add_noise
 
 DISTILL_WEIGHTINGS = ("exponential", "uniform")
 _EVAL_NETS = ("distill.eval", "digits_net", "digitsnet", "digits-net", "digits-features")
@@ -63,7 +66,6 @@ class AdversarialConfig:
     student_every: int = 1
     disc_every: int = 1
     iters: int = 1200
-    lr_decay: bool = False  # decay both optimizers' lr linearly to 0 after warm-up
     student_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-5, warmup_steps=50))
     disc_optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(lr=2e-4, betas=(0.0, 0.99), warmup_steps=0))
@@ -115,58 +117,91 @@ def refers_to_eval_net(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------- discriminator
 
 
-class TeacherEncoder(nn.Module):
-    """The frozen teacher UNet's encoder as a feature network: the outputs of ``conv_in``, every down block and
-    the middle block, for a VE input ``x`` at noise level ``sigma`` (B,)."""
+class _Stop(Exception):
+    """Raised by the last feature hook: the rest of the network's forward is not needed."""
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _second(out: Any) -> torch.Tensor:
+    return out[1]  # SD3's joint blocks return (text tokens, image tokens)
+
+
+def _feature_points(net: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """(module, output picker) of the blocks whose outputs are the discriminator's features."""
+    kind = type(net).__name__
+    if kind in ("UNet2DModel", "UNet2DConditionModel"):
+        points = [(net.conv_in, _first)] + [(b, _first) for b in net.down_blocks]
+        return points + ([(net.mid_block, _first)] if net.mid_block is not None else [])
+    if kind == "SD3Transformer2DModel":
+        return [(b, _second) for b in net.transformer_blocks]
+    if kind in ("Transformer2DModel", "DiTTransformer2DModel"):
+        return [(b, _first) for b in net.transformer_blocks]
+    raise DistillError(f"the teacher-feature discriminator does not know {kind}'s blocks; name a backbone module "
+                       "instead (backbone: package.module:factory).")
+
+
+class TeacherFeatures(nn.Module):
+    """The frozen teacher network as a feature network: ``forward(x, sigma, **cond)`` runs the teacher's own
+    forward on VE input ``x`` at noise level ``sigma`` (B,) and returns the outputs of its encoder-side public
+    blocks (see :func:`_feature_points`), collected by forward hooks; the forward stops after the last one."""
 
     def __init__(self, teacher: DiffusersDenoiser) -> None:
         super().__init__()
-        unet = teacher.unet
-        if type(unet).__name__ != "UNet2DModel":
-            raise DistillError(f"the teacher-feature discriminator reads a UNet2DModel's encoder; this teacher is a "
-                               f"{type(unet).__name__}. Name a backbone module instead (backbone: package.module:factory).")
-        if getattr(unet, "class_embedding", None) is not None:
-            raise DistillError("the teacher-feature discriminator does not pass class labels; use an unconditional "
-                               "teacher or name a backbone module.")
-        self.unet = unet
-        self.schedule = teacher.schedule
+        self.teacher = teacher
+        self.points = _feature_points(teacher.net)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
-        u = self.unet
-        t = self.schedule.sigma_to_t(sigma).to(torch.float32)
-        h = x * (1 + sigma.to(x.dtype) ** 2).rsqrt()[:, None, None, None]  # VP input, as DiffusersDenoiser
-        if u.config.center_input_sample:
-            h = 2 * h - 1.0
-        emb = u.time_embedding(u.time_proj(t).to(h.dtype))
-        skip = h
-        h = u.conv_in(h)
-        feats = [h]
-        for block in u.down_blocks:
-            if hasattr(block, "skip_conv"):
-                h, _, skip = block(hidden_states=h, temb=emb, skip_sample=skip)
-            else:
-                h, _ = block(hidden_states=h, temb=emb)
-            feats.append(h)
-        if u.mid_block is not None:
-            feats.append(u.mid_block(h, emb))
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> list[torch.Tensor]:
+        feats: list[torch.Tensor] = []
+        last = len(self.points) - 1
+
+        def hook(i: int, pick: Any) -> Any:
+            def fn(module: nn.Module, inputs: Any, out: Any) -> None:
+                feats.append(pick(out))
+                if i == last:
+                    raise _Stop
+
+            return fn
+
+        handles = [m.register_forward_hook(hook(i, pick)) for i, (m, pick) in enumerate(self.points)]
+        try:
+            self.teacher(x, sigma, **cond)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
         return feats
 
 
 class Head(nn.Module):
-    """A small trainable head: a feature map (B, C, H, W) or vector (B, C) -> one logit per sample (B,)."""
+    """A small trainable head: a feature map (B, C, H, W), tokens (B, N, C) or a vector (B, C) -> one logit per
+    sample (B,), the mean over positions."""
 
-    def __init__(self, channels: int, hidden: int, spatial: bool) -> None:
+    def __init__(self, channels: int, hidden: int, kind: str) -> None:
         super().__init__()
         # no bias on the logit: an offset shared by real and fake gets no gradient from the hinge loss while
         # every sample lies inside the margin, so it would only drift
-        if spatial:
+        self.kind = kind
+        if kind == "spatial":
             self.net = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU(),
                                      nn.Conv2d(hidden, 1, 1, bias=False))
-        else:
+        else:  # tokens or vector: per position
             self.net = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1, bias=False))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.net(f).flatten(1).mean(1)
+
+
+def _head_kind(f: torch.Tensor) -> tuple[int, str]:
+    """(channels, kind) of a feature: (B, C, H, W) spatial, (B, N, C) tokens, (B, C) vector."""
+    if f.ndim == 4:
+        return f.shape[1], "spatial"
+    if f.ndim == 3:
+        return f.shape[2], "tokens"
+    return f.shape[1], "vector"
 
 
 class Heads(nn.ModuleList):
@@ -189,7 +224,7 @@ def _as_list(feats: Any) -> list[torch.Tensor]:
 def load_backbone(name: str, teacher: DiffusersDenoiser) -> nn.Module:
     """The frozen feature network: the teacher's encoder, or ``package.module:factory()``."""
     if name == "teacher":
-        return TeacherEncoder(teacher).requires_grad_(False).eval()
+        return TeacherFeatures(teacher).requires_grad_(False).eval()
     if refers_to_eval_net(name):
         raise DistillError(f"backbone {name!r} is the evaluation feature network; it may never train a model.")
     from distill.plugins import load_object
@@ -235,69 +270,75 @@ class AdversarialDistillation(Method):
         if config.student_steps > T or config.disc_t_range[1] > T - 1:
             raise DistillError(f"the teacher has {T} timesteps: student_steps must be <= {T} and disc_t_range "
                                f"within [0, {T - 1}].")
-        self.teacher = teacher.requires_grad_(False).eval()
         # the student is exported for LCMScheduler; its boundary scalings are the identity at its timesteps
-        self.student = ConsistencyDenoiser(copy.deepcopy(teacher)).requires_grad_(True).train()
+        self.student = ConsistencyDenoiser(self.new_student(teacher)).train()
+        self.teacher = self.guided(teacher).requires_grad_(False).eval()
         self.uses_teacher_backbone = config.backbone == "teacher"
         if config.adversarial:
+            # the backbone reads the unguided teacher network (the same frozen modules as the teacher)
             self.backbone = load_backbone(config.backbone, teacher)
             with torch.no_grad():
                 probe = torch.zeros(2, *ctx.sample_shape)
-                feats = _as_list(self._features(probe, torch.ones(2, dtype=torch.float64)))
-            self.disc = Heads([Head(f.shape[1], config.head_channels, f.ndim == 4) for f in feats])
+                cond = {}
+                if ctx.pipeline is not None and ctx.pipeline.conditioning is not None and self.uses_teacher_backbone:
+                    cond = {k: v.expand(2, *v.shape[1:]) for k, v in ctx.pipeline.unconditional().items()}
+                feats = _as_list(self._features(probe, torch.ones(2, dtype=torch.float64), cond))
+            self.disc = Heads([Head(ch, config.head_channels, kind) for ch, kind in map(_head_kind, feats)])
         if config.ema_decay > 0:
             self.student_ema = copy.deepcopy(self.student).requires_grad_(False).eval()
             self.ema = {"student_ema": ("student", config.ema_decay)}
-        self.timesteps = self.student_timesteps(config.student_steps)
+        self.student_sigmas = torch.tensor(self.sampling_sigmas(config.student_steps)[:-1], dtype=torch.float64)
         self._collapse = 0
         self._warned = False
 
     # ------------------------------------------------------------------------------------------ grids
 
-    def student_timesteps(self, steps: int) -> list[int]:
-        """The teacher timesteps diffusers' ``LCMScheduler`` samples ``steps`` steps at, from the student's grid."""
-        return lcm_timesteps(self.teacher.schedule.num_train_timesteps, self.config.student_steps, steps)
+    def student_timesteps(self, steps: int) -> list[float]:
+        """The teacher timesteps the stock consistency scheduler samples ``steps`` steps at, from the student's grid."""
+        return consistency_timesteps(self.teacher.schedule, self.config.student_steps, steps)
 
     def sampling_sigmas(self, steps: int) -> list[float]:
-        return lcm_sigmas(self.teacher.schedule, self.config.student_steps, steps)
+        return consistency_sigmas(self.teacher.schedule, self.config.student_steps, steps)
 
     # ------------------------------------------------------------------------------------------ pieces
 
-    def _features(self, x0: torch.Tensor, sigma: torch.Tensor) -> Any:
+    def _features(self, x0: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> Any:
         if self.uses_teacher_backbone:
-            return self.backbone(x0 + sigma.to(x0.dtype)[:, None, None, None] * self.randn_like(x0), sigma)
+            cond = {k: v for k, v in cond.items() if k != "guidance"}  # the backbone is the unguided teacher
+            return self.backbone(add_noise(x0, self.randn_like(x0), sigma), sigma, **cond)
         return self.backbone(x0)
 
     def _disc_sigma(self, x0: torch.Tensor) -> torch.Tensor:
         lo, hi = self.config.disc_t_range
-        return self.teacher.schedule.sigmas.to(x0.device)[self.randint(lo, hi + 1, x0)]
+        return self.teacher.schedule.on("sigmas", x0.device)[self.randint(lo, hi + 1, x0)]
 
-    def logits(self, x0: torch.Tensor) -> torch.Tensor:
-        """(heads, B) logits for images ``x0`` (re-noised first when the backbone is the teacher's encoder)."""
-        return self.disc(_as_list(self._features(x0, self._disc_sigma(x0))))
+    def logits(self, x0: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(heads, B) logits for images ``x0`` (re-noised first when the backbone is the teacher's network)."""
+        return self.disc(_as_list(self._features(x0, self._disc_sigma(x0), cond or {})))
 
-    def generate(self, x0: torch.Tensor) -> torch.Tensor:
-        """The student's one-step output from ``x0`` noised to a random student timestep (B, C, H, W)."""
-        t = torch.tensor(self.timesteps, device=x0.device)[self.randint(0, len(self.timesteps), x0)]
-        s = self.teacher.schedule.sigmas.to(x0.device)[t].float()
-        return self.student(x0 + s[:, None, None, None] * self.randn_like(x0), s)
+    def generate(self, x0: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The student's one-step output from ``x0`` noised to a random student timestep (B, ...)."""
+        levels = self.student_sigmas.to(x0.device)
+        s = levels[self.randint(0, len(levels), x0)].float()
+        return self.student(add_noise(x0, self.randn_like(x0), s), s, **(cond or {}))
 
-    def distill_loss(self, x_hat: torch.Tensor) -> torch.Tensor:
+    def distill_loss(self, x_hat: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         sched = self.teacher.schedule
         t = self.randint(0, sched.num_train_timesteps, x_hat)
-        s = sched.sigmas.to(x_hat.device)[t].float()
+        s = sched.on("sigmas", x_hat.device)[t].float()
         with torch.no_grad():
-            target = self.teacher(x_hat.detach() + s[:, None, None, None] * self.randn_like(x_hat), s)
+            target = self.teacher(add_noise(x_hat.detach(), self.randn_like(x_hat), s), s, **(cond or {}))
         c = 1 / (1 + s**2) if self.config.distill_weighting == "exponential" else torch.ones_like(s)  # alpha_bar_t
         return (c * losses.l2(x_hat, target)).mean()
 
-    def r1_penalty(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def r1_penalty(self, x0: torch.Tensor, cond: dict[str, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (heads, B), R1 = mean_b ||grad_x0 sum_k logit_k(x0_b)||^2) on real images."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         x = x0.detach().requires_grad_(True)
         with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
-            logits = self.logits(x)
+            logits = self.logits(x, cond)
             (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
         return logits, grad.pow(2).flatten(1).sum(1).mean()
 
@@ -310,39 +351,32 @@ class AdversarialDistillation(Method):
             roles["disc"] = Role(c.disc_optimizer, every=c.disc_every)
         return roles
 
-    def lr(self, role: str, step: int) -> float:
-        c = self.config
-        opt = c.student_optimizer if role == "student" else c.disc_optimizer
-        scale = min(1.0, (step + 1) / opt.warmup_steps) if opt.warmup_steps else 1.0
-        if c.lr_decay:
-            scale *= 1.0 - step / c.iters
-        return opt.lr * scale
-
     def loss(self, role: str, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = batch["image"]
+        cond = self.cond(batch)
         c = self.config
         if role == "student":
-            x_hat = self.generate(x0)
+            x_hat = self.generate(x0, cond)
             loss = x0.new_zeros(())
             logs: dict[str, float] = {}
             if c.adversarial:
-                adv = -self.logits(x_hat).mean(1).sum()
+                adv = -self.logits(x_hat, cond).mean(1).sum()
                 loss = loss + adv
                 logs["adv"] = adv.item()
             if c.lambda_distill > 0:
-                dist = self.distill_loss(x_hat)
+                dist = self.distill_loss(x_hat, cond)
                 loss = loss + c.lambda_distill * dist
                 logs["distill"] = dist.item()
             return loss, logs
         # the discriminator
         with torch.no_grad():
-            fake = self.generate(x0)
+            fake = self.generate(x0, cond)
         lazy = c.r1_weight > 0 and step % (c.r1_every * c.disc_every) == 0
         if lazy:
-            real_logits, r1 = self.r1_penalty(x0)
+            real_logits, r1 = self.r1_penalty(x0, cond)
         else:
-            real_logits, r1 = self.logits(x0), x0.new_zeros(())
-        fake_logits = self.logits(fake)
+            real_logits, r1 = self.logits(x0, cond), x0.new_zeros(())
+        fake_logits = self.logits(fake, cond)
         hinge = F.relu(1 - real_logits).mean(1).sum() + F.relu(1 + fake_logits).mean(1).sum()
         loss = hinge + (c.r1_weight / 2 * c.r1_every * r1 if lazy else 0.0)
         d_real, d_fake = real_logits.mean(0), fake_logits.mean(0)
@@ -373,5 +407,6 @@ class AdversarialDistillation(Method):
 
     def export_info(self) -> dict[str, Any]:
         steps = sorted(set(self.config.sample_steps))
-        return {"sampler": "consistency", "steps": steps, "sigmas": {str(k): self.sampling_sigmas(k) for k in steps},
+        info = {"sampler": "consistency", "steps": steps, "sigmas": {str(k): self.sampling_sigmas(k) for k in steps},
                 "original_inference_steps": self.config.student_steps}
+        return info

@@ -16,9 +16,14 @@ grid. Distances ``d``: ``l2``, ``l1``, ``pseudo_huber`` (Song & Dhariwal 2023), 
 package and its weights), or a user's callable named by dotted path ``package.module:function`` taking
 ``(pred, target)`` and returning one distance per sample (B,).
 
-The exported student is a ``DDPMPipeline`` with an ``LCMScheduler`` (which applies the same boundary scalings),
-sampled by multistep consistency sampling at the timesteps ``LCMScheduler`` picks from the N-point grid; those
-sigma grids are written into ``distill.json`` too.
+The exported student is the teacher's pipeline class with an ``LCMScheduler`` (which applies the same boundary
+scalings), sampled by multistep consistency sampling at the timesteps ``LCMScheduler`` picks from the N-point grid;
+a flow teacher's student gets a ``FlowMatchLCMScheduler`` (``f = F``: the flow parameterization already meets the
+boundary condition). The sigma grids are written into ``distill.json`` too.
+
+Guided teachers, as LCM: ``Phi`` steps the teacher's guided ODE (classifier-free guidance at ``guidance.scale``);
+with ``guidance.range`` the student is ``w``-conditioned (``time_cond_proj_dim`` for UNets) and each sample's
+solver step and target use its own ``w``.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ import torch.nn.functional as F
 
 from distill import losses
 from distill.config import OptimizerConfig
-from distill.denoisers import ConsistencyDenoiser, lcm_sigmas, lcm_timesteps
+from distill.denoisers import ConsistencyDenoiser, consistency_sigmas, consistency_timesteps
 from distill.errors import DistillError
 from distill.methods import Context, Method, Role, load_teacher
-from distill.schedules import karras_sigmas
+from distill.schedules import add_noise, karras_sigmas
+from distill.tensors import append_dims, per_row
 
 SOLVERS = ("ddim", "euler", "heun")
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")
@@ -56,8 +62,8 @@ class ConsistencyConfig:
     weighting: str = "uniform"  # lambda: uniform (CD paper) | ict = 1/(s_{n+1} - s_n) | snr | snr+1 | ...
     timestep_scaling: float = 10.0  # boundary scalings c_skip / c_out in timestep units (LCM's s)
     iters: int = 2000  # optimizer steps
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, warmup_steps=50))
-    lr_decay: bool = True  # decay optimizer.lr linearly to 0 after warm-up
+    optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(lr=1e-4, warmup_steps=50, schedule="linear"))
     export: str = "target"  # which network becomes DIR/model: target (the EMA, as LCM) | student
     sample_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # step counts the student samples at
 
@@ -169,8 +175,8 @@ class ConsistencyDistillation(Method):
             if config.solver == "ddim" and T % N:
                 raise DistillError(f"solver ddim walks every k-th teacher timestep with k = T / N; T = {T} is not a "
                                    f"multiple of num_steps = {N} (try {T // 20} or another divisor).")
-        self.teacher = teacher.requires_grad_(False).eval()
-        self.student = ConsistencyDenoiser(copy.deepcopy(teacher), config.timestep_scaling).requires_grad_(True).train()
+        self.student = ConsistencyDenoiser(self.new_student(teacher), config.timestep_scaling).train()
+        self.teacher = self.guided(teacher).requires_grad_(False).eval()
         self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
         self.ema = {"target": ("student", config.mu)}
         self.distance = resolve_distance(config.distance, config.huber_c)
@@ -182,32 +188,40 @@ class ConsistencyDistillation(Method):
     def training_grid(self, N: int) -> torch.Tensor:
         """Ascending ``(N + 1,)`` float64 noise levels ``s_0 = sigma_min < ... < s_N = sigma_max``."""
         sched = self.teacher.schedule
+        if self.config.solver != "ddim" and sched.kind != "vp":
+            raise DistillError(f"solver {self.config.solver} walks a Karras grid to the teacher's sigma_max; a "
+                               f"{sched.kind} teacher's levels are its own: use solver ddim.")
         if self.config.solver == "ddim":
             k = sched.num_train_timesteps // N
             t = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, N + 1) * k - 1])  # LCM: 0, k-1, ..., T-1
             return sched.sigmas[t]
         return karras_sigmas(N + 1, sched.sigma_min, sched.sigma_max, self.config.rho)[:-1].flip(0)
 
-    def sampling_timesteps(self, steps: int) -> list[int]:
-        """The teacher timesteps diffusers' ``LCMScheduler`` samples ``steps`` steps at, from the N-point grid."""
-        return lcm_timesteps(self.teacher.schedule.num_train_timesteps, self.config.stages()[-1], steps)
+    def sampling_timesteps(self, steps: int) -> list[float]:
+        """The teacher timesteps the stock consistency scheduler samples ``steps`` steps at (``LCMScheduler``: from
+        the N-point grid)."""
+        return consistency_timesteps(self.teacher.schedule, self.config.stages()[-1], steps)
 
     def sampling_sigmas(self, steps: int) -> list[float]:
         """The student's descending sigma grid for ``steps`` steps: ``steps`` noise levels, then 0."""
-        return lcm_sigmas(self.teacher.schedule, self.config.stages()[-1], steps)
+        return consistency_sigmas(self.teacher.schedule, self.config.stages()[-1], steps)
 
     # ------------------------------------------------------------------------------------------ training
 
     @torch.no_grad()
-    def solver_step(self, x: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
-        """One teacher PF-ODE step of ``x`` (B, C, H, W) from noise level ``s`` (B,) to ``s_next`` (B,)."""
-        b = (slice(None),) + (None,) * (x.ndim - 1)
-        d = (x - self.teacher(x, s)) / s[b]  # dx/dsigma (EDM Eq. 3)
-        x_euler = x + (s_next - s)[b] * d  # = DDIM: D + s_next / s * (x - D)
+    def solver_step(self, x: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        """One teacher PF-ODE step of ``x`` (B, ...) from noise level ``s`` (B,) to ``s_next`` (B,)."""
+        x0 = self.teacher(x, s, **cond)
+        inf = torch.isinf(s)
+        s_fin = torch.where(inf, torch.ones_like(s), s)
+        d = (x - x0) / per_row(s_fin, x)  # dx/dsigma (EDM Eq. 3)
+        x_euler = x + per_row(s_next - s_fin, x) * d  # = DDIM: D + s_next / s * (x - D)
+        if bool(inf.any()):  # from s = inf (x the unit noise): the DDIM step's limit D + s_next x
+            x_euler = torch.where(append_dims(inf, x.ndim), add_noise(x0, x, s_next), x_euler)
         if self.config.solver != "heun":
             return x_euler
-        d_next = (x_euler - self.teacher(x_euler, s_next)) / s_next[b]
-        return x + (s_next - s)[b] * (d + d_next) / 2
+        d_next = (x_euler - self.teacher(x_euler, s_next, **cond)) / per_row(s_next, x)
+        return x + per_row(s_next - s, x) * (d + d_next) / 2
 
     def steps_at(self, step: int) -> int:
         """N of the curriculum stage that ``step`` falls in."""
@@ -222,24 +236,18 @@ class ConsistencyDistillation(Method):
     def roles(self) -> dict[str, Role]:
         return {"student": Role(self.config.optimizer)}
 
-    def lr(self, role: str, step: int) -> float:
-        warm = self.config.optimizer.warmup_steps
-        scale = min(1.0, (step + 1) / warm) if warm else 1.0
-        if self.config.lr_decay:
-            scale *= 1.0 - step / self.config.iters
-        return self.config.optimizer.lr * scale
-
     def loss(self, role: str, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = batch["image"]
+        cond = self.cond(batch)
         N = self.steps_at(step)
         grid = self.grids[N].to(x0.device, torch.float32)
         n = self.randint(0, N, x0)
         s_prev, s = grid[n], grid[n + 1]  # s_n < s_{n+1}
-        x = x0 + s[:, None, None, None] * self.randn_like(x0)
-        x_prev = self.solver_step(x, s, s_prev)
+        x = add_noise(x0, self.randn_like(x0), s)
+        x_prev = self.solver_step(x, s, s_prev, **cond)
         with torch.no_grad():
-            target = self.target(x_prev, s_prev)
-        pred = self.student(x, s)
+            target = self.target(x_prev, s_prev, **cond)
+        pred = self.student(x, s, **cond)
         dist = self.distance(pred, target)
         if dist.ndim == 0:
             dist = dist.expand(x0.shape[0])
@@ -253,5 +261,6 @@ class ConsistencyDistillation(Method):
 
     def export_info(self) -> dict[str, Any]:
         steps = sorted(set(self.config.sample_steps))
-        return {"sampler": "consistency", "steps": steps, "sigmas": {str(k): self.sampling_sigmas(k) for k in steps},
+        info = {"sampler": "consistency", "steps": steps, "sigmas": {str(k): self.sampling_sigmas(k) for k in steps},
                 "original_inference_steps": self.config.stages()[-1], "solver": self.config.solver}
+        return info

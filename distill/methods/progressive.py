@@ -14,6 +14,12 @@ The student's grid is the teacher's own discrete timesteps for N steps (trailing
 Then the student becomes the next phase's teacher and N halves, until ``end_steps``. The student keeps the
 teacher's parameterization (the paper's v-prediction for the digits teacher), adapted at the edge as always.
 At the end of every phase the student is exported to ``DIR/students/<N>-step/`` and evaluated at N steps.
+
+Guided teachers (Meng et al., CVPR 2023): with ``guidance.scale`` the first phase's teacher is the classifier-free
+guided teacher at that ``w`` (both halves in one batched forward), so the student learns the guided sampler and
+needs no guidance itself; with ``guidance.range`` the student takes ``w`` as an input (a guidance embedding) and
+each sample's target is the teacher guided at its own ``w``: one student for a range of guidance scales. Later
+phases distill the previous phase's student, which is already guided.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ import torch
 from distill import losses
 from distill.config import OptimizerConfig
 from distill.errors import DistillError
-from distill.methods import Context, Method, Milestone, Role, StepEvents, load_teacher
+from distill.methods import Context, Cycle, Method, Milestone, Role, StepEvents, load_teacher
 from distill.methods.consistency import DISTANCES, resolve_distance
+from distill.schedules import add_noise, ddim_step, rescale
+from distill.tensors import per_row
 
 
 @dataclass
@@ -39,12 +47,13 @@ class ProgressiveConfig:
     start_steps: int = 64  # the teacher's DDIM steps in the first phase; its student learns start_steps / 2
     end_steps: int = 1  # the last phase's student steps
     iters_per_phase: int | list[int] = 400  # optimizer steps per phase (one number, or one per phase)
-    lr: float | list[float] = 1e-4  # peak learning rate per phase (one number, or one per phase)
-    lr_decay: bool = True  # decay linearly to 0 within each phase (after warm-up)
+    lr: float | list[float] = 1e-4  # peak learning rate per phase (one number, or one per phase); optimizer.schedule
+    # (linear: decay to 0 within each phase) and warmup_steps restart every phase
     weighting: str = "truncated_snr"  # lambda(sigma): truncated_snr = max(SNR, 1) | snr+1 | uniform | snr
     distance: str = "l2"  # d(student x0, target x0): l2 (the paper's) | l1 | pseudo_huber | lpips | package.module:fn
     spacing: str = "trailing"  # the teacher's timesteps for a grid of N: leading | trailing | linspace
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, warmup_steps=20))
+    optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(lr=1e-4, warmup_steps=20, schedule="linear"))
     reset_optimizer: bool = True  # fresh Adam moments at every phase
     ema_decay: float = 0.0  # EMA of the student within a phase; 0 = none (phases are short)
 
@@ -97,24 +106,33 @@ class ProgressiveDistillation(Method):
 
     def __init__(self, config: ProgressiveConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
-        teacher = load_teacher(ctx, "progressive distillation", ("epsilon", "v_prediction"))
+        teacher = load_teacher(ctx, "progressive distillation", ("epsilon", "v_prediction", "flow"))
         T = teacher.schedule.num_train_timesteps
         if config.start_steps > T:
             raise DistillError(
                 f"start_steps={config.start_steps} asks for a {config.start_steps}-step teacher grid, but the "
                 f"teacher's schedule has {T} timesteps; use start_steps <= {T}."
             )
+        self.schedule = teacher.schedule
+        self._grids: dict[int, torch.Tensor] = {}
         for p in range(config.num_phases):
             # The N-step grid must be every other point of the 2N-step grid, or the target is not two teacher steps.
             n = config.start_steps >> (p + 1)
-            fine, coarse = teacher.schedule.grid(2 * n, config.spacing), teacher.schedule.grid(n, config.spacing)
+            fine, coarse = self.grid(2 * n), self.grid(n)
             if not torch.equal(fine[::2], coarse):
                 raise DistillError(
                     f"with {config.spacing!r} spacing the teacher's {n}-step timesteps are not every other "
                     f"{2 * n}-step timestep; use spacing: trailing."
                 )
-        self.teacher = teacher.requires_grad_(False).eval()
-        self.student = copy.deepcopy(teacher).requires_grad_(True).train()
+        self.student = self.new_student(teacher)
+        self.teacher = self.guided(teacher).requires_grad_(False).eval()
+        if self.teacher is teacher:
+            self.checkpointed = ("teacher",)  # each phase's student is loaded into it (Algorithm 2)
+        else:
+            # guided: the first phase distills the teacher under classifier-free guidance; later phases distill
+            # the previous phase's student, which is guided already (and may take w as an input)
+            self.phase_teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
+            self.checkpointed = ("phase_teacher",)
         if config.ema_decay > 0:
             self.student_ema = copy.deepcopy(self.student).requires_grad_(False).eval()
             self.ema = {"student_ema": ("student", config.ema_decay)}
@@ -124,7 +142,6 @@ class ProgressiveDistillation(Method):
         self.lrs = config.per_phase(config.lr)
         self.phase = 0
         self.steps_done = 0  # optimizer steps completed (kept in the method state, for export labels)
-        self._grids: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------ phases
 
@@ -133,55 +150,60 @@ class ProgressiveDistillation(Method):
         """Steps of this phase's student; its teacher takes twice as many."""
         return self.config.start_steps >> (self.phase + 1)
 
+    @property
+    def current_teacher(self) -> torch.nn.Module:
+        """This phase's teacher: the (guided) teacher in the first phase, then the previous phase's student."""
+        return self.phase_teacher if self.phase > 0 and hasattr(self, "phase_teacher") else self.teacher
+
     def _phase_start(self, phase: int) -> int:
         return sum(self.iters[:phase])
 
     def grid(self, steps: int) -> torch.Tensor:
-        """The student's sigma grid for ``steps`` steps: (steps + 1,) float64, descending to 0."""
+        """The student's sigma grid for ``steps`` steps: (steps + 1,) float64, descending to 0. A flow teacher's
+        stock grid (``linspace(1, t_min, n)``) does not nest as steps halve, so its students take ``t = 1 - i / n``
+        through the scheduler's shift, which a stock pipeline reproduces with ``sigmas=``."""
         if steps not in self._grids:
-            self._grids[steps] = self.teacher.schedule.grid(steps, self.config.spacing)
+            sched = self.schedule
+            if sched.kind == "flow":
+                self._grids[steps] = sched.grid_from(sched.uniform(steps))
+            else:
+                self._grids[steps] = sched.grid(steps, self.config.spacing)
         return self._grids[steps]
 
     def _exported(self) -> torch.nn.Module:
         return self.student_ema if self.config.ema_decay > 0 else self.unwrap(self.student)
 
     def roles(self) -> dict[str, Role]:
-        return {"student": Role(self.config.optimizer)}
-
-    def lr(self, role: str, step: int) -> float:
-        peak = self.lrs[self.phase]
-        local = step - self._phase_start(self.phase)
-        warm = self.config.optimizer.warmup_steps
-        scale = min(1.0, (local + 1) / warm) if warm else 1.0
-        if self.config.lr_decay:
-            scale *= 1.0 - local / self.iters[self.phase]
-        return peak * scale
+        cycles = [Cycle(self._phase_start(p), self.iters[p], self.lrs[p]) for p in range(self.config.num_phases)]
+        return {"student": Role(self.config.optimizer, cycles=cycles)}
 
     @torch.no_grad()
-    def two_teacher_steps(self, x: torch.Tensor, s: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
-        """Two DDIM steps of the teacher, x (B, C, H, W) at sigmas s (B,) -> s_mid (B,) -> s_next (B,)."""
-        b = (slice(None),) + (None,) * (x.ndim - 1)
-        x0 = self.teacher(x, s)
-        x_mid = x0 + (s_mid / s)[b] * (x - x0)
-        x0_mid = self.teacher(x_mid, s_mid)
-        return x0_mid + (s_next / s_mid)[b] * (x_mid - x0_mid)
+    def two_teacher_steps(self, x: torch.Tensor, s: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor,
+                          **cond: torch.Tensor) -> torch.Tensor:
+        """Two DDIM steps of the teacher, x (B, ...) at sigmas s (B,) -> s_mid (B,) -> s_next (B,)."""
+        teacher = self.current_teacher
+        x0 = teacher(x, s, **cond)
+        x_mid = ddim_step(x, x0, s, s_mid)  # s may be inf (a flow teacher's t = 1)
+        x0_mid = teacher(x_mid, s_mid, **cond)
+        return ddim_step(x_mid, x0_mid, s_mid, s_next)
 
-    def target(self, x: torch.Tensor, s: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+    def target(self, x: torch.Tensor, s: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor,
+               **cond: torch.Tensor) -> torch.Tensor:
         """x_tilde: the x0 whose single DDIM step from (x, s) to s_next lands where two teacher steps do."""
-        b = (slice(None),) + (None,) * (x.ndim - 1)
-        x2 = self.two_teacher_steps(x, s, s_mid, s_next)
-        r = (s_next / s)[b]
-        return (x2 - r * x) / (1 - r)
+        x2 = self.two_teacher_steps(x, s, s_mid, s_next, **cond)
+        r = per_row(s_next / s, x)  # 0 at s = inf
+        return (x2 - rescale(x, s, s_next)) / (1 - r)
 
     def loss(self, role: str, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = batch["image"]
+        cond = self.cond(batch)
         n = self.student_steps
         fine = self.grid(2 * n).to(x0.device, torch.float32)  # (2n + 1,): the teacher's grid
         i = self.randint(0, n, x0)
         s, s_mid, s_next = fine[2 * i], fine[2 * i + 1], fine[2 * i + 2]
-        x = x0 + s[:, None, None, None] * self.randn_like(x0)
-        x_tilde = self.target(x, s, s_mid, s_next)
-        err = self.distance(self.student(x, s), x_tilde)
+        x = add_noise(x0, self.randn_like(x0), s)
+        x_tilde = self.target(x, s, s_mid, s_next, **cond)
+        err = self.distance(self.student(x, s, **cond), x_tilde)
         if err.ndim == 0:
             err = err.expand(x0.shape[0])
         loss = (self.weight(s).to(err.dtype) * err).mean()
@@ -198,7 +220,8 @@ class ProgressiveDistillation(Method):
         events = StepEvents(milestones=[Milestone(f"{n}-step", done, self._info(n), evaluate=not last)])
         if not last:
             # Algorithm 2: the student of this phase teaches the next one.
-            self.teacher.load_state_dict(self._exported().state_dict())
+            (self.phase_teacher if hasattr(self, "phase_teacher") else self.teacher).load_state_dict(
+                self._exported().state_dict())
             self.phase += 1
             if self.config.ema_decay > 0:
                 self.unwrap(self.student).load_state_dict(self.student_ema.state_dict())
@@ -206,7 +229,10 @@ class ProgressiveDistillation(Method):
         return events
 
     def _info(self, steps: int) -> dict[str, Any]:
-        return {"sampler": "ddim", "steps": [steps], "sigmas": {str(steps): self.grid(steps).tolist()}}
+        info = {"sampler": "ddim", "steps": [steps], "sigmas": {str(steps): self.grid(steps).tolist()}}
+        if self.schedule.kind == "flow":  # what to pass a stock pipeline as sigmas= for this grid
+            info["scheduler_sigmas"] = {str(steps): self.teacher.schedule.uniform(steps)}
+        return info
 
     def method_state(self) -> dict[str, Any]:
         return {"phase": self.phase, "steps_done": self.steps_done}

@@ -19,6 +19,7 @@ from distill.config import OptimizerConfig
 from distill.denoisers import DiffusersDenoiser, check_scheduler_config
 from distill.errors import DistillError
 from distill.methods import Context, Method, Role, load_teacher
+from distill.schedules import add_noise
 
 
 def _default_unet() -> dict[str, Any]:
@@ -90,7 +91,8 @@ class TeacherTraining(Method):
         self.denoiser_ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
         self.ema = {"denoiser_ema": ("denoiser", config.ema_decay)}
         self.weight = losses.weighting(config.weighting)
-        self.sigmas = denoiser.schedule.sigmas.float()  # (T,) the teacher's discrete noise levels
+        # (T,) the teacher's discrete noise levels; a buffer, so it lives on the training device
+        self.register_buffer("sigmas", denoiser.schedule.sigmas.float(), persistent=False)
 
     def roles(self) -> dict[str, Role]:
         return {"denoiser": Role(self.config.optimizer)}
@@ -98,9 +100,9 @@ class TeacherTraining(Method):
     def loss(self, role: str, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = batch["image"]
         t = self.randint(0, len(self.sigmas), x0)
-        sigma = self.sigmas.to(x0.device)[t]
-        x = x0 + sigma[:, None, None, None] * self.randn_like(x0)
-        err = losses.l2(self.denoiser(x, sigma), x0)  # (B,)
+        sigma = self.sigmas[t]
+        x = add_noise(x0, self.randn_like(x0), sigma)
+        err = losses.l2(self.denoiser(x, sigma, **self.cond(batch)), x0)  # (B,)
         loss = (self.weight(sigma) * err).mean()
         return loss, {"x0_mse": err.mean().item()}
 
