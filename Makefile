@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-all bench venv clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/distill quickstart --out demo-out
 
+# `make test`: every test but the slow ones (quality floors, the end-to-end quickstart, multi-process and kill -9
+# runs; pytest -m slow). `make test-all`: all of them; CI (.ci/run) runs this one.
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 # Benchmarks: slow, not tests. Their outputs are committed under evals/.

@@ -121,16 +121,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
         os.environ["DISTILL_INCEPTION_WEIGHTS"] = str(args.inception_weights)
     proto = load_protocol(args.protocol, **overrides)
     samplers = [s.strip() for s in args.sampler.split(",")] if args.sampler else None
-    grids = None if args.no_grids else Path(args.grids)
+    grids = None if args.no_grids or args.grids is None else Path(args.grids)
     guidance = [float(v) for v in args.guidance.split(",")] if args.guidance else None
+    name = args.name or open_model_name(args.model)
+    out = Path(args.out) if args.out else Path("eval-results") / f"{proto.name}-{slug(name)}.jsonl"
+    if grids is None and not args.no_grids:
+        grids = out.with_name(out.stem + "-grids")  # beside the rows, never into the repository's evals/
     rows = evaluate(args.model, proto, _int_list(args.steps), samplers, name=args.name, grids=grids,
                     device=args.device, guidance=guidance)
-    out = Path(args.out) if args.out else Path("evals/results") / f"{proto.name}-{slug(rows[-1]['model'])}.jsonl"
     write_rows(rows, out)
     for t in rich_tables(rows):
         console.print(t)
     console.print(f"appended {len(rows)} rows to {out}")
     return 0
+
+
+def open_model_name(model: str) -> str:
+    """The name result rows give a model folder: a student's distill.json name, a run's folder, or its own."""
+    import json
+
+    path = Path(model)
+    meta = path / "distill.json"
+    if meta.is_file():
+        try:
+            return json.loads(meta.read_text()).get("name") or path.name
+        except json.JSONDecodeError:
+            return path.name
+    return path.parent.name if path.name == "model" else path.name
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -144,14 +161,17 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise DistillError(f"the result files hold no rows: {', '.join(files)}.")
     for t in rich_tables(rows):
         console.print(t)
-    md_path = Path(args.md)
-    plots = plot(rows, args.plots)
+    # written where the user says, else beside the (first) input file: never over committed results unasked
+    here = Path(files[0]).parent
+    md_path = Path(args.md) if args.md else here / "LEADERBOARD.md"
+    plots_dir = Path(args.plots) if args.plots else md_path.parent / "plots"
+    plots = plot(rows, plots_dir)
     rel = {k: os.path.relpath(p, md_path.parent) for k, p in plots.items()}
     md = markdown(rows, rel)
     md = relink_grids(md, md_path.parent)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(md)
-    console.print(f"wrote {md_path} and {len(plots)} plot(s) in {args.plots}")
+    console.print(f"wrote {md_path} and {len(plots)} plot(s) in {plots_dir}")
     return 0
 
 
@@ -299,8 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated samplers for a teacher (default ddim,euler,heun; choices {', '.join(sorted(SAMPLERS))})")
     sp.add_argument("--name", default=None, help="model name in the rows (default: the folder name)")
     sp.add_argument("--n", type=int, default=None, help="samples per point (default: the protocol's)")
-    sp.add_argument("--out", default=None, help="JSONL file to append to (default evals/results/<protocol>-<model>.jsonl)")
-    sp.add_argument("--grids", default="evals/grids", help="folder for sample grids (first 64 samples of each point)")
+    sp.add_argument("--out", default=None,
+                    help="JSONL file to append to (default eval-results/<protocol>-<model>.jsonl in this folder)")
+    sp.add_argument("--grids", default=None,
+                    help="folder for sample grids, the first 64 samples of each point (default: beside --out)")
     sp.add_argument("--no-grids", action="store_true")
     sp.add_argument("--inception-weights", default=None, help="Inception weights file for FID protocols (offline use)")
     sp.add_argument("--guidance", default=None,
@@ -311,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("leaderboard", help="tables and plots from result rows")
     sp.add_argument("files", nargs="*", help="JSONL result files (default: evals/results/*.jsonl)")
-    sp.add_argument("--md", default="evals/LEADERBOARD.md")
-    sp.add_argument("--plots", default="evals/plots")
+    sp.add_argument("--md", default=None, help="markdown to write (default: LEADERBOARD.md beside the first file)")
+    sp.add_argument("--plots", default=None, help="folder for the plots (default: plots/ beside the markdown)")
     sp.set_defaults(fn=cmd_leaderboard)
 
     sp = sub.add_parser("quickstart", help="distill the shipped digits teacher with every recipe, score all on one "

@@ -106,6 +106,11 @@ class TrainerConfig:
     max_nonfinite_streak: int = 20  # stop after this many consecutive skipped (NaN/inf) steps
     threads: int | None = None  # torch CPU threads; null leaves torch's default
     progress: bool = True  # rich progress bar
+    log_with: list[str] = field(default_factory=list)  # experiment trackers through accelerate: tensorboard, wandb,
+    # ...; metrics.jsonl is always written
+    teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # the frozen teacher's weights (GPUs; students stay fp32)
+    compile: str | None = None  # torch.compile backend for the trained networks and the teacher (inductor); null: off
+    gradient_checkpointing: bool = False  # recompute activations in backward (large networks; trades time for memory)
 
     def check(self) -> list[str]:
         errs = []
@@ -127,6 +132,10 @@ class TrainerConfig:
             errs.append(f"max_nonfinite_streak must be >= 1, got {self.max_nonfinite_streak}")
         if self.threads is not None and self.threads < 1:
             errs.append(f"threads must be >= 1 or null, got {self.threads}")
+        known = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
+        bad = [t for t in self.log_with if t not in known]
+        if bad:
+            errs.append(f"log_with: {', '.join(map(repr, bad))} not among accelerate's trackers ({', '.join(known)})")
         return errs
 
 

@@ -148,6 +148,15 @@ def network_shape(net: nn.Module) -> tuple[int, int, int]:
     return int(cfg.in_channels), *hw
 
 
+def _cast(kw: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors in (nested) keyword arguments to ``dtype``."""
+    if isinstance(kw, torch.Tensor):
+        return kw.to(dtype) if kw.is_floating_point() else kw
+    if isinstance(kw, dict):
+        return {k: _cast(v, dtype) for k, v in kw.items()}
+    return kw
+
+
 class DiffusersDenoiser(nn.Module):
     """A diffusers network (UNet or transformer) + its noise schedule as ``D(x, sigma, **cond) -> x0_hat``.
 
@@ -233,13 +242,17 @@ class DiffusersDenoiser(nn.Module):
         x_in = x * per_row(self.schedule.c_in(s64), x)
         t = self.schedule.timestep(sigma)
         kw = self._kwargs(cond, x)
+        dtype = self.net.dtype if hasattr(self.net, "dtype") else x.dtype
+        if dtype != x_in.dtype:  # a half-precision network (trainer.teacher_dtype): inputs in, the estimate out
+            x_in = x_in.to(dtype)
+            kw = _cast(kw, dtype)
         try:
             out = self.net(**{self.spec.input: x_in, "timestep": t}, **kw, return_dict=False)[0]
         finally:
             self._guidance_vec = None
         if self.learned_sigma:
             out = out[:, : x.shape[1]]  # the learned variance half (DiT, IF) is not used by ODE samplers
-        return self.schedule.to_x0(out, x, s64, self.prediction_type)
+        return self.schedule.to_x0(out.to(x.dtype), x, s64, self.prediction_type)
 
     # ------------------------------------------------------------------------------------------ w-students
 

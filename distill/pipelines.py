@@ -44,6 +44,7 @@ class PipelineSpec:
     text_encoders: tuple[str, ...] = ()  # component names, in the pipeline's order
     tokenizers: tuple[str, ...] = ()
     required_text: int = 0  # how many of the text encoders must be present (SD3's T5 is optional)
+    vae_shift: bool = False  # the pipeline subtracts the VAE's shift_factor before scaling (SD3); SD, SDXL, DiT do not
 
 
 PIPELINES: dict[str, PipelineSpec] = {
@@ -53,7 +54,7 @@ PIPELINES: dict[str, PipelineSpec] = {
                                               ("tokenizer", "tokenizer_2"), 2),
     "StableDiffusion3Pipeline": PipelineSpec("transformer", "text", True,
                                              ("text_encoder", "text_encoder_2", "text_encoder_3"),
-                                             ("tokenizer", "tokenizer_2", "tokenizer_3"), 2),
+                                             ("tokenizer", "tokenizer_2", "tokenizer_3"), 2, vae_shift=True),
     "DiTPipeline": PipelineSpec("transformer", "class", True),
 }
 CONSISTENCY_SCHEDULERS = ("LCMScheduler", "FlowMatchLCMScheduler", "TCDScheduler")
@@ -176,9 +177,11 @@ class TeacherPipeline:
 
     @property
     def vae_scaling(self) -> tuple[float, float]:
-        """``(scaling_factor, shift_factor)``: latents are ``(mean - shift) * scale``."""
+        """``(scaling_factor, shift_factor)``: latents are ``(mean - shift) * scale``, as the stock pipeline decodes
+        them (``latents / scale + shift``); the shift only for pipelines that apply one (SD3)."""
         cfg = self.vae_config or {}
-        return float(cfg.get("scaling_factor") or 1.0), float(cfg.get("shift_factor") or 0.0)
+        shift = float(cfg.get("shift_factor") or 0.0) if self.spec.vae_shift else 0.0
+        return float(cfg.get("scaling_factor") or 1.0), shift
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += got if not rows else got[1:]  # one floor row
     out.unlink(missing_ok=True)
     write_rows(rows, out)
-    cli.main(["leaderboard"])
+    cli.main(["leaderboard", "--md", "evals/LEADERBOARD.md", "--plots", "evals/plots"])
 
 
 if __name__ == "__main__":

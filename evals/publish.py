@@ -48,4 +48,4 @@ if __name__ == "__main__":
     import os
 
     os.chdir(ROOT)
-    cli.main(["leaderboard"])
+    cli.main(["leaderboard", "--md", "evals/LEADERBOARD.md", "--plots", "evals/plots"])

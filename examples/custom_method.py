@@ -62,7 +62,7 @@ class OneStepKD(Method):
             target = sample_ddim(self.teacher, x, self.grid.to(x0.device), cond=cond)
         err = losses.l2(self.student(x, sigma_max.expand(x0.shape[0]), **cond), target)
         self.targets_made += x0.shape[0] * self.shard[1]  # all ranks' rows: the state must not depend on the rank
-        return err.mean(), {"mse": err.mean().item()}
+        return err.mean(), {"mse": err.mean().detach()}  # a tensor: the trainer syncs it only when it logs
 
     def method_state(self) -> dict:
         return {"targets_made": self.targets_made}

@@ -12,7 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True, scope="session")
+def two_threads():
+    """The suite runs on the machine's 2 cores (set for the session, not at import, and restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
 
 
 def tiny_unet(seed: int = 0, sample_size: int = 8, channels: int = 1):

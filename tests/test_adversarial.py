@@ -149,12 +149,17 @@ def test_update_ratio(tmp_path, tiny_teacher, one_thread):
 
 def test_collapsed_discriminator_is_reported(tmp_path, tiny_teacher):
     m = _trainer(tmp_path, tiny_teacher, "method.iters=1", "method.collapse_steps=3").method
+    from distill.methods.adversarial import COLLAPSE_CHECK
+
+    one, miss = torch.tensor(1.0), torch.tensor(0.9)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        for step in range(6):
-            m._watch_collapse(1.0, 1.0 if step != 1 else 0.9, step)  # the streak restarts at step 1
+        for step in range(1, 2 * COLLAPSE_CHECK + 1):
+            # the streak restarts just before the first check, so only the second check sees 3 in a row
+            m._watch_collapse(one, miss if step == COLLAPSE_CHECK - 1 else one, step)
     msgs = [str(w.message) for w in seen]
-    assert len(msgs) == 1 and "step 4" in msgs[0] and "r1_weight" in msgs[0]
+    assert len(msgs) == 1 and f"step {2 * COLLAPSE_CHECK}" in msgs[0] and "r1_weight" in msgs[0]
+    assert m.method_state()["collapse"] == COLLAPSE_CHECK + 1
 
 
 def test_export_samples_at_its_student_timesteps(tmp_path, tiny_teacher, one_thread):

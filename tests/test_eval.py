@@ -206,3 +206,25 @@ def test_demo_scores_the_shipped_teacher(tmp_path, capsys):
     assert rows[-1]["value"] < rows[1]["value"] / 50  # 32 DDIM steps are far better than 1
     assert (tmp_path / "grids" / "digits-teacher" / "ddim-32.png").is_file()
     assert "data floor" in capsys.readouterr().out
+
+
+def test_commands_write_only_where_told_or_beside_their_input(tmp_path, monkeypatch, capsys):
+    """`distill eval` and `distill leaderboard` never touch the repository's committed evals/ unasked."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+
+    def snapshot() -> dict[str, str]:
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in (root / "evals").rglob("*") if p.is_file()}
+
+    before = snapshot()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["eval", str(TEACHER), "--steps", "1", "--sampler", "ddim", "--n", "100"]) == 0
+    rows = tmp_path / "eval-results" / "digits-digits-teacher.jsonl"
+    assert rows.is_file() and (tmp_path / "eval-results" / "digits-digits-teacher-grids").is_dir()
+    mine = tmp_path / "mine" / "my-rows.jsonl"
+    mine.parent.mkdir()
+    mine.write_text(rows.read_text())
+    assert cli.main(["leaderboard", str(mine)]) == 0
+    assert (mine.parent / "LEADERBOARD.md").is_file() and any((mine.parent / "plots").iterdir())
+    assert snapshot() == before

@@ -45,6 +45,7 @@ from distill.methods import Context, Method, Role, load_teacher
 from distill.schedules import add_noise
 
 DISTILL_WEIGHTINGS = ("exponential", "uniform")
+COLLAPSE_CHECK = 25  # steps between reads of the collapse counter (a device sync)
 _EVAL_NETS = ("distill.eval", "digits_net", "digitsnet", "digits-net", "digits-features")
 
 
@@ -289,6 +290,7 @@ class AdversarialDistillation(Method):
             self.ema = {"student_ema": ("student", config.ema_decay)}
         self.student_sigmas = torch.tensor(self.sampling_sigmas(config.student_steps)[:-1], dtype=torch.float64)
         self._collapse = 0
+        self._count: torch.Tensor | None = None  # the same count, on the device between checks
         self._warned = False
 
     # ------------------------------------------------------------------------------------------ grids
@@ -362,11 +364,11 @@ class AdversarialDistillation(Method):
             if c.adversarial:
                 adv = -self.logits(x_hat, cond).mean(1).sum()
                 loss = loss + adv
-                logs["adv"] = adv.item()
+                logs["adv"] = adv.detach()
             if c.lambda_distill > 0:
                 dist = self.distill_loss(x_hat, cond)
                 loss = loss + c.lambda_distill * dist
-                logs["distill"] = dist.item()
+                logs["distill"] = dist.detach()
             return loss, logs
         # the discriminator
         with torch.no_grad():
@@ -380,15 +382,21 @@ class AdversarialDistillation(Method):
         hinge = F.relu(1 - real_logits).mean(1).sum() + F.relu(1 + fake_logits).mean(1).sum()
         loss = hinge + (c.r1_weight / 2 * c.r1_every * r1 if lazy else 0.0)
         d_real, d_fake = real_logits.mean(0), fake_logits.mean(0)
-        acc_real, acc_fake = (d_real > 0).float().mean().item(), (d_fake < 0).float().mean().item()
+        acc_real, acc_fake = (d_real > 0).float().mean().detach(), (d_fake < 0).float().mean().detach()
         self._watch_collapse(acc_real, acc_fake, step)
-        logs = {"hinge": hinge.item(), "acc_real": acc_real, "acc_fake": acc_fake}
+        logs = {"hinge": hinge.detach(), "acc_real": acc_real, "acc_fake": acc_fake}
         if lazy:
-            logs["r1"] = r1.item()
+            logs["r1"] = r1.detach()
         return loss, logs
 
-    def _watch_collapse(self, acc_real: float, acc_fake: float, step: int) -> None:
-        self._collapse = self._collapse + 1 if acc_real == 1.0 and acc_fake == 1.0 else 0
+    def _watch_collapse(self, acc_real: torch.Tensor, acc_fake: torch.Tensor, step: int) -> None:
+        # counted on the device (no sync per step); read back every COLLAPSE_CHECK steps
+        both = (acc_real == 1) & (acc_fake == 1)
+        count = torch.as_tensor(self._collapse, device=acc_real.device) if self._count is None else self._count
+        self._count = torch.where(both, count + 1, torch.zeros_like(count))
+        if step % COLLAPSE_CHECK:
+            return
+        self._collapse = int(self._count)
         if self._collapse >= self.config.collapse_steps and not self._warned:
             self._warned = True
             warnings.warn(
@@ -397,10 +405,12 @@ class AdversarialDistillation(Method):
                 "re-noising (raise disc_t_range), disc_every: 2, or a larger lambda_distill.", stacklevel=2)
 
     def method_state(self) -> dict[str, Any]:
-        return {"collapse": self._collapse, "warned": self._warned}
+        collapse = int(self._count) if self._count is not None else self._collapse
+        return {"collapse": collapse, "warned": self._warned}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self._collapse, self._warned = int(state.get("collapse", 0)), bool(state.get("warned", False))
+        self._count = None
 
     def export_denoiser(self) -> nn.Module:
         return self.student_ema if self.config.ema_decay > 0 else self.unwrap(self.student)

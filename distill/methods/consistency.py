@@ -252,7 +252,7 @@ class ConsistencyDistillation(Method):
         if dist.ndim == 0:
             dist = dist.expand(x0.shape[0])
         loss = (self.weight(s, s_prev).to(dist.dtype) * dist).mean()
-        return loss, {"distance": dist.mean().item()}
+        return loss, {"distance": dist.mean().detach()}
 
     # ------------------------------------------------------------------------------------------ export
 

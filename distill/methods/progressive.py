@@ -207,7 +207,7 @@ class ProgressiveDistillation(Method):
         if err.ndim == 0:
             err = err.expand(x0.shape[0])
         loss = (self.weight(s).to(err.dtype) * err).mean()
-        return loss, {"distance": err.mean().item(), "phase_steps": float(n)}
+        return loss, {"distance": err.mean().detach(), "phase_steps": float(n)}
 
     def end_of_step(self, step: int) -> StepEvents | None:
         self.steps_done = step

@@ -104,7 +104,7 @@ class TeacherTraining(Method):
         x = add_noise(x0, self.randn_like(x0), sigma)
         err = losses.l2(self.denoiser(x, sigma, **self.cond(batch)), x0)  # (B,)
         loss = (self.weight(sigma) * err).mean()
-        return loss, {"x0_mse": err.mean().item()}
+        return loss, {"x0_mse": err.mean().detach()}
 
     def export_denoiser(self) -> DiffusersDenoiser:
         return self.denoiser_ema
