@@ -1,17 +1,19 @@
 """What a teacher takes, made once from the training data: VAE latents, caption embeddings, class labels.
 
-``prepare(dataset, cfg, pipeline, rows)`` turns decoded rows (``image`` (N, C, H, W) in [-1, 1], ``label``) into
+:func:`prepare` (data held in memory) and :class:`LazyRows` (data read batch by batch) turn the dataset's rows into
 the teacher's inputs:
 
 * a latent teacher (Stable Diffusion, SD3, DiT): ``image`` becomes the VAE latent of each image, encoded once with
-  the teacher's own VAE and cached on disk, keyed by the VAE's weights hash and the images' content;
+  the teacher's own VAE and cached on disk, keyed by the VAE's weights hash and the data;
 * a text teacher: each distinct caption of ``data.caption_column`` is encoded once by the teacher's own text
   encoders (cached, keyed by the encoders' hash and the captions) into a table; rows carry ``caption_index``
   into it, and batches gather ``encoder_hidden_states`` (plus ``pooled`` / ``time_ids``) from it;
 * a class teacher: ``class_labels`` from ``data.label_column``.
 
-Caches live in ``$DISTILL_CACHE`` (default ``~/.cache/distill``) as safetensors. The VAE and the text encoders
-are loaded only here (and for evaluation), never trained.
+Caches live in ``$DISTILL_CACHE`` (default ``~/.cache/distill``), one folder of ``.npy`` arrays per entry (plain
+arrays, read with ``allow_pickle=False``: nothing is ever unpickled), written to a temporary folder and renamed, so
+an interrupted write leaves no entry. Data held in memory loads them whole; lazily read data memory-maps them and
+gathers each batch's rows. The VAE and the text encoders are loaded only here (and for evaluation), never trained.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from distill.config import DataConfig
 from distill.errors import DistillError
+
+CHUNK = 256  # rows encoded at a time when a cache is filled
 
 
 def cache_root() -> Path:
@@ -39,45 +45,101 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()[:20]
 
 
-def _cached(kind: str, key: str, make: Any) -> dict[str, torch.Tensor]:
-    """``make()`` (a dict of tensors), stored as ``<cache>/<kind>/<key>.safetensors``; read back when present."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
-
-    path = cache_root() / kind / f"{key}.safetensors"
-    if path.is_file():
+def cached_arrays(kind: str, key: str, n: int, chunks: Callable[[], Iterator[dict[str, torch.Tensor]]],
+                  mmap: bool = False) -> dict[str, np.ndarray]:
+    """``{name: (n, ...) array}`` stored as ``<cache>/<kind>/<key>/<name>.npy``; ``chunks()`` yields consecutive row
+    chunks of every array (called only when the entry is missing or damaged). ``mmap``: memory-map instead of load."""
+    folder = cache_root() / kind / key
+    if folder.is_dir():
         try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError):
-            pass  # a damaged entry is recomputed
-    out = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
-    os.replace(tmp, path)
-    return out
+            return {p.stem: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+                    for p in sorted(folder.glob("*.npy"))}
+        except (OSError, ValueError):
+            shutil.rmtree(folder, ignore_errors=True)  # a damaged entry is recomputed
+    tmp = folder.parent / f".{key}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    arrays: dict[str, np.ndarray] = {}
+    row = 0
+    for chunk in chunks():
+        size = 0
+        for name, t in chunk.items():
+            a = t.detach().cpu().numpy()
+            if name not in arrays:
+                arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=a.dtype,
+                                                         shape=(n, *a.shape[1:]))
+            arrays[name][row : row + len(a)] = a
+            size = len(a)
+        row += size
+    if row != n:
+        raise DistillError(f"filling the {kind} cache gave {row} rows for {n}; the dataset changed while read.")
+    for a in arrays.values():
+        a.flush()
+    del arrays
+    os.replace(tmp, folder)
+    return cached_arrays(kind, key, n, chunks, mmap)
+
+
+def _check_image_shape(pipeline: Any, shape: tuple[int, ...]) -> None:
+    c, h, w = pipeline.image_shape
+    if tuple(shape) != (c, h, w):
+        raise DistillError(f"the teacher {pipeline.folder} makes {c}x{h}x{w} images through its VAE; the data's are "
+                           f"{'x'.join(map(str, shape))}. Set data.resolution / data.channels, or use data of the "
+                           "teacher's size.")
 
 
 def encode_latents(pipeline: Any, images: torch.Tensor) -> torch.Tensor:
     """The VAE latents of ``images`` (N, C, H, W) in [-1, 1], cached by VAE weights and image content."""
-    c, h, w = pipeline.image_shape
-    if tuple(images.shape[1:]) != (c, h, w):
-        raise DistillError(f"the teacher {pipeline.folder} makes {c}x{h}x{w} images through its VAE; the data's are "
-                           f"{'x'.join(map(str, images.shape[1:]))}. Set data.resolution / data.channels, or use "
-                           "data of the teacher's size.")
+    _check_image_shape(pipeline, tuple(images.shape[1:]))
     key = _digest(pipeline.weights_hash("vae"), list(images.shape), images.numpy().tobytes())
-    return _cached("latents", key, lambda: {"latents": pipeline.encode_images(images)})["latents"]
+
+    def chunks() -> Iterator[dict[str, torch.Tensor]]:
+        for lo in range(0, len(images), CHUNK):
+            yield {"latents": pipeline.encode_images(images[lo : lo + CHUNK])}
+
+    return torch.from_numpy(cached_arrays("latents", key, len(images), chunks)["latents"])
 
 
-def encode_captions(pipeline: Any, captions: list[str]) -> dict[str, torch.Tensor]:
+def encode_captions(pipeline: Any, captions: list[str], mmap: bool = False) -> dict[str, Any]:
     """The teacher's conditioning for each caption (N rows), cached by text encoders and captions."""
     key = _digest(pipeline.text_hash(), captions)
-    return _cached("text", key, lambda: pipeline.encode_prompts(captions))
+
+    def chunks() -> Iterator[dict[str, torch.Tensor]]:
+        for lo in range(0, len(captions), CHUNK):
+            yield pipeline.encode_prompts(captions[lo : lo + CHUNK])
+
+    arrays = cached_arrays("text", key, len(captions), chunks, mmap)
+    return arrays if mmap else {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def _captions(dataset: Any, cfg: DataConfig, pipeline: Any) -> tuple[list[str], torch.Tensor]:
+    """(distinct captions sorted, each row's index into them)."""
+    col = cfg.caption_column
+    if col is None or col not in dataset.column_names:
+        raise DistillError(f"the teacher {pipeline.folder} is text-conditional and the dataset {cfg.name!r} has "
+                           f"no caption column{f' {col!r}' if col else ''}; set data.caption_column to one of "
+                           f"{', '.join(dataset.column_names)}.")
+    captions = [str(c) for c in dataset[col]]
+    distinct = sorted(set(captions))
+    where = {c: i for i, c in enumerate(distinct)}
+    return distinct, torch.tensor([where[c] for c in captions], dtype=torch.long)
+
+
+def _class_labels(labels: torch.Tensor | None, cfg: DataConfig, dataset: Any, pipeline: Any) -> torch.Tensor:
+    if labels is None:
+        col = cfg.label_column
+        raise DistillError(f"the teacher {pipeline.folder} is class-conditional and the dataset {cfg.name!r} has "
+                           f"no label column{f' {col!r}' if col else ''}; set data.label_column to one of "
+                           f"{', '.join(dataset.column_names)}.")
+    n = pipeline.num_classes
+    if n is not None and (labels.min() < 0 or labels.max() >= n):
+        raise DistillError(f"data labels lie in {int(labels.min())}..{int(labels.max())}; the teacher has {n} classes.")
+    return labels
 
 
 def prepare(dataset: Any, cfg: DataConfig, pipeline: Any, rows: dict[str, torch.Tensor]
             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(rows, tables)`` for the teacher ``pipeline``; see the module docstring."""
+    """``(rows, tables)`` for the teacher ``pipeline`` from rows held in memory; see the module docstring."""
     rows = dict(rows)
     if pipeline.spec.latent:
         if cfg.hflip:
@@ -85,28 +147,61 @@ def prepare(dataset: Any, cfg: DataConfig, pipeline: Any, rows: dict[str, torch.
                                "cannot be flipped per batch. Set data.hflip: false.")
         rows["image"] = encode_latents(pipeline, rows["image"])
     tables: dict[str, torch.Tensor] = {}
-    kind = pipeline.conditioning
-    if kind == "text":
-        col = cfg.caption_column
-        if col is None or col not in dataset.column_names:
-            raise DistillError(f"the teacher {pipeline.folder} is text-conditional and the dataset {cfg.name!r} has "
-                               f"no caption column{f' {col!r}' if col else ''}; set data.caption_column to one of "
-                               f"{', '.join(dataset.column_names)}.")
-        captions = [str(c) for c in dataset[col]]
-        distinct = sorted(set(captions))
-        where = {c: i for i, c in enumerate(distinct)}
-        rows["caption_index"] = torch.tensor([where[c] for c in captions], dtype=torch.long)
+    if pipeline.conditioning == "text" or (pipeline.spec.latent and pipeline.conditioning is None):
+        rows.pop("label", None)  # not an input of these teachers (and not read when data is read lazily)
+    if pipeline.conditioning == "text":
+        distinct, rows["caption_index"] = _captions(dataset, cfg, pipeline)
         tables = encode_captions(pipeline, distinct)
-    elif kind == "class":
-        if "label" not in rows:
-            col = cfg.label_column
-            raise DistillError(f"the teacher {pipeline.folder} is class-conditional and the dataset {cfg.name!r} has "
-                               f"no label column{f' {col!r}' if col else ''}; set data.label_column to one of "
-                               f"{', '.join(dataset.column_names)}.")
-        labels = rows.pop("label")
-        n = pipeline.num_classes
-        if n is not None and (labels.min() < 0 or labels.max() >= n):
-            raise DistillError(f"data labels lie in {int(labels.min())}..{int(labels.max())}; the teacher has {n} "
-                               "classes.")
-        rows["class_labels"] = labels
+    elif pipeline.conditioning == "class":
+        rows["class_labels"] = _class_labels(rows.pop("label", None), cfg, dataset, pipeline)
     return rows, tables
+
+
+class LazyRows:
+    """The teacher's inputs for data too large to hold in memory: latents and caption tables are filled into the
+    cache once (a pass over the data, ``CHUNK`` rows at a time) and memory-mapped; ``get(idx)`` gathers rows.
+
+    The cache key of a lazily read dataset is its ``datasets`` fingerprint (stable for a dataset loaded from disk
+    or the hub) with the data settings, not a hash of every decoded image."""
+
+    def __init__(self, dataset: Any, cfg: DataConfig, pipeline: Any, decode: Callable[[list[int]], dict]) -> None:
+        self.pipeline, self.decode = pipeline, decode
+        self.latents: np.ndarray | None = None
+        self.tables: dict[str, np.ndarray] = {}
+        self.caption_index: torch.Tensor | None = None
+        self.labels = pipeline.conditioning == "class"
+        n = len(dataset)
+        fingerprint = getattr(dataset, "_fingerprint", None)
+        if pipeline.spec.latent:
+            if cfg.hflip:
+                raise DistillError("data.hflip with a latent teacher: latents are encoded once and cached, so images "
+                                   "cannot be flipped per batch. Set data.hflip: false.")
+            if fingerprint is None:
+                raise DistillError(f"dataset {cfg.name!r} has no fingerprint to key its latent cache; load it from disk "
+                                   "or the hub, or hold it in memory (data.in_memory: true).")
+            _check_image_shape(pipeline, tuple(decode([0])["image"].shape[1:]))
+            settings = {k: getattr(cfg, k) for k in ("name", "split", "image_column", "resolution", "channels")}
+            key = _digest(pipeline.weights_hash("vae"), fingerprint, settings, n)
+
+            def chunks() -> Iterator[dict[str, torch.Tensor]]:
+                for lo in range(0, n, CHUNK):
+                    images = decode(list(range(lo, min(lo + CHUNK, n))))["image"]
+                    yield {"latents": pipeline.encode_images(images)}
+
+            self.latents = cached_arrays("latents", key, n, chunks, mmap=True)["latents"]
+        if pipeline.conditioning == "text":
+            distinct, self.caption_index = _captions(dataset, cfg, pipeline)
+            self.tables = encode_captions(pipeline, distinct, mmap=True)
+        elif self.labels:
+            _class_labels(decode([0]).get("label"), cfg, dataset, pipeline)
+
+    def get(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        out = self.decode(idx) if self.latents is None or self.labels else {}
+        if self.latents is not None:
+            out["image"] = torch.from_numpy(np.ascontiguousarray(self.latents[idx]))
+        if self.labels:
+            out["class_labels"] = out.pop("label")
+        if self.caption_index is not None:
+            rows = self.caption_index[idx].numpy()
+            out.update({k: torch.from_numpy(np.ascontiguousarray(v[rows])) for k, v in self.tables.items()})
+        return out

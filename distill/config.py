@@ -80,6 +80,9 @@ class DataConfig:
     resolution: int | None = None  # resize + center-crop to this size; null keeps the dataset's size
     channels: int | None = None  # 1 (grayscale) or 3 (RGB); null keeps the dataset's channels
     hflip: bool = False  # random horizontal flips (never for digits)
+    in_memory: bool | None = None  # decode every image once and keep it (null: when the dataset has <= 50,000 rows);
+    # false: decode each batch's rows when it is drawn, latents and caption embeddings memory-mapped from the cache
+    workers: int = 0  # processes that decode upcoming batches ahead of the trainer (data read lazily)
 
     def check(self) -> list[str]:
         errs = []
@@ -87,6 +90,8 @@ class DataConfig:
             errs.append(f"resolution must be >= 1 or null, got {self.resolution}")
         if self.channels not in (None, 1, 3):
             errs.append(f"channels must be 1, 3 or null, got {self.channels}")
+        if self.workers < 0:
+            errs.append(f"workers must be >= 0, got {self.workers}")
         return errs
 
 

@@ -14,10 +14,11 @@ carry ``class_labels``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset
 
 from distill.config import DataConfig
 from distill.errors import DistillError
@@ -122,8 +123,11 @@ class ImageBatches:
 
     ``batch(epoch, offset, size)`` returns ``{"image": (size, C, H, W) float32 in [-1, 1], "label": (size,)}``
     for positions ``offset .. offset + size`` of epoch ``epoch``'s permutation. Images are decoded once and
-    kept in memory when the dataset is small (the digits set is 110 KB). With a teacher ``pipeline`` the batches
-    are what that teacher takes (latents, caption embeddings, class labels; see the module docstring).
+    kept in memory when the dataset is small (the digits set is 110 KB; ``data.in_memory``), else each batch's
+    rows are decoded when it is drawn, by ``data.workers`` processes ahead of the trainer (:meth:`stream`). A batch
+    depends only on its position, so a resume from a saved position is exact either way. With a teacher
+    ``pipeline`` the batches are what that teacher takes (latents, caption embeddings, class labels; see the
+    module docstring).
     """
 
     def __init__(self, dataset, cfg: DataConfig, seed: int = 0, pipeline: Any = None) -> None:
@@ -134,14 +138,19 @@ class ImageBatches:
         if self.n == 0:
             raise DistillError(f"dataset {cfg.name!r} (split {cfg.split!r}) is empty.")
         self._cache: dict[str, torch.Tensor] | None = None
+        self._lazy: Any = None
         self.tables: dict[str, torch.Tensor] = {}  # cond tensors per distinct caption, gathered by caption_index
-        if pipeline is not None:
-            from distill.conditioning import prepare
+        self.in_memory = cfg.in_memory if cfg.in_memory is not None else self.n <= 50_000
+        if self.in_memory:
+            self._cache = self._decode(list(range(self.n)))
+            if pipeline is not None:
+                from distill.conditioning import prepare
 
-            self._cache = self._decode(list(range(self.n)))
-            self._cache, self.tables = prepare(self.ds, cfg, pipeline, self._cache)
-        elif self.n <= 50_000:
-            self._cache = self._decode(list(range(self.n)))
+                self._cache, self.tables = prepare(self.ds, cfg, pipeline, self._cache)
+        elif pipeline is not None:
+            from distill.conditioning import LazyRows
+
+            self._lazy = LazyRows(self.ds, cfg, pipeline, self._decode)
 
     def _decode(self, idx: list[int]) -> dict[str, torch.Tensor]:
         rows = self.ds[idx]
@@ -164,10 +173,19 @@ class ImageBatches:
                 rows = out.pop("caption_index")
                 out.update({k: v[rows] for k, v in self.tables.items()})
             return out
+        if self._lazy is not None:
+            return self._lazy.get(idx)
         return self._decode(idx)
 
     def permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def advance(self, epoch: int, offset: int, size: int) -> tuple[int, int]:
+        """The position after ``size`` samples from (epoch, offset), without decoding anything."""
+        offset += size
+        while offset >= self.n:
+            epoch, offset = epoch + 1, offset - self.n
+        return epoch, offset
 
     def batch(self, epoch: int, offset: int, size: int, flip_seed: int | None = None) -> tuple[dict, int, int]:
         """The next ``size`` samples from position (epoch, offset); returns (batch, epoch, offset) after it."""
@@ -185,3 +203,39 @@ class ImageBatches:
             flip = torch.rand(size, generator=g) < 0.5
             out["image"] = torch.where(append_dims(flip, out["image"].ndim), out["image"].flip(-1), out["image"])
         return out, epoch, offset
+
+    def stream(self, epoch: int, offset: int, size: int) -> Iterator[tuple[dict, int, int]]:
+        """Consecutive batches from position (epoch, offset), as :meth:`batch` gives them one by one; with
+        ``data.workers`` and data read lazily, decoded ahead in that many processes (batch k by worker k mod W,
+        taken back in order, so the sequence is the same as without workers)."""
+        if self.in_memory or self.cfg.workers == 0:
+            while True:
+                out, epoch, offset = self.batch(epoch, offset, size)
+                yield out, epoch, offset
+        from torch.utils.data import DataLoader
+
+        # its own generator: a DataLoader otherwise draws its workers' seed from the global stream, which the
+        # training noise comes from, and a resume (a new loader) would shift that stream
+        loader = DataLoader(_BatchStream(self, epoch, offset, size), batch_size=None, num_workers=self.cfg.workers,
+                            prefetch_factor=2, persistent_workers=False, generator=torch.Generator().manual_seed(0))
+        yield from loader
+
+
+class _BatchStream(IterableDataset):
+    """The batch sequence from a position, split over DataLoader workers: worker w makes batches w, w + W, ..."""
+
+    def __init__(self, batches: ImageBatches, epoch: int, offset: int, size: int) -> None:
+        self.batches, self.start, self.size = batches, (epoch, offset), size
+
+    def __iter__(self) -> Iterator[tuple[dict, int, int]]:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, offset = self.start
+        k = 0
+        while True:
+            if k % workers == wid:
+                yield self.batches.batch(epoch, offset, self.size)
+            epoch, offset = self.batches.advance(epoch, offset, self.size)
+            k += 1

@@ -2,7 +2,9 @@
 
 Weightings are functions of the VE noise level ``sigma`` (B,) returning ``lambda(sigma)`` (B,). With
 ``SNR = 1 / sigma^2`` (VE), an x0-space MSE weighted by ``SNR`` equals the eps-prediction MSE, by ``SNR + 1``
-equals the v-prediction MSE (Salimans & Ho 2022, Sec. 4), and by 1 equals the x0 (``sample``) MSE.
+equals the v-prediction MSE (Salimans & Ho 2022, Sec. 4), and by 1 equals the x0 (``sample``) MSE. For a
+rectified flow (``x_t = (1 - t) x0 + t eps``, ``t = sigma / (1 + sigma)``) the velocity error is the x0 error over
+``t``, so ``flow`` = ``1 / t^2 = (1 + 1 / sigma)^2`` gives the flow-matching MSE (1 at ``sigma = inf``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ WEIGHTINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "snr+1": lambda s: snr(s) + 1,  # v MSE ("SNR+1" of progressive distillation)
     "truncated_snr": lambda s: snr(s).clamp(min=1),  # max(SNR, 1), progressive distillation's "truncated SNR"
     "karras": lambda s: (s**2 + 0.25) / (0.5 * s) ** 2,  # EDM's lambda for sigma_data = 0.5
+    "flow": lambda s: (1 + s.reciprocal()) ** 2,  # rectified flow's velocity MSE: 1 / t^2, t = sigma / (1 + sigma)
 }
 
 

@@ -124,6 +124,8 @@ class Trainer:
             setattr(self.method, role, module)
             self.optimizers[role] = opt
         self._live = None  # the rich progress display while the loop runs
+        self._stream: Any = None  # the data's batch stream, and the position it stands at
+        self._stream_at: tuple[int, int] | None = None
         self._stepped: set[str] = set()  # roles whose optimizer stepped in the current step
         self.streak = 0  # consecutive steps whose every due update was skipped
         self.step = 0
@@ -274,7 +276,10 @@ class Trainer:
         per rank, so micro-batch ``i`` covers the same samples on 1 process or N.
         """
         global_size = self.tc.batch_size * self.world
-        batch, self.epoch, self.offset = self.data.batch(self.epoch, self.offset, global_size)
+        if self._stream is None or self._stream_at != (self.epoch, self.offset):  # first batch, or after a resume
+            self._stream = self.data.stream(self.epoch, self.offset, global_size)
+        batch, self.epoch, self.offset = next(self._stream)
+        self._stream_at = (self.epoch, self.offset)
         m = self.tc.batch_size // self.tc.grad_accum  # this rank's micro-batch
         starts = [i * m * self.world + self.rank * m for i in range(self.tc.grad_accum)]
         return [{k: v[a : a + m].to(self.device) for k, v in batch.items()} for a in starts]

@@ -47,8 +47,9 @@ def test_data_batches_carry_latents_and_caption_embeddings(tiny_pipelines, capti
     rows = b.permutation(0)[:6].tolist()
     captions = load_dataset(cfg)[rows]["caption"]
     torch.testing.assert_close(batch["encoder_hidden_states"], p.encode_prompts(captions)["encoder_hidden_states"])
-    assert len(list((tmp_path / "cache" / "latents").glob("*.safetensors"))) == 1
-    assert len(list((tmp_path / "cache" / "text").glob("*.safetensors"))) == 1
+    assert [p.name for p in (tmp_path / "cache" / "latents").glob("*/*.npy")] == ["latents.npy"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "text").glob("*/*.npy")) == [
+        "encoder_hidden_states.npy", "pooled.npy", "time_ids.npy"]
     # a second reader is served from the caches (no VAE or text encoder call)
     monkeypatch.setattr(type(p), "encode_images", lambda *a, **k: pytest.fail("latents were not cached"))
     monkeypatch.setattr(type(p), "encode_prompts", lambda *a, **k: pytest.fail("captions were not cached"))
@@ -132,3 +133,23 @@ def test_a_minimal_recipe_runs_with_its_defaults(tiny_teacher, tmp_path):
     teacher_recipe = tmp_path / "teacher.yaml"
     teacher_recipe.write_text("method: {name: teacher}\n")
     assert load_recipe(teacher_recipe).trainer.max_steps == 1000  # a method that does not say: the default
+
+
+def test_lazily_read_latents_and_captions_match_the_in_memory_ones(tiny_pipelines, caption_data, tmp_path,
+                                                                     monkeypatch):
+    from distill.config import DataConfig
+    from distill.data import ImageBatches, load_dataset
+    from distill.pipelines import load_pipeline
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    p = load_pipeline(tiny_pipelines["sd3"])
+    memory_cfg = DataConfig(name=str(caption_data), caption_column="caption")
+    lazy_cfg = DataConfig(name=str(caption_data), caption_column="caption", in_memory=False)
+    memory = ImageBatches(load_dataset(memory_cfg), memory_cfg, seed=1, pipeline=p)
+    lazy = ImageBatches(load_dataset(lazy_cfg), lazy_cfg, seed=1, pipeline=p)
+    assert lazy._lazy is not None and lazy._lazy.latents is not None  # memory-mapped from the cache
+    a, _, _ = memory.batch(0, 20, 8)  # crosses the epoch boundary
+    b, _, _ = lazy.batch(0, 20, 8)
+    assert a.keys() == b.keys() == {"image", "encoder_hidden_states", "pooled"}
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

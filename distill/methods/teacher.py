@@ -1,9 +1,16 @@
-"""Teacher training: the standard denoising loss (Ho et al. 2020) on a diffusers UNet2DModel.
+"""Teacher training: the standard denoising loss (Ho et al. 2020) on any network distill adapts.
 
 The loss is written in the library's convention, ``lambda(sigma) * ||D(x0 + sigma * eps, sigma) - x0||^2``
 with ``t ~ U{0, ..., T-1}`` and ``sigma = sigma(t)``. With ``lambda = SNR + 1`` it is exactly the v-prediction
 MSE, with ``SNR`` the eps-prediction MSE, with 1 the x0 MSE (see :mod:`distill.losses`), so the network's
-native parameterization never appears here.
+native parameterization never appears here; ``flow`` weights a rectified-flow teacher's loss as its velocity MSE.
+
+What is trained: a fresh ``UNet2DModel`` built from ``unet`` (pixel data), or the network of a pipeline folder:
+``init``, or the recipe's ``teacher:``. The latter is how latent and text-conditional teachers are trained: the
+folder (a "scaffold" of a freshly initialised network beside a trained VAE and text encoders) also decides how the
+data is served (VAE latents, caption embeddings), and the exported teacher keeps its other components.
+``cond_dropout`` trains that share of samples on the unconditional input (the empty prompt, the null class), so
+that classifier-free guidance works (Ho & Salimans 2022).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from distill.denoisers import DiffusersDenoiser, check_scheduler_config
 from distill.errors import DistillError
 from distill.methods import Context, Method, Role, load_teacher
 from distill.schedules import add_noise
+from distill.tensors import append_dims
 
 
 def _default_unet() -> dict[str, Any]:
@@ -51,7 +59,8 @@ class TeacherConfig:
     weighting: str = "snr+1"  # lambda(sigma): snr+1 = v-MSE, snr = eps-MSE, uniform = x0-MSE
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, warmup_steps=100))
     ema_decay: float = 0.999  # the exported model is the EMA
-    init: str | None = None  # start from this pipeline folder instead of a fresh UNet
+    init: str | None = None  # start from this pipeline folder instead of a fresh UNet (or set the recipe's teacher:)
+    cond_dropout: float = 0.0  # share of samples trained unconditionally (classifier-free guidance needs > 0)
 
     def check(self) -> list[str]:
         errs = []
@@ -59,6 +68,8 @@ class TeacherConfig:
             errs.append(f"weighting: {self.weighting!r} is not one of {', '.join(losses.WEIGHTINGS)}")
         if not 0 <= self.ema_decay < 1:
             errs.append(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.cond_dropout < 1:
+            errs.append(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
         try:
             check_scheduler_config(self.scheduler)
         except DistillError as exc:
@@ -73,8 +84,8 @@ class TeacherTraining(Method):
 
     def __init__(self, config: TeacherConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
-        if config.init is not None:
-            denoiser = load_teacher(ctx, "teacher training", source=config.init)
+        if config.init is not None or ctx.teacher is not None:
+            denoiser = load_teacher(ctx, "teacher training", source=config.init or ctx.teacher)
         else:
             from diffusers import UNet2DModel
 
@@ -91,6 +102,11 @@ class TeacherTraining(Method):
         self.denoiser_ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
         self.ema = {"denoiser_ema": ("denoiser", config.ema_decay)}
         self.weight = losses.weighting(config.weighting)
+        if config.cond_dropout > 0:
+            if ctx.pipeline is None or ctx.pipeline.conditioning is None:
+                raise DistillError("method.cond_dropout trains a conditional teacher's unconditional input; this "
+                                   "teacher is unconditional. Set cond_dropout: 0.")
+            self.uncond = {k: v.to(ctx.device) for k, v in ctx.pipeline.unconditional().items()}
         # (T,) the teacher's discrete noise levels; a buffer, so it lives on the training device
         self.register_buffer("sigmas", denoiser.schedule.sigmas.float(), persistent=False)
 
@@ -102,7 +118,13 @@ class TeacherTraining(Method):
         t = self.randint(0, len(self.sigmas), x0)
         sigma = self.sigmas[t]
         x = add_noise(x0, self.randn_like(x0), sigma)
-        err = losses.l2(self.denoiser(x, sigma, **self.cond(batch)), x0)  # (B,)
+        cond = self.cond(batch)
+        if self.config.cond_dropout > 0:
+            drop = self.rand(x0) < self.config.cond_dropout
+            for k, u in self.uncond.items():
+                c = cond[k]
+                cond[k] = torch.where(append_dims(drop, c.ndim), u.to(c.dtype).expand_as(c), c)
+        err = losses.l2(self.denoiser(x, sigma, **cond), x0)  # (B,)
         loss = (self.weight(sigma) * err).mean()
         return loss, {"x0_mse": err.mean().detach()}
 
