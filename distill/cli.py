@@ -127,8 +127,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("eval-results") / f"{proto.name}-{slug(name)}.jsonl"
     if grids is None and not args.no_grids:
         grids = out.with_name(out.stem + "-grids")  # beside the rows, never into the repository's evals/
+    device = args.device
+    if device is None:  # under torchrun / accelerate launch each process takes its own device
+        from distill.eval.harness import _launched_processes
+
+        state = _launched_processes()
+        device = state.device if state is not None else "cpu"
     rows = evaluate(args.model, proto, _int_list(args.steps), samplers, name=args.name, grids=grids,
-                    device=args.device, guidance=guidance)
+                    device=device, guidance=guidance)
+    if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate launch: the first process reports
+        return 0
     write_rows(rows, out)
     for t in rich_tables(rows):
         console.print(t)
@@ -318,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sampler", default=None,
                     help=f"comma-separated samplers for a teacher (default ddim,euler,heun; choices {', '.join(sorted(SAMPLERS))})")
     sp.add_argument("--name", default=None, help="model name in the rows (default: the folder name)")
-    sp.add_argument("--n", type=int, default=None, help="samples per point (default: the protocol's)")
+    sp.add_argument("--samples", "--n", dest="n", type=int, default=None,
+                    help="samples per point (default: the protocol's; spell it --samples under torchrun, whose own "
+                    "options make --n ambiguous)")
     sp.add_argument("--out", default=None,
                     help="JSONL file to append to (default eval-results/<protocol>-<model>.jsonl in this folder)")
     sp.add_argument("--grids", default=None,
@@ -328,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--guidance", default=None,
                     help="comma-separated guidance scales for a conditional model (default: a student's own, else "
                     "the protocol's)")
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--device", default=None, help="default: cpu, or each launched process's own device")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("leaderboard", help="tables and plots from result rows")

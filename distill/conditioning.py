@@ -76,7 +76,12 @@ def cached_arrays(kind: str, key: str, n: int, chunks: Callable[[], Iterator[dic
     for a in arrays.values():
         a.flush()
     del arrays
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process (a rank of the same run) filled it first
     return cached_arrays(kind, key, n, chunks, mmap)
 
 

@@ -421,8 +421,7 @@ class Trainer:
             self.accelerator.end_training()
         self.save()
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self.export(self.out / "model")
+        self.export(self.out / "model")
         self._live = None
         last = {k: float(v) for k, v in last.items()}
         return {"step": self.step, "skipped": self.skipped, "last": last, "wall_s": time.perf_counter() - t0}
@@ -433,7 +432,9 @@ class Trainer:
         final = self.accelerator.unwrap_model(self.method.export_denoiser())
         info = self.method.export_info()
         if info is None:
-            return save_pipeline(final, folder)
+            if self.accelerator.is_main_process:
+                save_pipeline(final, folder)
+            return Path(folder)
         self._export_student(Milestone("model", final, info, evaluate=evaluate), Path(folder), self.config.eval.steps)
         return Path(folder)
 
@@ -443,44 +444,54 @@ class Trainer:
         if events.reset_optimizers:
             for opt in self.optimizers.values():
                 (opt.optimizer if hasattr(opt, "optimizer") else opt).state.clear()
-        if events.milestones and self.accelerator.is_main_process:
-            for m in events.milestones:
-                self._export_student(m, self.out / "students" / m.name)
+        for m in events.milestones:  # every process: the evaluation is shared between them
+            self._export_student(m, self.out / "students" / m.name)
         if events.reset_optimizers or events.milestones:
             # a phase boundary: a resume must not redo the milestone's work
             if self.step < self.tc.max_steps:
                 self.save()
 
     def _export_student(self, m: Milestone, folder: Path, steps: list[int] | None = None) -> None:
-        """Write ``m`` as a pipeline folder with distill.json, and evaluate it into ``DIR/results.jsonl``."""
+        """Write ``m`` as a pipeline folder with distill.json (the first process), and evaluate it into
+        ``DIR/results.jsonl``: every process samples its share and the features are gathered, so no process
+        waits in a collective of the training loop while another evaluates."""
         from distill.eval.harness import evaluate, write_rows
 
         info = {"name": self.out.name, "method": self.config.method_name, "recipe": self.recipe_name, **m.info}
         if self.config.guidance.active and "guidance" not in info:
             # what a stock pipeline gets as guidance_scale: a w-student's w, else None (it needs no guidance)
             info["guidance"] = self.method.student_guidance()
-        save_student(m.denoiser, folder, info)
+        main = self.accelerator.is_main_process
+        if main:
+            save_student(m.denoiser, folder, info)
         proto = self.config.eval.protocol
         if proto is None or not m.evaluate:
             return
         from distill.eval.protocol import load_protocol
 
+        self.accelerator.wait_for_everyone()  # the folder is written
         was_training = m.denoiser.training
         m.denoiser.eval()
-        # evaluation runs on the main process only: it must not move the training stream the ranks share
+        # evaluation must not move the training stream the ranks share
         rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         live = self._live is not None  # rich allows one live display: no second bar inside the training bar
         say = self._live.console.print if live else print
+        from accelerate import PartialState
+
         try:
             with rng:
                 rows = evaluate(folder, load_protocol(proto, n=self.config.eval.n), steps or info["steps"],
-                                name=self.out.name, grids=self.out / "grids", progress=self.tc.progress and not live,
-                                device=self.device)
+                                name=self.out.name, grids=self.out / "grids",
+                                progress=self.tc.progress and not live and main, device=self.device,
+                                processes=PartialState() if self.world > 1 else None)
         except DistillError as exc:  # the student is saved; a bad evaluation setting must not stop training
-            say(f"warning: {folder} was saved but not evaluated: {exc}")
+            if main:
+                say(f"warning: {folder} was saved but not evaluated: {exc}")
             return
         finally:
             m.denoiser.train(was_training)
+        if not main:
+            return
         write_rows(rows, self.out / "results.jsonl")
         for r in rows[1:]:
             say(f"{self.out.name} {m.name}: {r['metric']} {r['value']:.2f} at {r['steps']} step(s) ({r['sampler']}); "

@@ -108,3 +108,44 @@ def test_two_processes_train_like_one_and_resume_across_world_sizes(tmp_path, ti
     assert r.returncode == 2
     assert "global batch of 16" in r.stderr and "trainer.batch_size=16" in r.stderr
     assert [c.name for c in list_checkpoints(refused / "checkpoints")] == ["step-00000002"]
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_like_one(tmp_path):
+    """`distill eval` under torchrun: each process samples half the samples and the features are gathered; the FD
+    of each point equals one process's to 1e-6 relative, and only the first process writes rows and grids."""
+    import json
+
+    teacher = ROOT / "distill" / "assets" / "digits-teacher"
+    args = ["-m", "distill.cli", "eval", str(teacher), "--steps", "1,4", "--sampler", "ddim", "--samples", "301"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "DISTILL_CACHE": str(tmp_path / "cache")}
+    values = {}
+    for name, launcher in (("one", [sys.executable]), ("two", [*TORCHRUN, "--master_port", _port()])):
+        out = tmp_path / f"{name}.jsonl"
+        done = subprocess.run([*launcher, *args, "--out", str(out)], env=env, capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(rows) == 3 and rows[-1]["processes"] == (1 if name == "one" else 2)
+        values[name] = [r["value"] for r in rows]
+    for a, b in zip(values["one"], values["two"], strict=True):
+        assert abs(a - b) <= 1e-6 * abs(a), (a, b)
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_their_students_together(tmp_path, tiny_teacher):
+    """A run on 2 processes evaluates its exported student on both (each its share), and writes the rows once."""
+    import json
+
+    recipe = ROOT / "recipes" / "digits" / "consistency.yaml"
+    cmd = [*TORCHRUN, "--master_port", _port(), "-m", "distill.cli", "run", str(recipe), "--out", str(tmp_path / "run"),
+           f"teacher={tiny_teacher}", "trainer.progress=false", "trainer.threads=1", "method.iters=2",
+           "method.num_steps=10", "method.sample_steps=[1, 2]", "trainer.batch_size=8", "eval.n=100",
+           "eval.steps=[1, 2]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "DISTILL_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in rows] == [None, 1, 2] and all(r["processes"] == 2 for r in rows[1:])

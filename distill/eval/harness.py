@@ -214,9 +214,16 @@ def evaluate(
     device: str | torch.device = "cpu",
     extractor: Any = None,
     guidance: Sequence[float] | None = None,
+    processes: Any = None,
 ) -> list[dict[str, Any]]:
     """Score ``model`` at every (sampler, step count); returns the rows (floor row first). Writes nothing
-    except sample grids when ``grids`` is a folder (written after every point has been scored)."""
+    except sample grids when ``grids`` is a folder (written after every point has been scored).
+
+    Several processes (``processes``: an ``accelerate.PartialState``; by default the one ``torchrun`` /
+    ``accelerate launch`` started, if any) share the work: each samples a contiguous share of the ``n`` samples
+    (each sample from its own seed, so the images are those of one process) and computes their features; the
+    features are gathered in order and every process computes the same FD. Only the first process writes grids.
+    Every process must call this (it holds collectives)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from distill.eval.grid import save_grid
@@ -242,7 +249,13 @@ def evaluate(
             raise DistillError(f"{m.name} supports {list(m.steps)} steps, none of {unsupported}.")
     check_conditioning(m, proto)
     scales = guidance_scales(m, proto, guidance)
-    ref = reference(proto, extractor, device=device)
+    state = processes if processes is not None else _launched_processes()
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    if world > 1:
+        with state.main_process_first():  # the first process fills the reference cache, the others read it
+            ref = reference(proto, extractor, device=device)
+    else:
+        ref = reference(proto, extractor, device=device)
     if m.pipeline is not None:
         makes, noise_shape = m.pipeline.image_shape, m.pipeline.sample_shape
     elif hasattr(m.denoiser, "shape"):
@@ -276,11 +289,12 @@ def evaluate(
             t0 = time.perf_counter()
             embedded = w is not None and getattr(m.denoiser, "takes_guidance", False)
             point_cond = {**cond, "guidance": float(w)} if embedded else cond
+            share = _share(ref.n, rank, world)
             imgs = generate(_draw(m, sampler, k, proto, w), ref.n, noise_shape, seed=proto.seed,
-                            batch_size=proto.batch_size, device=device, progress=lambda b: bar.advance(task, b),
-                            cond=point_cond)
+                            batch_size=proto.batch_size, device=device, progress=lambda b: bar.advance(task, b * world),
+                            cond=point_cond, rows=share)
             gen_s = time.perf_counter() - t0
-            value = ref.fd(imgs)
+            value = ref.fd_of_features(_gathered_features(ref, imgs, ref.n, world))
             calls = k if m.sampler_fn is not None else nfe(sampler, k)  # a sampler function: one call per step
             if w is not None and w != 1 and not embedded:
                 calls *= 2  # classifier-free guidance: two network evaluations per step (one batched forward)
@@ -289,10 +303,10 @@ def evaluate(
                 "nfe": calls, "guidance": w,
                 "grid": "student" if k in m.sigmas else (proto.grid_for(sampler) if m.sampler_fn is None else None),
                 "value": value, **common, "wall_s": round(time.perf_counter() - t0, 3),
-                "samples_per_s": round(ref.n / gen_s, 1),
+                "samples_per_s": round(ref.n / gen_s, 1), "processes": world,
                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             })
-            if grids is not None:
+            if grids is not None and rank == 0:
                 tag = f"-w{w:g}" if w is not None else ""
                 path = Path(grids) / slug(m.name) / f"{sampler}-{k}{tag}.png"
                 pending_grids.append((imgs[:64], path))
@@ -300,6 +314,38 @@ def evaluate(
     for imgs, path in pending_grids:
         save_grid(imgs, path)
     return rows
+
+
+def _launched_processes() -> Any:
+    """The process group torchrun / accelerate launch started (WORLD_SIZE > 1), as an accelerate PartialState."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _share(n: int, rank: int, world: int) -> range:
+    """Process ``rank``'s contiguous share of ``n`` samples (the last ones may be short or empty)."""
+    per = -(-n // world)
+    return range(min(rank * per, n), min((rank + 1) * per, n))
+
+
+def _gathered_features(ref: Any, images: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """The features of all ``n`` samples, in order: this process's, gathered from every process."""
+    feats = ref.extractor.features(images) if len(images) else torch.empty(0, ref.extractor.dim)
+    if world == 1:
+        return feats
+    from accelerate.utils import gather
+
+    per = -(-n // world)
+    padded = torch.zeros(per, feats.shape[1], dtype=feats.dtype)
+    padded[: len(feats)] = feats
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # gloo gathers CPU tensors, NCCL CUDA ones
+    every = gather(padded.to(device)).cpu().reshape(world, per, -1)
+    return torch.cat([every[r, : len(_share(n, r, world))] for r in range(world)])
 
 
 def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:

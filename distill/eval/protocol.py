@@ -151,7 +151,11 @@ class Reference:
 
     def fd(self, images: torch.Tensor) -> float:
         """FD of images (N, C, H, W) in [-1, 1] against half A."""
-        return frechet_distance(feature_stats(self.extractor.features(images)), self.stats)
+        return self.fd_of_features(self.extractor.features(images))
+
+    def fd_of_features(self, features: torch.Tensor) -> float:
+        """FD of features (N, D) (the extractor's, of N images) against half A."""
+        return frechet_distance(feature_stats(features), self.stats)
 
 
 def _dataset_images(protocol: Protocol) -> tuple[torch.Tensor, str]:

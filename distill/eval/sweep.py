@@ -60,18 +60,21 @@ def generate(
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
     cond: dict[str, torch.Tensor] | None = None,
+    rows: range | None = None,
 ) -> torch.Tensor:
     """``n`` images on the CPU from noise of ``shape`` (C, H, W); sample i uses
     ``torch.Generator().manual_seed(seed + i)`` alone, and row i of each ``cond`` tensor (n rows; ``guidance`` may
-    be a float)."""
+    be a float). ``rows``: only those samples (one process's share of an evaluation), the same images they are in
+    the whole."""
     out = []
-    for lo in range(0, n, batch_size):
-        hi = min(lo + batch_size, n)
+    span = rows if rows is not None else range(n)
+    for lo in range(span.start, span.stop, batch_size):
+        hi = min(lo + batch_size, span.stop)
         gens = [torch.Generator().manual_seed(seed + i) for i in range(lo, hi)]
         noise = randn((len(gens), *shape), gens, device=device)
-        rows = {k: (v[lo:hi].to(device) if isinstance(v, torch.Tensor) and v.ndim > 0 else v)
+        part = {k: (v[lo:hi].to(device) if isinstance(v, torch.Tensor) and v.ndim > 0 else v)
                 for k, v in (cond or {}).items()}
-        out.append(draw(noise, gens, **rows).detach().float().cpu())
+        out.append(draw(noise, gens, **part).detach().float().cpu())
         if progress is not None:
             progress(len(gens))
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0, *shape)
