@@ -165,7 +165,7 @@ class ImageBatches:
     def sample_shape(self) -> tuple[int, int, int]:
         return tuple(self.get([0])["image"].shape[1:])  # type: ignore[return-value]
 
-    def get(self, idx: list[int]) -> dict[str, torch.Tensor]:
+    def get(self, idx: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         if self._cache is not None:
             t = torch.as_tensor(idx)
             out = {k: v[t] for k, v in self._cache.items()}
@@ -178,7 +178,12 @@ class ImageBatches:
         return self._decode(idx)
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        """Epoch ``epoch``'s order (kept for the epoch: drawn once, not per batch)."""
+        cached = getattr(self, "_perm", None)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)))
+            self._perm = cached
+        return cached[1]
 
     def advance(self, epoch: int, offset: int, size: int) -> tuple[int, int]:
         """The position after ``size`` samples from (epoch, offset), without decoding anything."""
@@ -189,15 +194,17 @@ class ImageBatches:
 
     def batch(self, epoch: int, offset: int, size: int, flip_seed: int | None = None) -> tuple[dict, int, int]:
         """The next ``size`` samples from position (epoch, offset); returns (batch, epoch, offset) after it."""
-        idx: list[int] = []
-        while len(idx) < size:
-            perm = self.permutation(epoch)
-            take = perm[offset : offset + size - len(idx)].tolist()
-            idx += take
+        parts: list[torch.Tensor] = []
+        got = 0
+        while got < size:
+            take = self.permutation(epoch)[offset : offset + size - got]
+            parts.append(take)
+            got += len(take)
             offset += len(take)
             if offset >= self.n:
                 epoch, offset = epoch + 1, 0
-        out = self.get(idx)
+        idx = parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = self.get(idx if self._cache is not None else idx.tolist())
         if self.cfg.hflip:
             g = torch.Generator().manual_seed(flip_seed if flip_seed is not None else epoch * 1_000_003 + offset)
             flip = torch.rand(size, generator=g) < 0.5

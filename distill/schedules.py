@@ -62,64 +62,49 @@ def ve_sigma(alphas_cumprod: torch.Tensor | float) -> torch.Tensor | float:
 # ---------------------------------------------------------------------------------------------- sigma = inf
 
 
-def _inf_rows(sigma: torch.Tensor | float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(s, inf)``: sigma as (B, 1, ...) in x's dtype with inf rows replaced by 0, and the inf mask (None when
-    no row is infinite, so the finite path is the plain arithmetic)."""
+def _where_inf(sigma: torch.Tensor | float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, inf)``: sigma as (B, 1, ...) in x's dtype with inf rows replaced by 0, and the inf mask. No branch on
+    the mask's values: these helpers never wait for the device (the finite rows compute exactly the plain formula)."""
     s = per_row(sigma, x)
     inf = torch.isinf(s)
-    if not bool(inf.any()):
-        return s, None
     return torch.where(inf, torch.zeros_like(s), s), inf
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """``x0 + sigma * noise`` (B, ...); rows at ``sigma = inf`` are the unit noise itself (the module convention)."""
-    s, inf = _inf_rows(sigma, x0)
-    x = x0 + s * noise
-    return x if inf is None else torch.where(inf, noise, x)
+    s, inf = _where_inf(sigma, x0)
+    return torch.where(inf, noise, x0 + s * noise)
 
 
 def scale_noise(noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """The starting state at noise level ``sigma`` for unit noise: ``sigma * noise``, or ``noise`` at inf."""
-    s, inf = _inf_rows(sigma, noise)
-    x = s * noise
-    return x if inf is None else torch.where(inf, noise, x)
+    s, inf = _where_inf(sigma, noise)
+    return torch.where(inf, noise, s * noise)
 
 
 def over_sigma(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """``x / sigma``; at ``sigma = inf`` the state already holds that limit (the unit noise), so ``x``."""
-    s, inf = _inf_rows(sigma, x)
-    if inf is None:
-        return x / s
+    s, inf = _where_inf(sigma, x)
     return torch.where(inf, x, x / torch.where(inf, torch.ones_like(s), s))
 
 
 def noise_estimate(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """``eps_hat = (x - x0) / sigma``, the noise a denoiser's estimate implies; ``x`` itself at ``sigma = inf``."""
-    s, inf = _inf_rows(sigma, x)
-    if inf is None:
-        return (x - x0) / s
+    s, inf = _where_inf(sigma, x)
     return torch.where(inf, x, (x - x0) / torch.where(inf, torch.ones_like(s), s))
 
 
 def rescale(x: torch.Tensor, sigma: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
     """``(sigma_to / sigma) x`` for (B,) noise levels; ``sigma_to x`` where ``sigma = inf`` (``x`` the unit noise)."""
-    r = per_row(sigma_to / sigma, x)
-    out = r * x
     inf = torch.isinf(per_row(sigma, x))
-    return torch.where(inf, per_row(sigma_to, x) * x, out) if bool(inf.any()) else out
+    return torch.where(inf, per_row(sigma_to, x) * x, per_row(sigma_to / sigma, x) * x)
 
 
 def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
     """The deterministic DDIM step (= Euler on the PF-ODE) from ``sigma`` to ``sigma_to`` (B,):
     ``x0 + (sigma_to / sigma)(x - x0)``; from ``sigma = inf``, where ``x`` is the unit noise, ``x0 + sigma_to x``."""
-    out = x0 + per_row(sigma_to / sigma, x) * (x - x0)
     inf = torch.isinf(per_row(sigma, x))
-    return torch.where(inf, x0 + per_row(sigma_to, x) * x, out) if bool(inf.any()) else out
-
-
-def has_inf(sigma: torch.Tensor | float) -> bool:
-    return bool(torch.isinf(torch.as_tensor(sigma)).any())
+    return torch.where(inf, x0 + per_row(sigma_to, x) * x, x0 + per_row(sigma_to / sigma, x) * (x - x0))
 
 
 # ---------------------------------------------------------------------------------------------- the protocol
@@ -196,6 +181,11 @@ class NoiseSchedule(abc.ABC):
                 f"prediction_type {prediction_type!r} does not go with a {self.kind} schedule "
                 f"({type(self).__name__}); it takes {', '.join(self.prediction_types)}."
             )
+        if prediction_type == "epsilon" and math.isinf(self.sigma_max):
+            raise DistillError(
+                f"an epsilon-prediction network has no x0 estimate at this {self.kind} schedule's top level, pure noise "
+                "(sigma = inf: zero terminal SNR, or a flow's t = 1); use v_prediction (or flow) for such a schedule."
+            )
 
     def describe(self) -> str:
         return f"{self.kind} ({self.config.get('_class_name', 'scheduler')}, {self.num_train_timesteps} levels)"
@@ -253,16 +243,11 @@ def vp_to_x0(pred: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, predictio
     ``v = alpha_t eps - sigma_t x0``): ``x0 = alpha_t x_t - sigma_t v``; sample: ``x0 = pred``. At ``sigma = inf``
     (zero terminal SNR) v gives ``-v``; epsilon has no estimate there."""
     s = per_row(sigma, x)
-    if prediction_type == "epsilon":
-        if bool(torch.isinf(s).any()):
-            raise DistillError("an epsilon-prediction teacher has no x0 estimate at sigma = inf (zero terminal "
-                               "SNR); use a v-prediction teacher for such schedules.")
+    if prediction_type == "epsilon":  # (no estimate at sigma = inf: refused where the denoiser is built)
         return x - s * pred
     if prediction_type == "v_prediction":
         a, st = vp_alpha(s), vp_sigma(s)
-        x0 = a * (a * x) - st * pred
-        inf = torch.isinf(s)
-        return torch.where(inf, -pred, x0) if bool(inf.any()) else x0
+        return torch.where(torch.isinf(s), -pred, a * (a * x) - st * pred)
     if prediction_type == "sample":
         return pred
     raise DistillError(_bad_prediction_type(prediction_type))
@@ -425,9 +410,7 @@ class FlowMatchSchedule(NoiseSchedule):
         x_t = c * x
         if prediction_type == "flow":
             return x_t - t * pred
-        if prediction_type == "epsilon":
-            if has_inf(sigma):
-                raise DistillError("an epsilon-prediction flow model has no x0 estimate at t = 1.")
+        if prediction_type == "epsilon":  # (no estimate at t = 1: refused where the denoiser is built)
             return (x_t - t * pred) / (1 - t)
         if prediction_type == "sample":
             return pred

@@ -37,9 +37,16 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.jsonl", "students", "gri
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, source: nn.Module, decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * source`` for parameters; buffers are copied."""
-    for pe, ps in zip(ema.parameters(), source.parameters()):
-        pe.lerp_(ps.detach().to(pe.dtype), 1.0 - decay)
+    """``ema <- decay * ema + (1 - decay) * source`` for parameters (one fused multi-tensor op); buffers are copied."""
+    pe, ps = list(ema.parameters()), [p.detach() for p in source.parameters()]
+    if len(pe) != len(ps):
+        raise DistillError(f"an EMA of {len(ps)} parameters cannot follow a network of {len(pe)}.")
+    same = all(a.dtype == b.dtype and a.device == b.device for a, b in zip(pe, ps))
+    if same:
+        torch._foreach_lerp_(pe, ps, 1.0 - decay)
+    else:
+        for a, b in zip(pe, ps):
+            a.lerp_(b.to(a.dtype), 1.0 - decay)
     for be, bs in zip(ema.buffers(), source.buffers()):
         be.copy_(bs)
 

@@ -216,8 +216,8 @@ class ConsistencyDistillation(Method):
         s_fin = torch.where(inf, torch.ones_like(s), s)
         d = (x - x0) / per_row(s_fin, x)  # dx/dsigma (EDM Eq. 3)
         x_euler = x + per_row(s_next - s_fin, x) * d  # = DDIM: D + s_next / s * (x - D)
-        if bool(inf.any()):  # from s = inf (x the unit noise): the DDIM step's limit D + s_next x
-            x_euler = torch.where(append_dims(inf, x.ndim), add_noise(x0, x, s_next), x_euler)
+        # from s = inf (x the unit noise): the DDIM step's limit D + s_next x (a select, so no wait on the device)
+        x_euler = torch.where(append_dims(inf, x.ndim), add_noise(x0, x, s_next), x_euler)
         if self.config.solver != "heun":
             return x_euler
         d_next = (x_euler - self.teacher(x_euler, s_next, **cond)) / per_row(s_next, x)
