@@ -236,6 +236,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scaffold(args: argparse.Namespace) -> int:
+    from distill.pipelines import load_pipeline
+    from distill.scaffold import build_scaffold, load_spec
+
+    out = build_scaffold(load_spec(args.spec), args.out)
+    p = load_pipeline(out)
+    console.print(f"wrote {out}: {escape(p.describe())}, its network freshly initialised; train it with "
+                  f"`distill teacher RECIPE --out DIR teacher={out}`")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -360,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip comparing the pipeline's images with distill's sampler on the same noise")
     sp.add_argument("--check-n", type=int, default=16, help="samples per step count in that comparison")
     sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("scaffold", help="a new teacher's starting point: a pipeline folder with a fresh network "
+                        "beside trained parts (VAE, text encoders), from a spec YAML")
+    sp.add_argument("spec", help="scaffold spec YAML, e.g. recipes/text-digits/sd-scaffold.yaml")
+    sp.add_argument("--out", required=True, help="folder to write (must be new or empty)")
+    sp.set_defaults(fn=cmd_scaffold)
 
     sp = sub.add_parser("recipes", help="list the built-in methods and the shipped recipes")
     sp.add_argument("--dir", default=None, help="recipe folder to list (default: the repository's recipes/)")

@@ -137,3 +137,37 @@ def test_consistency_on_sdxl_and_class_conditional_dit(tiny_pipelines, caption_d
     assert all(not torch.equal(q, after[n]) for n, q in before.items())
     for k, diff in parity(tmp_path / "run" / "model", n=2).items():
         assert diff <= 1e-4, (k, diff)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_scaffold_then_teacher_training_with_caption_dropout(tiny_pipelines, caption_data, tmp_path, kind, one_thread):
+    """`distill scaffold` makes a pipeline with a fresh network beside trained parts; `distill teacher` trains that
+    network on captioned data (as latents), dropping captions for classifier-free guidance, and exports the teacher
+    as the same pipeline class with every part."""
+    from diffusers import DiffusionPipeline
+
+    from distill import cli
+    from distill.export import load_kwargs
+    from distill.pipelines import load_pipeline
+
+    spec = tmp_path / "spec.yaml"
+    vae = tiny_pipelines["sd"] / "vae"
+    spec.write_text((ROOT / "tests" / "data" / f"tiny-{kind}-scaffold.yaml").read_text().replace("VAE", str(vae)))
+    scaffold = tmp_path / "scaffold"
+    assert cli.main(["scaffold", str(spec), "--out", str(scaffold)]) == 0
+    assert load_pipeline(scaffold).class_name == ("StableDiffusionPipeline" if kind == "sd" else
+                                                  "StableDiffusion3Pipeline")
+    weighting = "snr+1" if kind == "sd" else "flow"
+    over = ["--out", str(tmp_path / "run"), f"teacher={scaffold}", f"data.name={caption_data}",
+            "data.caption_column=caption", "trainer.max_steps=4", "trainer.batch_size=4", "trainer.log_every=1",
+            "trainer.progress=false", "trainer.checkpoint_every=0", "method.cond_dropout=0.5",
+            f"method.weighting={weighting}", "method.ema_decay=0.5"]
+    assert cli.main(["teacher", str(ROOT / "recipes" / "digits" / "teacher.yaml"), *over]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["denoiser/loss"] == r["denoiser/loss"] for r in rows)
+    model = tmp_path / "run" / "model"
+    pipe = DiffusionPipeline.from_pretrained(model, **load_kwargs(model))
+    assert {"vae", "text_encoder", "tokenizer"} <= set(pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red seven", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 16, 16, 3)
