@@ -73,8 +73,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sampler = args.sampler or m.samplers[0]
     if m.method != "teacher" and m.steps is not None and args.steps not in m.steps:
         raise DistillError(f"{args.model} is a {m.method} student for {list(m.steps)} steps; pass --steps {m.steps[0]}.")
+    from distill.samplers import SCHEDULER_SAMPLERS, scheduler_sigmas
+
     if args.steps in m.sigmas and args.grid is None:
         sigmas, grid = torch.tensor(m.sigmas[args.steps], dtype=torch.float64), "student's own"
+    elif sampler in SCHEDULER_SAMPLERS:
+        sigmas, grid = scheduler_sigmas(D, sampler, args.steps), "its scheduler's"
     else:
         grid = args.grid or ("karras" if sampler == "heun" else "trailing")
         sigmas = sigma_grid(D, args.steps, grid, args.sigma_max)

@@ -192,6 +192,89 @@ def sample_consistency(
     return x
 
 
+# ---------------------------------------------------------------------------------------------- stock solvers
+
+# The training-free solvers a user would pick instead of distilling, run as diffusers implements them: the
+# teacher's own schedule in the solver's class, stepping in its native state, fed the network's native output
+# (distill's x0 estimate converted back), at the solver's own (integer) timesteps.
+SCHEDULER_SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                        "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def stock_scheduler(denoiser: Denoiser, name: str) -> Any:
+    """The diffusers scheduler behind sampler ``name``, built from the denoiser's own scheduler config."""
+    import diffusers
+
+    cls_name, kwargs = SCHEDULER_SAMPLERS[name]
+    schedule = denoiser.schedule
+    config = dict(schedule.config)
+    native = denoiser.prediction_type
+    kwargs = {**kwargs, "prediction_type": "flow_prediction" if native == "flow" else native}
+    if schedule.kind == "flow":
+        kwargs.update(use_flow_sigmas=True, flow_shift=float(config.get("shift", 1.0)))
+    elif schedule.kind != "vp":
+        raise DistillError(f"{name} drives a VP or flow schedule; this teacher's is {schedule.kind}.")
+    return getattr(diffusers, cls_name).from_config(config, **kwargs)
+
+
+def _ve(schedule: Any, sigma: float) -> float:
+    """A solver's own sigma as distill's VE sigma (flow solvers hold t)."""
+    return sigma / (1 - sigma) if schedule.kind == "flow" else sigma
+
+
+def scheduler_sigmas(denoiser: Denoiser, name: str, num_steps: int) -> torch.Tensor:
+    """The VE grid (num_steps + 1,) float64 stock solver ``name`` samples on for ``num_steps`` steps."""
+    sched = stock_scheduler(denoiser, name)
+    sched.set_timesteps(num_steps)
+    return torch.tensor([_ve(denoiser.schedule, float(v)) for v in sched.sigmas], dtype=torch.float64)
+
+
+def _stock_solver(name: str) -> Callable[..., torch.Tensor]:
+    def sample(
+        denoiser: Denoiser,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        *,
+        generator: Generator = None,
+        callback: Callable[[dict], None] | None = None,
+        cond: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
+        steps = len(sigmas) - 1
+        sched = stock_scheduler(denoiser, name)
+        sched.set_timesteps(steps)
+        own = torch.tensor([_ve(denoiser.schedule, float(v)) for v in sched.sigmas], dtype=torch.float64)
+        if not torch.allclose(own, sigmas.double().cpu(), rtol=1e-5, atol=0):
+            raise DistillError(f"{name} samples on its scheduler's own grid; pass "
+                               f"distill.samplers.scheduler_sigmas(denoiser, {name!r}, {steps}).")
+        schedule = denoiser.schedule
+        z = x * schedule.c_in(own[:1]).item()  # the solver's native state (VP x_t, or the flow's x_t)
+        for i, t in enumerate(sched.timesteps):
+            # the network sees the solver's state at the solver's timestep (diffusers rounds some to integers,
+            # off its own sigma: the same quirk, reproduced); the solver converts the native output itself
+            s = schedule.sigma_of(t.double()).reshape(1)
+            x_ve = z / schedule.c_in(s).item()
+            x0 = _d(denoiser, x_ve, s[0], cond)
+            native = schedule.from_x0(x0, x_ve, s.expand(len(x0)), denoiser.prediction_type)
+            z = sched.step(native, t, z, return_dict=False)[0]
+            if callback is not None:
+                callback({"i": i, "x": z, "sigma": own[i], "sigma_next": own[i + 1], "denoised": x0})
+        return z
+
+    sample.__name__ = f"sample_{name}"
+    sample.__doc__ = (f"The stock diffusers {SCHEDULER_SAMPLERS[name][0]} ({name}) on the denoiser's schedule; one "
+                      "denoiser call per step. ``sigmas`` must be its grid (:func:`scheduler_sigmas`).")
+    return _register(torch.no_grad()(sample))
+
+
+sample_dpmpp_2m = _stock_solver("dpmpp_2m")
+sample_dpmpp_2m_karras = _stock_solver("dpmpp_2m_karras")
+sample_unipc = _stock_solver("unipc")
+
+
 def nfe(sampler: str, num_steps: int) -> int:
     """Denoiser evaluations a sampler makes for ``num_steps`` steps ending at sigma 0."""
     return 2 * num_steps - 1 if sampler == "heun" else num_steps

@@ -163,6 +163,10 @@ class NoiseSchedule(abc.ABC):
         """The network's native timestep (B,) float32 for noise levels (B,)."""
 
     @abc.abstractmethod
+    def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`timestep`: the noise level (float64) a network timestep stands for."""
+
+    @abc.abstractmethod
     def to_x0(self, pred: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
         """x0 estimate from a native network output ``pred`` at VE input ``x``, noise level ``sigma`` (B,)."""
 
@@ -331,6 +335,9 @@ class DiscreteVPSchedule(NoiseSchedule):
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.sigma_to_t(sigma).to(torch.float32)
 
+    def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
+        return self.t_to_sigma(torch.as_tensor(timestep))
+
     def to_x0(self, pred: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
         return vp_to_x0(pred, x, sigma, prediction_type)
 
@@ -395,6 +402,9 @@ class FlowMatchSchedule(NoiseSchedule):
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return (self.sigma_to_t(sigma) * self.T).to(torch.float32)
+
+    def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
+        return self.t_to_sigma(torch.as_tensor(timestep).double() / self.T)
 
     def _in(self, sigma: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = torch.as_tensor(sigma, device=x.device).double()
@@ -476,6 +486,9 @@ class EDMSchedule(NoiseSchedule):
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return (0.25 * torch.as_tensor(sigma).double().log()).to(torch.float32)
+
+    def sigma_of(self, timestep: torch.Tensor) -> torch.Tensor:
+        return (4 * torch.as_tensor(timestep).double()).exp()
 
     def _scalings(self, sigma: torch.Tensor, x: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
         if prediction_type not in self.prediction_types:

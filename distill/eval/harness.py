@@ -32,7 +32,7 @@ import torch
 from distill.errors import DistillError
 from distill.eval.protocol import Protocol, load_protocol, reference
 from distill.eval.sweep import Draw, denoiser_draw, generate, sigma_grid
-from distill.samplers import SAMPLERS, nfe
+from distill.samplers import SAMPLERS, SCHEDULER_SAMPLERS, nfe, scheduler_sigmas
 
 STUDENT_META = "distill.json"
 TEACHER_SAMPLERS = ("ddim", "euler", "heun")
@@ -141,6 +141,8 @@ def _draw(model: Model, sampler: str, steps: int, protocol: Protocol, w: float |
         return lambda noise, gens, **cond: model.sampler_fn(noise, steps, gens)
     if steps in model.sigmas:
         sigmas = torch.tensor(model.sigmas[steps], dtype=torch.float64)
+    elif sampler in SCHEDULER_SAMPLERS:  # a stock solver samples on its own scheduler's grid
+        sigmas = scheduler_sigmas(model.denoiser, sampler, steps)
     else:
         sigmas = sigma_grid(model.denoiser, steps, protocol.grid_for(sampler), protocol.karras_sigma_max)
     D = model.denoiser
@@ -301,7 +303,8 @@ def evaluate(
             rows.append({
                 "model": m.name, "method": m.method, "recipe": m.recipe, "sampler": sampler, "steps": k,
                 "nfe": calls, "guidance": w,
-                "grid": "student" if k in m.sigmas else (proto.grid_for(sampler) if m.sampler_fn is None else None),
+                "grid": "student" if k in m.sigmas else ("scheduler" if sampler in SCHEDULER_SAMPLERS else
+                                                         proto.grid_for(sampler) if m.sampler_fn is None else None),
                 "value": value, **common, "wall_s": round(time.perf_counter() - t0, 3),
                 "samples_per_s": round(ref.n / gen_s, 1), "processes": world,
                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
