@@ -46,6 +46,11 @@ def load_dataset(cfg: DataConfig):
 
     if cfg.name == "digits":
         return digits_dataset()
+    if cfg.name == "text-digits":  # the embedded colored digits with captions (distill.text_digits)
+        from distill.text_digits import text_digits_dataset
+
+        split = cfg.split if cfg.split in ("train", "test", "all") else "train"
+        return text_digits_dataset(split=split)
     path = Path(cfg.name).expanduser()
     try:
         if path.is_dir():

@@ -100,7 +100,8 @@ def caption_data(tmp_path_factory):
     captions = ["a red seven", "a blue two", "the digit one in green", "a white nine"]
     images = (rng.random((24, 3, 16, 16)) * 2 - 1).astype(np.float32)
     ds = datasets.Dataset.from_dict({"image": images, "caption": [captions[i % 4] for i in range(24)],
-                                     "label": [i % 10 for i in range(24)]})
+                                     "label": [i % 10 for i in range(24)], "digit": [i % 3 for i in range(24)],
+                                     "color": [i % 2 for i in range(24)]})
     folder = tmp_path_factory.mktemp("caption-data")
     ds.save_to_disk(str(folder))
     return folder

@@ -153,3 +153,47 @@ def test_lazily_read_latents_and_captions_match_the_in_memory_ones(tiny_pipeline
     assert a.keys() == b.keys() == {"image", "encoder_hidden_states", "pooled"}
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+class _Prompt:
+    def __init__(self, text: str, digit: int, color: int) -> None:
+        self.text, self.digit, self.color = text, digit, color
+
+
+def tiny_prompts() -> list:
+    """Two prompts with the labels an image made for them should be read as."""
+    return [_Prompt("a red seven", 0, 0), _Prompt("a blue two", 1, 0)]
+
+
+def zero_judge():
+    """A feature extractor that reads every image as digit 0, color 0 (so prompt accuracy is predictable)."""
+    from distill.eval.extractors import ModuleExtractor
+
+    class Judge(ModuleExtractor):
+        def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+            zeros = torch.zeros(len(images), dtype=torch.long)
+            return {"digit": zeros, "color": zeros}
+
+    return Judge(tiny_features(), name="zero-judge", dim=6)
+
+
+def test_prompt_accuracy_and_intervals_in_rows(tiny_pipelines, caption_data, tmp_path, monkeypatch):
+    """A protocol with a judge scores prompt accuracy (here exactly the share of prompts the judge agrees with),
+    the floor's accuracy on real images, and a bootstrap interval around every FD and accuracy."""
+    from distill.eval.harness import evaluate
+    from distill.eval.protocol import load_protocol
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    proto = tmp_path / "judged.yaml"
+    proto.write_text(f"name: judged\ndataset: {caption_data}\nextractor: test_conditioning:zero_judge\nn: 12\n"
+                     "prompts: test_conditioning:tiny_prompts\njudge: [digit, color]\nguidance: [1]\n")
+    rows = evaluate(tiny_pipelines["sd"], load_protocol(proto), [1], ["ddim"], progress=False)
+    floor, point = rows
+    assert point["accuracy"] == 0.5  # samples alternate between the two prompts; the judge agrees with one
+    lo, hi = point["accuracy_ci"]
+    assert 0 <= lo <= 0.5 <= hi <= 1
+    lo, hi = point["value_ci"]
+    assert lo <= point["value"] <= hi and lo < hi
+    # the floor: half B of the data, judged against its own digit / color columns
+    assert floor["accuracy"] is not None and 0 <= floor["accuracy"] <= 1
+    assert floor["value_ci"][0] <= floor["value"] <= floor["value_ci"][1]

@@ -465,19 +465,22 @@ def test_reexports_are_the_defining_modules_objects():
     assert ex.DigitsExtractor is digits_extractor.DigitsExtractor is DigitsExtractor
     assert ex.CleanFIDInception is inc.CleanFIDInception and ex.TorchmetricsInception is inc.TorchmetricsInception
     assert (ex.WEIGHTS_ENV, ex.WEIGHTS_FLAG) == (inc.WEIGHTS_ENV, inc.WEIGHTS_FLAG)
-    assert ex.EXTRACTORS == {"digits": DigitsExtractor, "clean-fid": CleanFIDInception,
-                             "torchmetrics": TorchmetricsInception}
+    from distill.eval.text_digits_extractor import TextDigitsExtractor
+
+    assert ex.EXTRACTORS == {"digits": DigitsExtractor, "text-digits": TextDigitsExtractor,
+                             "clean-fid": CleanFIDInception, "torchmetrics": TorchmetricsInception}
     assert set(ex.__all__) <= set(dir(ex))
     with pytest.raises(AttributeError):
         _ = ex.no_such_name
 
 
-@pytest.mark.parametrize("first", ["distill.eval.inception", "distill.eval.digits_extractor"])
+@pytest.mark.parametrize("first", ["distill.eval.inception", "distill.eval.digits_extractor",
+                                   "distill.eval.text_digits_extractor"])
 def test_each_extractor_module_can_be_imported_first(first):
     """No import cycle: a concrete extractor's module imported first, in a fresh interpreter, still works."""
     code = (f"import {first}\n"
             "from distill.eval.extractors import EXTRACTORS, CleanFIDInception, DigitsExtractor\n"
-            "assert list(EXTRACTORS) == ['digits', 'clean-fid', 'torchmetrics'], EXTRACTORS\n"
+            "assert list(EXTRACTORS) == ['digits', 'text-digits', 'clean-fid', 'torchmetrics'], EXTRACTORS\n"
             "assert EXTRACTORS['clean-fid'] is CleanFIDInception and EXTRACTORS['digits'] is DigitsExtractor\n")
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                           timeout=300)

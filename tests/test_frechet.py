@@ -130,3 +130,23 @@ def test_bad_inputs():
         feature_stats(bad)
     with pytest.raises(DistillError, match="different dimensions"):
         frechet_distance(feature_stats(rng.normal(size=(50, 4))), feature_stats(rng.normal(size=(50, 5))))
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_samples():
+    from distill.eval.frechet import bootstrap_fd, bootstrap_mean
+
+    rng = np.random.default_rng(0)
+    ref = feature_stats(rng.normal(size=(4000, 8)))
+    widths = []
+    for n in (200, 3200):
+        x = rng.normal(loc=0.3, size=(n, 8))
+        fd = fd_from_features(x, rng.normal(size=(4000, 8)))
+        lo, hi = bootstrap_fd(x, ref)
+        assert lo < frechet_distance(feature_stats(x), ref) < hi
+        assert abs(fd - frechet_distance(feature_stats(x), ref)) < hi - lo + 0.1
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(n)
+    assert bootstrap_fd(x, ref) == bootstrap_fd(x, ref)  # seeded
+    flags = np.array([1] * 90 + [0] * 10)
+    lo, hi = bootstrap_mean(flags)
+    assert lo < 0.9 < hi and hi - lo < 0.2

@@ -224,15 +224,18 @@ class ModuleExtractor(FeatureExtractor):
 # Names defined in the concrete extractors' modules and re-exported here, imported on first use (see above).
 _ELSEWHERE = {
     "DigitsExtractor": "distill.eval.digits_extractor",
+    "TextDigitsExtractor": "distill.eval.text_digits_extractor",
     "CleanFIDInception": "distill.eval.inception",
     "TorchmetricsInception": "distill.eval.inception",
     "WEIGHTS_ENV": "distill.eval.inception",
     "WEIGHTS_FLAG": "distill.eval.inception",
 }
 # get_extractor name -> class; EXTRACTORS (built on first use from this) maps the same keys to the classes.
-_BUILTINS = {"digits": "DigitsExtractor", "clean-fid": "CleanFIDInception", "torchmetrics": "TorchmetricsInception"}
+_BUILTINS = {"digits": "DigitsExtractor", "text-digits": "TextDigitsExtractor", "clean-fid": "CleanFIDInception",
+             "torchmetrics": "TorchmetricsInception"}
 # Each extractor's `name` is accepted too, so a name read back from a result row rebuilds the same extractor.
-_ALIASES = {"digits-net": "digits", "inception-clean": "clean-fid", "inception-torchmetrics": "torchmetrics"}
+_ALIASES = {"digits-net": "digits", "text-digits-net": "text-digits", "inception-clean": "clean-fid",
+            "inception-torchmetrics": "torchmetrics"}
 
 _MODULE_EXTRACTOR_KWARGS = ("name", "metric", "preprocess", "dim", "device", "batch_size")
 
@@ -310,8 +313,9 @@ def get_extractor(name: str, /, **kwargs: Any) -> FeatureExtractor:
     else:
         raise DistillError(f"{key!r} is a {type(target).__name__}, not an nn.Module or a callable returning one.")
     if isinstance(built, FeatureExtractor):
-        if wrap_kwargs:
-            raise DistillError(f"{key!r} returned a ready FeatureExtractor; it takes no {sorted(wrap_kwargs)}.")
+        extra = sorted(k for k in wrap_kwargs if k != "device")  # the harness always says where to run
+        if extra:
+            raise DistillError(f"{key!r} returned a ready FeatureExtractor; it takes no {extra}.")
         return built
     if not isinstance(built, nn.Module):
         raise DistillError(f"{key!r} returned a {type(built).__name__}; a feature network must be a torch.nn.Module.")

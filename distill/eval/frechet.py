@@ -18,7 +18,11 @@ import torch
 
 from distill.errors import DistillError
 
-__all__ = ["FeatureStats", "feature_stats", "frechet_distance", "fd_from_features"]
+__all__ = ["FeatureStats", "feature_stats", "frechet_distance", "fd_from_features", "bootstrap_fd",
+           "bootstrap_mean"]
+
+BOOTSTRAP_REPS = 200  # resamples behind every interval a result row carries
+BOOTSTRAP_LEVEL = 0.95
 
 
 @dataclass(frozen=True)
@@ -128,3 +132,28 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
 def fd_from_features(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
     """Frechet distance between two feature sets x (N, D) and y (M, D)."""
     return frechet_distance(feature_stats(x), feature_stats(y))
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_fd(features: torch.Tensor | np.ndarray, ref: FeatureStats, reps: int = BOOTSTRAP_REPS,
+                 seed: int = 0, level: float = BOOTSTRAP_LEVEL) -> tuple[float, float]:
+    """A ``level`` percentile-bootstrap interval for the FD of ``features`` (N, D) against ``ref``: the samples
+    are resampled with replacement ``reps`` times (seeded), the reference statistics held fixed. It reflects how
+    much the number moves with the sample set (the evaluation's own noise), so two models whose intervals overlap
+    are not ranked."""
+    x = _as_float64_2d(features)
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(reps, len(x)))
+    values = np.array([frechet_distance(feature_stats(x[i]), ref) for i in idx])
+    return _interval(values, level)
+
+
+def bootstrap_mean(flags: torch.Tensor | np.ndarray, reps: int = BOOTSTRAP_REPS, seed: int = 0,
+                   level: float = BOOTSTRAP_LEVEL) -> tuple[float, float]:
+    """A percentile-bootstrap interval for the mean of per-sample values (N,), e.g. prompt-accuracy flags."""
+    v = np.asarray(flags.detach().cpu().numpy() if isinstance(flags, torch.Tensor) else flags, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(reps, len(v)))
+    return _interval(v[idx].mean(axis=1), level)

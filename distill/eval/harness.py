@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from distill.errors import DistillError
-from distill.eval.protocol import Protocol, load_protocol, reference
+from distill.eval.frechet import bootstrap_fd, bootstrap_mean
+from distill.eval.protocol import Protocol, judge, load_protocol, reference
 from distill.eval.sweep import Draw, denoiser_draw, generate, sigma_grid
 from distill.samplers import SAMPLERS, SCHEDULER_SAMPLERS, nfe, scheduler_sigmas
 
@@ -270,14 +271,18 @@ def evaluate(
             f"{'x'.join(map(str, ref.shape))} images of {proto.dataset!r}; evaluate it with a protocol of its own data "
             "(eval.protocol in a recipe, --protocol here), or none (eval.protocol: null).")
     cond = conditioning(m, proto, ref.n)
+    targets = proto.prompt_targets() if proto.judge else None
     common = {
         "protocol": {"name": proto.name, "key": proto.key()},
         "extractor": {"name": ref.extractor.name, "weights_hash": ref.extractor.weights_hash()},
         "metric": ref.extractor.metric, "n": ref.n, "seed": proto.seed, "floor": ref.floor,
         "versions": versions(), "git": git_rev(), "machine": machine(),
     }
+    floor_accuracy_ci = list(ref.floor_accuracy_ci) if ref.floor_accuracy_ci else None
     rows: list[dict[str, Any]] = [{"model": "real data (half B vs A)", "method": "data-floor", "recipe": None,
-                                   "sampler": None, "steps": None, "nfe": None, "value": ref.floor, **common,
+                                   "sampler": None, "steps": None, "nfe": None, "value": ref.floor,
+                                   "value_ci": list(ref.floor_ci) if ref.floor_ci else None,
+                                   "accuracy": ref.floor_accuracy, "accuracy_ci": floor_accuracy_ci, **common,
                                    "wall_s": None, "samples_per_s": None}]
     pending_grids = []
     points = [(s, k, w) for s in chosen for k in steps for w in scales]
@@ -296,7 +301,14 @@ def evaluate(
                             batch_size=proto.batch_size, device=device, progress=lambda b: bar.advance(task, b * world),
                             cond=point_cond, rows=share)
             gen_s = time.perf_counter() - t0
-            value = ref.fd_of_features(_gathered_features(ref, imgs, ref.n, world))
+            feats = _gathered_features(ref, imgs, ref.n, world)
+            value = ref.fd_of_features(feats)
+            value_ci = bootstrap_fd(feats, ref.stats)
+            accuracy = accuracy_ci = None
+            if targets is not None:
+                mine = {f: torch.tensor([v[i % len(v)] for i in share]) for f, v in targets.items()}
+                correct = _gathered(judge(ref.extractor, imgs, mine).to(torch.uint8), ref.n, world).bool()
+                accuracy, accuracy_ci = float(correct.float().mean()), bootstrap_mean(correct)
             calls = k if m.sampler_fn is not None else nfe(sampler, k)  # a sampler function: one call per step
             if w is not None and w != 1 and not embedded:
                 calls *= 2  # classifier-free guidance: two network evaluations per step (one batched forward)
@@ -305,7 +317,9 @@ def evaluate(
                 "nfe": calls, "guidance": w,
                 "grid": "student" if k in m.sigmas else ("scheduler" if sampler in SCHEDULER_SAMPLERS else
                                                          proto.grid_for(sampler) if m.sampler_fn is None else None),
-                "value": value, **common, "wall_s": round(time.perf_counter() - t0, 3),
+                "value": value, "value_ci": list(value_ci), "accuracy": accuracy,
+                "accuracy_ci": list(accuracy_ci) if accuracy_ci else None,
+                **common, "wall_s": round(time.perf_counter() - t0, 3),
                 "samples_per_s": round(ref.n / gen_s, 1), "processes": world,
                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             })
@@ -336,19 +350,24 @@ def _share(n: int, rank: int, world: int) -> range:
     return range(min(rank * per, n), min((rank + 1) * per, n))
 
 
-def _gathered_features(ref: Any, images: torch.Tensor, n: int, world: int) -> torch.Tensor:
-    """The features of all ``n`` samples, in order: this process's, gathered from every process."""
-    feats = ref.extractor.features(images) if len(images) else torch.empty(0, ref.extractor.dim)
+def _gathered(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """Rows of all ``n`` samples, in order, from each process's share (``local``, (share, ...))."""
     if world == 1:
-        return feats
+        return local
     from accelerate.utils import gather
 
     per = -(-n // world)
-    padded = torch.zeros(per, feats.shape[1], dtype=feats.dtype)
-    padded[: len(feats)] = feats
+    padded = torch.zeros(per, *local.shape[1:], dtype=local.dtype)
+    padded[: len(local)] = local
     device = "cuda" if torch.cuda.is_available() else "cpu"  # gloo gathers CPU tensors, NCCL CUDA ones
-    every = gather(padded.to(device)).cpu().reshape(world, per, -1)
+    every = gather(padded.to(device)).cpu().reshape(world, per, *local.shape[1:])
     return torch.cat([every[r, : len(_share(n, r, world))] for r in range(world)])
+
+
+def _gathered_features(ref: Any, images: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """The features of all ``n`` samples, in order: this process's, gathered from every process."""
+    feats = ref.extractor.features(images) if len(images) else torch.empty(0, ref.extractor.dim)
+    return _gathered(feats, n, world)
 
 
 def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:

@@ -24,7 +24,7 @@ import torch
 from distill.config import DataConfig, from_dict, to_plain
 from distill.errors import DistillError
 from distill.eval.extractors import FeatureExtractor, get_extractor
-from distill.eval.frechet import FeatureStats, feature_stats, frechet_distance
+from distill.eval.frechet import FeatureStats, bootstrap_fd, bootstrap_mean, feature_stats, frechet_distance
 
 GRIDS = ("leading", "trailing", "linspace", "karras")
 DEFAULT_GRIDS = {"ddim": "trailing", "euler": "trailing", "heun": "karras", "consistency": "trailing"}
@@ -54,9 +54,12 @@ class Protocol:
     batch_size: int = 450  # generation batch; results do not depend on it
     # conditional models: sample i is made for prompts[i % len] (a list, or a text file with one prompt a line)
     # or labels[i % len]; each (sampler, steps) point is scored at every guidance scale w (diffusers' guidance_scale)
-    prompts: list[str] | str | None = None
+    prompts: list[str] | str | None = None  # a list, a file, or package.module:function giving prompts
     labels: list[int] | None = None
     guidance: list[float] = field(default_factory=lambda: [1.0])
+    # prompt accuracy: the fields the extractor's predict() judges (e.g. [digit, color]); each prompt names its own
+    # (package.module:function giving objects with .text and these fields) and the reference data has such columns
+    judge: list[str] = field(default_factory=list)
 
     def check(self) -> list[str]:
         errs = []
@@ -79,10 +82,35 @@ class Protocol:
             errs.append(f"guidance must list scales >= 0, got {self.guidance}")
         return errs
 
+    def _prompt_objects(self) -> list[Any] | None:
+        """Prompts as given by a ``package.module:function`` (objects with ``.text``), else None."""
+        if not isinstance(self.prompts, str) or ":" not in self.prompts or Path(self.prompts).is_file():
+            return None
+        from distill.plugins import load_object
+
+        found = load_object(self.prompts, "prompt set")
+        found = found() if callable(found) else found
+        if not found or not all(hasattr(p, "text") for p in found):
+            raise DistillError(f"protocol {self.name!r}: {self.prompts} gives no prompt objects with .text.")
+        return list(found)
+
+    def prompt_targets(self) -> dict[str, list[int]] | None:
+        """Per prompt, the value of each judged field (``judge``), for prompt accuracy; None without a judge."""
+        if not self.judge:
+            return None
+        objects = self._prompt_objects()
+        if objects is None or not all(hasattr(p, f) for p in objects for f in self.judge):
+            raise DistillError(f"protocol {self.name!r} judges {', '.join(self.judge)}: its prompts must come from a "
+                               "package.module:function whose prompt objects carry those fields.")
+        return {f: [int(getattr(p, f)) for p in objects] for f in self.judge}
+
     def prompt_list(self) -> list[str] | None:
         """The prompts (read from the file when ``prompts`` names one)."""
         if self.prompts is None or isinstance(self.prompts, list):
             return self.prompts
+        objects = self._prompt_objects()
+        if objects is not None:
+            return [p.text for p in objects]
         path = Path(self.prompts)
         if not path.is_absolute() and not path.is_file():
             path = REPO_PROTOCOLS / self.prompts
@@ -105,6 +133,8 @@ class Protocol:
         names, sizes and modification times of its files (so edited data is not served stale statistics)."""
         fields = {k: getattr(self, k) for k in ("dataset", "split", "image_column", "resolution", "channels",
                                                  "split_seed", "n")}
+        if self.judge:
+            fields["judge"] = self.judge
         folder = Path(self.dataset).expanduser()
         if self.dataset != "digits" and folder.is_dir():
             fields["files"] = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
@@ -148,6 +178,9 @@ class Reference:
     n_ref: int  # size of half A
     fingerprint: str  # of the dataset
     shape: tuple[int, ...]  # (C, H, W) of the data, which models must generate
+    floor_ci: tuple[float, float] | None = None  # bootstrap interval of the floor (frechet.bootstrap_fd)
+    floor_accuracy: float | None = None  # the judge's accuracy on half B's real images (protocols with a judge)
+    floor_accuracy_ci: tuple[float, float] | None = None
 
     def fd(self, images: torch.Tensor) -> float:
         """FD of images (N, C, H, W) in [-1, 1] against half A."""
@@ -158,14 +191,21 @@ class Reference:
         return frechet_distance(feature_stats(features), self.stats)
 
 
-def _dataset_images(protocol: Protocol) -> tuple[torch.Tensor, str]:
+def _dataset_images(protocol: Protocol) -> tuple[torch.Tensor, str, dict[str, torch.Tensor]]:
+    """(images, fingerprint, the judged columns)."""
     from distill.data import ImageBatches, load_dataset
 
     ds = load_dataset(protocol.data_config())
     batches = ImageBatches(ds, protocol.data_config(), seed=0)
     images = batches.get(list(range(batches.n)))["image"]
-    fingerprint = getattr(ds, "_fingerprint", None) or hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
-    return images, str(fingerprint)
+    missing = [c for c in protocol.judge if c not in ds.column_names]
+    if missing:
+        raise DistillError(f"protocol {protocol.name!r} judges {', '.join(missing)}, which dataset "
+                           f"{protocol.dataset!r} lacks (it has {', '.join(ds.column_names)}).")
+    columns = {c: torch.as_tensor(ds[c]).long() for c in protocol.judge}
+    # the content: a dataset's own fingerprint can be random (one built in memory), the images are what count
+    fingerprint = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+    return images, str(fingerprint), columns
 
 
 def _sha256(path: Path) -> str:
@@ -181,7 +221,7 @@ def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, 
         extractor = get_extractor(protocol.extractor, **{"device": device, **protocol.extractor_args})
     key = f"{protocol.name}-{protocol.key()}-{extractor.name}-{extractor.weights_hash()}"
     meta_path, tensor_path = cache_dir() / f"{key}.json", cache_dir() / f"{key}.safetensors"
-    expected = {"protocol_key": protocol.key(), "extractor": extractor.describe()}
+    expected = {"protocol_key": protocol.key(), "extractor": extractor.describe(), "version": 2}
     if use_cache and meta_path.is_file() and tensor_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
@@ -196,13 +236,15 @@ def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, 
             t = load_file(str(tensor_path))
             stats = FeatureStats(t["mu"].numpy(), t["sigma"].numpy(), int(meta["n_ref"]))
             return Reference(protocol, extractor, stats, meta["floor"], meta["n"], meta["n_ref"], meta["fingerprint"],
-                             tuple(meta["shape"]))
+                             tuple(meta["shape"]), _pair(meta.get("floor_ci")), meta.get("floor_accuracy"),
+                             _pair(meta.get("floor_accuracy_ci")))
         warnings.warn(f"refusing cached reference statistics {tensor_path}: {problem}; recomputing.", stacklevel=2)
 
-    images, fingerprint = _dataset_images(protocol)
+    images, fingerprint, columns = _dataset_images(protocol)
     perm = np.random.default_rng(protocol.split_seed).permutation(len(images))
     half = len(images) // 2
     a, b = images[perm[:half]], images[perm[half : 2 * half]]
+    b_columns = {c: v[perm[half : 2 * half]] for c, v in columns.items()}
     n = protocol.n or len(b)
     if n > len(b):
         raise DistillError(
@@ -216,12 +258,40 @@ def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, 
             f"{2 * extractor.dim} images) or a feature network with fewer dimensions."
         )
     stats = feature_stats(extractor.features(a))
-    floor = frechet_distance(feature_stats(extractor.features(b[:n])), stats)
+    b_features = extractor.features(b[:n])
+    floor = frechet_distance(feature_stats(b_features), stats)
+    floor_ci = bootstrap_fd(b_features, stats)
+    floor_accuracy = floor_accuracy_ci = None
+    if protocol.judge:
+        correct = judge(extractor, b[:n], {c: v[:n] for c, v in b_columns.items()})
+        floor_accuracy, floor_accuracy_ci = float(correct.float().mean()), bootstrap_mean(correct)
     cache_dir().mkdir(parents=True, exist_ok=True)
     tmp = tensor_path.with_suffix(".tmp")
     save_file({"mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)}, str(tmp))
     os.replace(tmp, tensor_path)
     meta = {**expected, "protocol": to_plain(protocol), "floor": floor, "n": n, "n_ref": len(a),
-            "fingerprint": fingerprint, "shape": list(images.shape[1:]), "sha256": _sha256(tensor_path)}
+            "fingerprint": fingerprint, "shape": list(images.shape[1:]), "sha256": _sha256(tensor_path),
+            "floor_ci": list(floor_ci), "floor_accuracy": floor_accuracy,
+            "floor_accuracy_ci": list(floor_accuracy_ci) if floor_accuracy_ci else None}
     meta_path.write_text(json.dumps(meta, indent=1))
-    return Reference(protocol, extractor, stats, floor, n, len(a), fingerprint, tuple(images.shape[1:]))
+    return Reference(protocol, extractor, stats, floor, n, len(a), fingerprint, tuple(images.shape[1:]), floor_ci,
+                     floor_accuracy, floor_accuracy_ci)
+
+
+def _pair(v: Any) -> tuple[float, float] | None:
+    return (float(v[0]), float(v[1])) if v else None
+
+
+def judge(extractor: FeatureExtractor, images: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) bool: the extractor's ``predict`` reads every judged field of image i as ``targets[field][i]``."""
+    predict = getattr(extractor, "predict", None)
+    if predict is None:
+        raise DistillError(f"feature extractor {extractor.name!r} cannot judge prompts (it has no predict()); "
+                           "remove judge: from the protocol.")
+    got = predict(images)
+    correct = torch.ones(len(images), dtype=torch.bool)
+    for field_name, want in targets.items():
+        if field_name not in got:
+            raise DistillError(f"{extractor.name!r} predicts {', '.join(got)}, not {field_name!r}.")
+        correct &= got[field_name].cpu() == torch.as_tensor(want).cpu()
+    return correct
