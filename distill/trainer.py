@@ -304,6 +304,7 @@ class Trainer:
         total: torch.Tensor | float = 0.0
         for i, mb in enumerate(micro):
             sync = i == len(micro) - 1
+            self.method.micro = i
             with (nullcontext() if sync else self.accelerator.no_sync(module)), self.accelerator.autocast():
                 loss, extra = self.method.loss(role, mb, self.step)
             self.accelerator.backward(loss / len(micro))
@@ -385,6 +386,7 @@ class Trainer:
                 due = self.roles_due()
                 for role in due:
                     logs.update(self._update(role, micro))
+                self.method.clear_memo()  # values shared between this step's roles (Method.memo)
                 for ema_name, (src, decay) in self.method.ema.items():
                     if src in self._stepped:  # an EMA follows only real updates of its source
                         ema_update(getattr(self.method, ema_name), self._unwrapped(src), decay)

@@ -233,3 +233,14 @@ def test_resume_is_exact_with_the_discriminator(tmp_path, tiny_teacher, one_thre
     assert torch.equal(ka["rng"]["torch_cpu"], kb["rng"]["torch_cpu"])
     for key in ("step", "epoch", "offset", "method", "python_random"):
         assert ka["state"][key] == kb["state"][key], key
+
+
+def test_the_discriminator_reuses_the_students_sample_of_the_step(tmp_path, tiny_teacher, one_thread):
+    """No needless second forward: with both roles due, the student runs once per micro-batch and step (its
+    sample feeds its own loss and, detached, the discriminator's); with only the discriminator due it runs once."""
+    t = _trainer(tmp_path, tiny_teacher, "method.iters=4", "method.student_every=2", "trainer.grad_accum=2")
+    calls = []
+    t.method.student.register_forward_hook(lambda m, a, o: calls.append(t.step))
+    t.fit()
+    per_step = [calls.count(s) for s in range(4)]
+    assert per_step == [2, 2, 2, 2]  # 2 micro-batches: once each, whether the student updated (steps 0, 2) or not

@@ -15,6 +15,9 @@ A method is one file with a config dataclass and a :class:`Method` subclass. It 
 * randomness through ``self.randn_like(x)`` and ``self.randint(low, high, x)`` (not ``torch.randn_like``): on
   several processes every rank draws the global micro-batch's numbers from one shared stream and keeps its own
   rows, so a run gives the same numbers on 1 or N processes at the same global batch;
+* ``self.memo(name, make)`` to compute a value once per micro-batch and step and share it between roles (a
+  generator's sample that its own loss and the discriminator's or fake score's loss both need): the trainer
+  updates roles in ``roles()`` order on the same micro-batches and clears the memo after each step;
 * optionally ``end_of_step(step)`` returning :class:`StepEvents` (reset the optimizers, export and evaluate a
   student now), and ``checkpointed``: extra module attributes a resume needs (a phase's teacher). A config with
   ``total_steps()`` decides the run's length.
@@ -114,6 +117,25 @@ class Method(nn.Module):
         self.ctx = ctx
 
     shard: tuple[int, int] = (0, 1)  # (rank, world size), set by the trainer
+    micro: int = 0  # index of the micro-batch being computed, set by the trainer
+
+    def memo(self, name: str, make: Any) -> Any:
+        """``make()`` computed once per micro-batch within an optimizer step and shared by every role's loss: a
+        value the first role computes (a generator sample, detached) is reused by the next instead of a second
+        forward. Cleared by the trainer after every step (:meth:`clear_memo`)."""
+        store = self.__dict__.setdefault("_memo", {})
+        key = (name, self.micro)
+        if key not in store:
+            store[key] = make()
+        return store[key]
+
+    def remember(self, name: str, value: Any) -> Any:
+        """Store ``value`` for :meth:`memo` under ``name`` for this micro-batch and step; returns it."""
+        self.__dict__.setdefault("_memo", {})[(name, self.micro)] = value
+        return value
+
+    def clear_memo(self) -> None:
+        self.__dict__["_memo"] = {}
 
     def _rows(self, n: int) -> slice:
         rank, _ = self.shard

@@ -359,6 +359,7 @@ class AdversarialDistillation(Method):
         c = self.config
         if role == "student":
             x_hat = self.generate(x0, cond)
+            self.remember("fake", x_hat.detach())  # the discriminator's fake for this micro-batch: no second forward
             loss = x0.new_zeros(())
             logs: dict[str, float] = {}
             if c.adversarial:
@@ -370,9 +371,9 @@ class AdversarialDistillation(Method):
                 loss = loss + c.lambda_distill * dist
                 logs["distill"] = dist.detach()
             return loss, logs
-        # the discriminator
+        # the discriminator: on the student's sample of this step (made once, by the student's update, if it ran)
         with torch.no_grad():
-            fake = self.generate(x0, cond)
+            fake = self.memo("fake", lambda: self.generate(x0, cond))
         lazy = c.r1_weight > 0 and step % (c.r1_every * c.disc_every) == 0
         if lazy:
             real_logits, r1 = self.r1_penalty(x0, cond)
