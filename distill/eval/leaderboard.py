@@ -4,6 +4,13 @@ Rows are grouped by (protocol, metric, feature extractor): only numbers measured
 table. Within a group the last row read wins for each (model, sampler, grid, steps): files are read in the
 order given (``distill leaderboard`` with no files: sorted by name), rows in file order. Every table shows the
 protocol's data-vs-data floor.
+
+Conditional models' rows carry their classifier-free guidance scale: each scale is a series of its own
+("teacher · ddim (w=3)"). Where rows carry 95% bootstrap intervals (``value_ci``, ``accuracy_ci``) a cell reads
+``4.15 [3.95, 4.37]`` and every value whose interval overlaps the best one's is bold with it (a tie, not a
+ranking); rows without intervals (older results) render as they always did. Rows with prompt accuracy get a
+second table (accuracy as a percentage, higher is better) and, across several guidance scales, a trade-off plot
+of the metric against prompt accuracy.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ def _group_key(r: dict[str, Any]) -> tuple:
 
 
 def group(rows: list[dict[str, Any]]) -> "OrderedDict[tuple, dict[str, Any]]":
-    """{group key: {"floor": row, "series": {(model, sampler, grid): {steps: row}}}} with the newest rows."""
+    """{group key: {"floor": row, "series": {(model, sampler, grid, guidance): {steps: row}}}} with the newest
+    rows; ``guidance`` is the row's classifier-free guidance scale (None for unconditional models)."""
     groups: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
     for r in rows:
         try:
@@ -49,27 +57,76 @@ def group(rows: list[dict[str, Any]]) -> "OrderedDict[tuple, dict[str, Any]]":
         if r.get("method") == "data-floor":
             g["floor"] = r
         else:
-            g["series"].setdefault((r["model"], r["sampler"], r.get("grid")), {})[r["steps"]] = r
+            g["series"].setdefault((r["model"], r["sampler"], r.get("grid"), _guidance(r)), {})[r["steps"]] = r
     return groups
 
 
+def _guidance(r: dict[str, Any]) -> float | None:
+    w = r.get("guidance")
+    return None if w is None else float(w)
+
+
 def _label(series_key: tuple) -> str:
-    model, sampler, grid = series_key
-    return f"{model} · {sampler}" + (f" ({grid})" if grid and grid not in ("trailing", "student") else "")
+    model, sampler, grid = series_key[:3]
+    w = series_key[3] if len(series_key) > 3 else None
+    notes = [grid] if grid and grid not in ("trailing", "student") else []
+    if w is not None:
+        notes.append(f"w={w:g}")
+    return f"{model} · {sampler}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _columns(g: dict[str, Any]) -> list[int]:
     return sorted({k for pts in g["series"].values() for k in pts})
 
 
-def _best(g: dict[str, Any], k: int) -> float | None:
-    vals = [pts[k]["value"] for pts in g["series"].values() if k in pts]
-    return min(vals) if vals else None
+def _interval(r: dict[str, Any], field: str) -> tuple[float, float] | None:
+    """The row's 95% interval of ``field`` ("value" or "accuracy"), None where it has none."""
+    ci = r.get(f"{field}_ci")
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2 or any(v is None for v in ci):
+        return None
+    return float(ci[0]), float(ci[1])
+
+
+def _winners(g: dict[str, Any], k: int, field: str = "value", higher: bool = False) -> set[tuple]:
+    """The series that are best at step count ``k`` (lowest ``field``; highest with ``higher``), or tied with
+    the best: their 95% interval overlaps the best one's. Rows without intervals tie only on equal values."""
+    pts = {s: p[k] for s, p in g["series"].items() if k in p and p[k].get(field) is not None}
+    if not pts:
+        return set()
+    pick = max if higher else min
+    best_value = pick(r[field] for r in pts.values())
+    out = {s for s, r in pts.items() if r[field] == best_value}
+    best_cis = [ci for s in out if (ci := _interval(pts[s], field)) is not None]
+    for s, r in pts.items():
+        ci = _interval(r, field)
+        if ci is not None and any(ci[0] <= b[1] and b[0] <= ci[1] for b in best_cis):
+            out.add(s)
+    return out
+
+
+def _has(g: dict[str, Any], what: str) -> bool:
+    """Whether any point of the group has ``what``: "value_ci", "accuracy" or "guidance"."""
+    rows = [r for pts in g["series"].values() for r in pts.values()]
+    if what == "value_ci":
+        return any(_interval(r, "value") for r in rows)
+    return any(r.get(what) is not None for r in rows)
+
+
+def _fd(value: float, ci: tuple[float, float] | None) -> str:
+    return f"{value:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def _pct(value: float, ci: tuple[float, float] | None) -> str:
+    return f"{100 * value:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
 def _cell(r: dict[str, Any]) -> str:
-    v = f"{r['value']:.2f}"
+    v = _fd(r["value"], _interval(r, "value"))
     return v if r["nfe"] == r["steps"] else f"{v} ({r['nfe']} NFE)"
+
+
+def _acc_cell(r: dict[str, Any]) -> str:
+    return _pct(r["accuracy"], _interval(r, "accuracy")) if r.get("accuracy") is not None else ""
 
 
 def title(key: tuple) -> str:
@@ -77,35 +134,97 @@ def title(key: tuple) -> str:
     return f"{metric} on protocol '{proto}' ({extractor} {h[:8]}), by sampling steps; lower is better"
 
 
+def accuracy_title(key: tuple) -> str:
+    proto, _, _, extractor, h = key
+    return f"prompt accuracy on protocol '{proto}' (judged by {extractor} {h[:8]}), by sampling steps; higher is better"
+
+
+TIE_NOTE = "bold: best, or tied with the best (overlapping 95% intervals)"
+
+
+def _caption(g: dict[str, Any]) -> str | None:
+    """What a group's metric table needs said beyond the page header: its interval form, ties, guidance; None
+    for rows with none of them (older rows render as they always did)."""
+    parts = []
+    if _has(g, "value_ci"):
+        parts.append("Cells: the metric [its 95% bootstrap interval over the samples]; " + TIE_NOTE + ".")
+    if _has(g, "guidance"):
+        parts.append("Conditional models have a row per classifier-free guidance scale w.")
+    return " ".join(parts) or None
+
+
+def _accuracy_caption(g: dict[str, Any]) -> str:
+    text = ("Prompt accuracy: the share of samples whose prompt the protocol's judge reads back from the image, "
+            "as a percentage")
+    if any(_interval(r, "accuracy") for pts in g["series"].values() for r in pts.values()):
+        text += " [95% bootstrap interval]; " + TIE_NOTE
+    text += "."
+    if g["floor"] is not None and g["floor"].get("accuracy") is not None:
+        text += " The judge row is its accuracy on real images, the reference for every model."
+    return text
+
+
+def _floor_fd(f: dict[str, Any]) -> str:
+    return _fd(f["value"], _interval(f, "value"))
+
+
 def rich_tables(rows: list[dict[str, Any]]) -> list:
+    """Per group, the metric table; and, where rows have prompt accuracy, an accuracy table."""
     from rich.table import Table
 
     tables = []
     for key, g in group(rows).items():
         cols = _columns(g)
-        t = Table(title=title(key), title_justify="left")
+        caption = _caption(g)
+        t = Table(title=title(key), title_justify="left", caption=caption, caption_justify="left")
         t.add_column("model · sampler")
         for k in cols:
             t.add_column(str(k), justify="right")
+        wins = {k: _winners(g, k) for k in cols}
         for skey, pts in g["series"].items():
             cells = []
             for k in cols:
                 if k not in pts:
                     cells.append("")
-                elif pts[k]["value"] == _best(g, k):
+                elif skey in wins[k]:
                     cells.append(f"[bold green]{_cell(pts[k])}[/bold green]")
                 else:
                     cells.append(_cell(pts[k]))
             t.add_row(_label(skey), *cells)
         if g["floor"] is not None:
             f = g["floor"]
-            t.add_row(f"data floor (real half B vs A, n={f['n']})", *[f"{f['value']:.2f}"] * max(1, len(cols)), style="dim")
+            t.add_row(f"data floor (real half B vs A, n={f['n']})", *[_floor_fd(f)] * max(1, len(cols)), style="dim")
         tables.append(t)
+        if _has(g, "accuracy"):
+            tables.append(_rich_accuracy(key, g, cols))
     return tables
 
 
-def markdown(rows: list[dict[str, Any]], plots: dict[tuple, str] | None = None,
+def _rich_accuracy(key: tuple, g: dict[str, Any], cols: list[int]) -> Any:
+    from rich.table import Table
+
+    t = Table(title=accuracy_title(key), title_justify="left", caption=_accuracy_caption(g), caption_justify="left")
+    t.add_column("model · sampler")
+    for k in cols:
+        t.add_column(str(k), justify="right")
+    wins = {k: _winners(g, k, "accuracy", higher=True) for k in cols}
+    for skey, pts in g["series"].items():
+        if not any(r.get("accuracy") is not None for r in pts.values()):
+            continue
+        cells = [(f"[bold green]{_acc_cell(pts[k])}[/bold green]" if skey in wins[k] else _acc_cell(pts[k]))
+                 if k in pts else "" for k in cols]
+        t.add_row(_label(skey), *cells)
+    f = g["floor"]
+    if f is not None and f.get("accuracy") is not None:
+        t.add_row(f"judge on real images (half B, n={f['n']})", *[_acc_cell(f)] * max(1, len(cols)), style="dim")
+    return t
+
+
+def markdown(rows: list[dict[str, Any]], plots: dict[Any, str] | None = None,
              source: str = "by `distill leaderboard` from the JSONL rows in `evals/results/`") -> str:
+    """The leaderboard page: per group its metric table, its prompt-accuracy table where rows have accuracy,
+    the plots in ``plots`` ({group key: path} and {(group key, "tradeoff"): path}) and links to sample grids."""
+    plots = plots or {}
     out = ["# Leaderboard", "", f"Generated {source}. Cells are the "
            "metric at that many sampling steps (NFE in brackets where it differs); **bold** is the best at that step "
            "count. The data floor is the same metric between two disjoint halves of the real data, with the same "
@@ -121,8 +240,12 @@ def markdown(rows: list[dict[str, Any]], plots: dict[tuple, str] | None = None,
             out.append(f"n = {r0['n']} samples per point, seeds {r0['seed']}.., measured on {'; '.join(machines)}; "
                        f"git {', '.join(gits)}.")
             out.append("")
+        caption = _caption(g)
+        if caption:
+            out += [caption, ""]
         out.append("| model · sampler | " + " | ".join(str(k) for k in cols) + " |")
         out.append("|---|" + "---:|" * len(cols))
+        wins = {k: _winners(g, k) for k in cols}
         for skey, pts in g["series"].items():
             cells = []
             for k in cols:
@@ -130,14 +253,19 @@ def markdown(rows: list[dict[str, Any]], plots: dict[tuple, str] | None = None,
                     cells.append("")
                 else:
                     c = _cell(pts[k])
-                    cells.append(f"**{c}**" if pts[k]["value"] == _best(g, k) else c)
+                    cells.append(f"**{c}**" if skey in wins[k] else c)
             out.append(f"| {_label(skey)} | " + " | ".join(cells) + " |")
         if g["floor"] is not None:
             f = g["floor"]
-            out.append("| *data floor (real half B vs A)* | " + " | ".join([f"*{f['value']:.2f}*"] * len(cols)) + " |")
+            out.append("| *data floor (real half B vs A)* | " + " | ".join([f"*{_floor_fd(f)}*"] * len(cols)) + " |")
         out.append("")
-        if plots and key in plots:
+        if _has(g, "accuracy"):
+            out += _markdown_accuracy(key, g, cols)
+        if key in plots:
             out += [f"![{title(key)}]({plots[key]})", ""]
+        if (key, "tradeoff") in plots:
+            alt = f"{key[2]} against prompt accuracy across guidance scales, protocol '{key[0]}'"
+            out += [f"![{alt}]({plots[(key, 'tradeoff')]})", ""]
         grids = [(skey, k, r["grid_png"]) for skey, pts in g["series"].items() for k, r in pts.items() if r.get("grid_png")]
         if grids:
             out.append("Sample grids (first 64 samples of each point): " + ", ".join(
@@ -146,8 +274,43 @@ def markdown(rows: list[dict[str, Any]], plots: dict[tuple, str] | None = None,
     return "\n".join(out)
 
 
+def _markdown_accuracy(key: tuple, g: dict[str, Any], cols: list[int]) -> list[str]:
+    out = [f"### {accuracy_title(key)}", "", _accuracy_caption(g), "",
+           "| model · sampler | " + " | ".join(str(k) for k in cols) + " |", "|---|" + "---:|" * len(cols)]
+    wins = {k: _winners(g, k, "accuracy", higher=True) for k in cols}
+    for skey, pts in g["series"].items():
+        if not any(r.get("accuracy") is not None for r in pts.values()):
+            continue
+        cells = []
+        for k in cols:
+            c = _acc_cell(pts[k]) if k in pts else ""
+            cells.append(f"**{c}**" if c and skey in wins[k] else c)
+        out.append(f"| {_label(skey)} | " + " | ".join(cells) + " |")
+    f = g["floor"]
+    if f is not None and f.get("accuracy") is not None:
+        out.append("| *judge on real images (half B)* | " + " | ".join([f"*{_acc_cell(f)}*"] * len(cols)) + " |")
+    out.append("")
+    return out
+
+
+def _tradeoff_curves(g: dict[str, Any]) -> OrderedDict[tuple, list[dict[str, Any]]]:
+    """{(model, sampler, grid, steps): its rows with accuracy, by guidance scale} where the group's rows with
+    accuracy span several guidance scales; {} otherwise."""
+    rows = [r for pts in g["series"].values() for r in pts.values()
+            if r.get("accuracy") is not None and _guidance(r) is not None]
+    if len({_guidance(r) for r in rows}) < 2:
+        return OrderedDict()
+    curves: OrderedDict[tuple, list[dict[str, Any]]] = OrderedDict()
+    for r in rows:
+        curves.setdefault((r["model"], r["sampler"], r.get("grid"), r["steps"]), []).append(r)
+    return OrderedDict((c, sorted(rs, key=_guidance)) for c, rs in curves.items())
+
+
 def plot(rows: list[dict[str, Any]], folder: str | Path) -> dict[tuple, Path]:
-    """One PNG per group: metric against NFE (log-log), a line per model · sampler, the floor dashed."""
+    """Per group, a PNG of the metric against NFE (log-log), a line per model · sampler (· guidance scale), its
+    95% intervals as error bars where rows have them, the floor dashed; and, for groups whose rows have prompt
+    accuracy at several guidance scales, the guidance trade-off: the metric against prompt accuracy, a curve per
+    (model, sampler, steps) through its guidance scales. Returns {group key: path, (group key, "tradeoff"): path}."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,18 +318,25 @@ def plot(rows: list[dict[str, Any]], folder: str | Path) -> dict[tuple, Path]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    paths: dict[tuple, Path] = {}
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v", "P"]
     for key, g in group(rows).items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        styles = ["-", "--", ":", "-."]
-        markers = ["o", "s", "^", "D", "v", "P"]
         for i, (skey, pts) in enumerate(g["series"].items()):
             pts_sorted = sorted(pts.values(), key=lambda r: r["nfe"])
             # distinct styles: samplers with the same math (DDIM and Euler) would otherwise hide each other
-            ax.plot([r["nfe"] for r in pts_sorted], [r["value"] for r in pts_sorted], marker=markers[i % 6],
-                    linestyle=styles[i % 4], label=_label(skey))
+            (line,) = ax.plot([r["nfe"] for r in pts_sorted], [r["value"] for r in pts_sorted], marker=markers[i % 6],
+                              linestyle=styles[i % 4], label=_label(skey))
+            bars = [(r["nfe"], ci) for r in pts_sorted if (ci := _interval(r, "value")) is not None]
+            if bars:  # vertical bars, not errorbar(): a bootstrap interval need not contain the value itself
+                ax.vlines([x for x, _ in bars], [ci[0] for _, ci in bars], [ci[1] for _, ci in bars],
+                          color=line.get_color(), alpha=0.6, linewidth=2)
         if g["floor"] is not None:
             ax.axhline(g["floor"]["value"], color="gray", linestyle="--", label="data floor")
+            ci = _interval(g["floor"], "value")
+            if ci is not None:
+                ax.axhspan(ci[0], ci[1], color="gray", alpha=0.15)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("network evaluations (NFE)")
@@ -175,11 +345,51 @@ def plot(rows: list[dict[str, Any]], folder: str | Path) -> dict[tuple, Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = folder / f"{key[0]}-{key[3]}-{key[1][:6]}{key[4][:6]}.png"  # protocol key + weights hash: no collisions
+        stem = f"{key[0]}-{key[3]}-{key[1][:6]}{key[4][:6]}"  # protocol key + weights hash: no collisions
+        path = folder / f"{stem}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths[key] = path
+        curves = _tradeoff_curves(g)
+        if curves:
+            path = folder / f"{stem}-tradeoff.png"
+            _plot_tradeoff(plt, key, g, curves, path, styles, markers)
+            paths[(key, "tradeoff")] = path
     return paths
+
+
+def _plot_tradeoff(plt: Any, key: tuple, g: dict[str, Any], curves: dict[tuple, list[dict[str, Any]]], path: Path,
+                   styles: list[str], markers: list[str]) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    values = []
+    for i, ((model, sampler, grid, steps), rs) in enumerate(curves.items()):
+        xs, ys = [100 * r["accuracy"] for r in rs], [r["value"] for r in rs]
+        values += ys
+        label = _label((model, sampler, grid)) + f", {steps} step{'s' if steps != 1 else ''}"
+        (line,) = ax.plot(xs, ys, marker=markers[i % 6], linestyle=styles[i % 4], label=label)
+        for r, x, y in zip(rs, xs, ys):
+            ax.annotate(f"w={_guidance(r):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=line.get_color())
+            if (ci := _interval(r, "value")) is not None:
+                ax.vlines(x, ci[0], ci[1], color=line.get_color(), alpha=0.5, linewidth=1.5)
+            if (ci := _interval(r, "accuracy")) is not None:
+                ax.hlines(y, 100 * ci[0], 100 * ci[1], color=line.get_color(), alpha=0.5, linewidth=1.5)
+    f = g["floor"]
+    if f is not None:
+        ax.axhline(f["value"], color="gray", linestyle="--", label="data floor")
+        values.append(f["value"])
+        if f.get("accuracy") is not None:
+            ax.axvline(100 * f["accuracy"], color="gray", linestyle=":", label="judge on real images")
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("prompt accuracy (%)")
+    ax.set_ylabel(key[2])
+    ax.set_title(f"{key[2]} against prompt accuracy across guidance scales, protocol '{key[0]}'", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def relink_grids(md: str, base: str | Path) -> str:
