@@ -50,6 +50,7 @@ METHODS: dict[str, str] = {
     "progressive": "distill.methods.progressive:ProgressiveDistillation",
     "consistency": "distill.methods.consistency:ConsistencyDistillation",
     "adversarial": "distill.methods.adversarial:AdversarialDistillation",
+    "distribution_matching": "distill.methods.distribution_matching:DistributionMatching",
 }
 
 
