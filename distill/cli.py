@@ -265,7 +265,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     console.print(t)
     repo = Path(__file__).resolve().parent.parent
     root = Path(args.dir) if args.dir else repo / "recipes"
-    files = sorted(root.rglob("*.yaml"))
+    files = [f for f in sorted(root.rglob("*.yaml")) if not f.name.endswith("scaffold.yaml")]  # specs, not recipes
     if args.dir is None and (repo / "examples").is_dir():
         files += sorted((repo / "examples").glob("*.yaml"))  # recipes of the custom-method example
     if not files:

@@ -187,8 +187,13 @@ def test_prompt_accuracy_and_intervals_in_rows(tiny_pipelines, caption_data, tmp
     proto = tmp_path / "judged.yaml"
     proto.write_text(f"name: judged\ndataset: {caption_data}\nextractor: test_conditioning:zero_judge\nn: 12\n"
                      "prompts: test_conditioning:tiny_prompts\njudge: [digit, color]\nguidance: [1]\n")
-    rows = evaluate(tiny_pipelines["sd"], load_protocol(proto), [1], ["ddim"], progress=False)
+    rows = evaluate(tiny_pipelines["sd"], load_protocol(proto), [1], ["ddim"], progress=False, grids=tmp_path / "g")
     floor, point = rows
+    from PIL import Image
+
+    with Image.open(point["grid_png"]) as grid:  # one row per prompt (2), up to 8 samples each (12 / 2 = 6)
+        w, h = grid.size
+    assert h * 3 == w or abs(h / w - 2 / 6) < 0.05, (w, h)
     assert point["accuracy"] == 0.5  # samples alternate between the two prompts; the judge agrees with one
     lo, hi = point["accuracy_ci"]
     assert 0 <= lo <= 0.5 <= hi <= 1

@@ -10,7 +10,9 @@ from distill.config import load_recipe, parse_override, recipe_from_dict
 from distill.errors import ConfigError, DistillError
 
 TEACHER = Path(__file__).resolve().parent.parent / "recipes" / "digits" / "teacher.yaml"
-RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").rglob("*.yaml"))
+SHIPPED = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").rglob("*.yaml"))
+RECIPES = [p for p in SHIPPED if not p.name.endswith("scaffold.yaml")]
+SCAFFOLDS = [p for p in SHIPPED if p.name.endswith("scaffold.yaml")]
 
 
 def test_there_are_recipes():
@@ -24,6 +26,16 @@ def test_shipped_recipes_validate(path):
     # the header says how to launch it
     head = path.read_text().splitlines()[:12]
     assert any("distill " in line for line in head if line.startswith("#"))
+
+
+@pytest.mark.parametrize("path", SCAFFOLDS, ids=lambda p: p.name)
+def test_shipped_scaffold_specs_validate(path):
+    from distill.scaffold import load_spec
+
+    spec = load_spec(path)
+    assert spec.pipeline and (Path(__file__).resolve().parent.parent / spec.vae).is_dir()
+    head = path.read_text().splitlines()[:12]
+    assert any("distill scaffold " in line for line in head if line.startswith("#"))
 
 
 def test_overrides_are_typed():

@@ -229,7 +229,7 @@ def evaluate(
     Every process must call this (it holds collectives)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from distill.eval.grid import save_grid
+    from distill.eval.grid import save_grid, save_prompt_grid
 
     proto = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
     m = open_model(model, name)
@@ -272,6 +272,8 @@ def evaluate(
             "(eval.protocol in a recipe, --protocol here), or none (eval.protocol: null).")
     cond = conditioning(m, proto, ref.n)
     targets = proto.prompt_targets() if proto.judge else None
+    prompt_list = proto.prompt_list() if cond else None
+    n_prompts = len(prompt_list) if prompt_list else (len(proto.labels) if cond and proto.labels else 0)
     common = {
         "protocol": {"name": proto.name, "key": proto.key()},
         "extractor": {"name": ref.extractor.name, "weights_hash": ref.extractor.weights_hash()},
@@ -326,10 +328,14 @@ def evaluate(
             if grids is not None and rank == 0:
                 tag = f"-w{w:g}" if w is not None else ""
                 path = Path(grids) / slug(m.name) / f"{sampler}-{k}{tag}.png"
-                pending_grids.append((imgs[:64], path))
+                # conditional models: one prompt (or label) per grid row, 8 samples each
+                pending_grids.append((imgs[: 8 * n_prompts] if n_prompts else imgs[:64], path))
                 rows[-1]["grid_png"] = str(path)
     for imgs, path in pending_grids:
-        save_grid(imgs, path)
+        if n_prompts:
+            save_prompt_grid(imgs, n_prompts, path)
+        else:
+            save_grid(imgs, path)
     return rows
 
 
