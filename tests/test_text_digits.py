@@ -1,0 +1,183 @@
+"""Colored digits: the generated data, its captions and tokenizer, the shipped FD-text-digits network and VAE."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distill.eval.digits_net import digits_array, digits_split
+from distill.text_digits import (
+    COLOR_RGB,
+    COLORS,
+    DIGIT_WORDS,
+    HELDOUT_TEMPLATES,
+    TEMPLATES,
+    TRAIN_TEMPLATES,
+    VOCABULARY,
+    caption,
+    colorize,
+    prompt_set,
+    row_templates,
+    split_indices,
+    text_digits_arrays,
+    text_digits_dataset,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+COLUMNS = ["image", "caption", "digit", "color"]
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return text_digits_dataset("test")
+
+
+def _spread(n_total: int, n: int) -> np.ndarray:
+    return np.linspace(0, n_total - 1, n).round().astype(np.int64)
+
+
+def test_columns_shapes_and_labels(test_split) -> None:
+    ds = test_split
+    assert ds.column_names == COLUMNS
+    assert len(ds) == 360 * len(COLORS)
+    row = ds[0]
+    assert row["image"].shape == (3, 32, 32) and row["image"].dtype == torch.float32
+    rows = ds[:]
+    images = rows["image"]
+    assert images.shape == (len(ds), 3, 32, 32)
+    assert images.min() >= -1.0 and images.max() <= 1.0 and images.min() == -1.0
+    assert rows["digit"].dtype == rows["color"].dtype == torch.int64 and isinstance(rows["caption"][0], str)
+    pairs = set(zip(rows["digit"].tolist(), rows["color"].tolist()))
+    assert pairs == {(d, c) for d in range(10) for c in range(len(COLORS))}
+
+
+def test_deterministic(test_split) -> None:
+    again = text_digits_dataset("test")[:]
+    first = test_split[:]
+    assert again["caption"] == first["caption"]
+    assert torch.equal(again["image"], first["image"]) and torch.equal(again["digit"], first["digit"])
+    assert np.array_equal(row_templates("train", 0), row_templates("train", 0))
+    assert not np.array_equal(row_templates("train", 0), row_templates("train", 1))
+
+
+def test_split_is_digits_net_split() -> None:
+    _, labels = digits_array()
+    train_idx, test_idx = digits_split(labels)
+    assert np.array_equal(split_indices("train"), train_idx)
+    assert np.array_equal(split_indices("test"), test_idx)
+    assert len(split_indices("all")) == 1797
+    arrays = text_digits_arrays("train")
+    assert len(arrays["digit"]) == 1437 * 7 == 10_059
+    assert np.array_equal(arrays["digit"], labels[arrays["source"]])
+
+
+def test_colors_and_captions_match_labels(test_split) -> None:
+    rows = test_split[:]
+    images, digits, colors = rows["image"], rows["digit"], rows["color"]
+    ink = (images + 1) / 2  # (N, 3, H, W) in [0, 1]
+    for c, name in enumerate(COLORS):
+        lit = ink[colors == c].amax(dim=(0, 2, 3)) > 0.5  # which RGB channels carry ink
+        assert lit.tolist() == [bool(v) for v in COLOR_RGB[c]], name
+    for text, d, c in zip(rows["caption"], digits.tolist(), colors.tolist()):
+        words = text.split()
+        assert DIGIT_WORDS[d] in words and COLORS[c] in words
+    assert caption("{art} {digit} in {color}", 8, 0) == "an eight in red"
+    assert caption("{art} {digit} in {color}", 1, 6) == "a one in white"
+    white = colorize(np.ones((1, 1, 2, 2), np.float32), np.array([6]))
+    assert np.all(white == 1.0) and np.all(colorize(np.zeros((1, 1, 2, 2), np.float32), np.array([0])) == -1.0)
+
+
+def test_heldout_templates_never_caption_training_rows() -> None:
+    assert len(TEMPLATES) >= 6 and len(HELDOUT_TEMPLATES) == 2
+    assert set(TRAIN_TEMPLATES).isdisjoint(HELDOUT_TEMPLATES)
+    heldout_texts = {p.text for p in prompt_set()}
+    arrays = text_digits_arrays("all")
+    assert row_templates("train").max() < len(TRAIN_TEMPLATES)
+    train_texts = {caption(TEMPLATES[t], d, c)
+                   for t, d, c in zip(row_templates("train")[arrays["row"]], arrays["digit"], arrays["color"])}
+    assert len(train_texts) == len(TRAIN_TEMPLATES) * 70  # every training phrasing of every pair is used
+    assert train_texts.isdisjoint(heldout_texts)
+    assert set(row_templates("heldout").tolist()) == set(range(len(TRAIN_TEMPLATES), len(TEMPLATES)))
+
+
+def test_prompt_set() -> None:
+    prompts = prompt_set()
+    assert len(prompts) == len(HELDOUT_TEMPLATES) * 70
+    assert prompts[0].text == "an image of a red zero" and (prompts[0].digit, prompts[0].color) == (0, 0)
+    assert prompts == prompt_set()
+    for p in prompts:
+        assert p.template >= len(TRAIN_TEMPLATES) and p.text == caption(TEMPLATES[p.template], p.digit, p.color)
+    for t in range(len(TRAIN_TEMPLATES), len(TEMPLATES)):
+        assert {(p.digit, p.color) for p in prompts if p.template == t} == {(d, c) for d in range(10) for c in range(7)}
+
+
+def test_every_caption_tokenizes_into_whole_words(tmp_path) -> None:
+    from distill.text import build_clip_tokenizer
+
+    tok = build_clip_tokenizer(VOCABULARY, tmp_path / "tokenizer")
+    vocab = tok.get_vocab()
+    texts = sorted({caption(t, d, c) for t in TEMPLATES for d in range(10) for c in range(len(COLORS))})
+    assert len(texts) == len(TEMPLATES) * 70
+    ids = tok(texts).input_ids
+    for text, row in zip(texts, ids):
+        assert row == [tok.bos_token_id, *(vocab[w + "</w>"] for w in text.split()), tok.eos_token_id], text
+    # nothing outside the templates' words: VOCABULARY is exactly what the captions use
+    assert set(VOCABULARY) == {w for t in texts for w in t.split()}
+
+
+# ------------------------------------------------------------------------------------ shipped assets
+
+
+def _classifier():
+    from distill.eval.text_digits_net import DEFAULT_FOLDER, load_text_digits_net
+
+    if not (DEFAULT_FOLDER / "model.safetensors").is_file():
+        pytest.skip("distill/assets/text-digits-features is not built")
+    return load_text_digits_net()
+
+
+def test_shipped_classifier_reads_heldout_digits_and_colors() -> None:
+    from distill.eval.text_digits_net import accuracy, load_text_digits_config, weights_hash
+
+    net = _classifier()
+    config = load_text_digits_config()
+    assert config["weights_hash"] == weights_hash(net)
+    data = text_digits_arrays("test")
+    acc = accuracy(net, data["image"], data["digit"], data["color"])
+    assert acc["digit"] >= 0.98 and acc["color"] >= 0.98 and acc["joint"] >= 0.98, acc
+    x = torch.from_numpy(data["image"][:5])
+    d, c = net.predict(x)
+    assert d.shape == c.shape == (5,) and d.dtype == torch.int64
+    with torch.no_grad():
+        assert net.features(x).shape == (5, net.num_features)
+
+
+def test_shipped_vae_loads_offline_and_round_trips() -> None:
+    from distill.vae_train import DEFAULT_FOLDER
+
+    if not (DEFAULT_FOLDER / "diffusion_pytorch_model.safetensors").is_file():
+        pytest.skip("distill/assets/text-digits-vae is not built")
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(DEFAULT_FOLDER, local_files_only=True, use_safetensors=True).eval()
+    config = json.loads((DEFAULT_FOLDER / "config.json").read_text())
+    assert config["shift_factor"] == 0.0 and vae.config.shift_factor == 0.0
+    assert config["scaling_factor"] > 0 and config["scaling_factor"] != 1.0
+    assert config["latent_channels"] == 4 and len(config["block_out_channels"]) == 3
+    net = _classifier()
+    data = text_digits_arrays("test")
+    pick = _spread(len(data["digit"]), 140)
+    x = torch.from_numpy(data["image"][pick])
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        assert z.shape == (140, 4, 8, 8)
+        rec = vae.decode(z).sample.clamp(-1, 1)
+    from distill.eval.text_digits_net import accuracy
+
+    acc = accuracy(net, rec, data["digit"][pick], data["color"][pick])
+    assert acc["joint"] >= 0.95, acc
+    assert float(((rec - x) ** 2).mean()) < 0.05
