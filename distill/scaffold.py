@@ -11,10 +11,16 @@ seed: 0                                    # the network's (and new text encoder
 network: {_class_name: UNet2DConditionModel, sample_size: 8, ...}   # diffusers config of the network to train
 scheduler: {_class_name: DDPMScheduler, beta_schedule: scaled_linear, prediction_type: v_prediction, ...}
 vae: distill/assets/text-digits-vae        # a saved AutoencoderKL (trained), copied in
-tokenizer: {words: distill.text_digits:VOCABULARY, model_max_length: 16}   # an offline CLIP tokenizer
-text_encoders:                             # CLIP text encoders, frozen at their (seeded) random initialisation
-  - {_class_name: CLIPTextModel, seed: 0, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4}
+tokenizer: {path: distill/assets/text-digits-clip/tokenizer}   # a saved CLIP tokenizer folder, or
+# tokenizer: {words: distill.text_digits:VOCABULARY, model_max_length: 16}   # an offline one built from words
+text_encoders:                             # CLIP text encoders: saved ones (trained), or new ones from a config
+  - {_class_name: CLIPTextModel, path: distill/assets/text-digits-clip/sd}
+# - {_class_name: CLIPTextModel, seed: 0, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4}
 ```
+
+Text encoders are frozen by every distill command; a new one stays at its seeded random initialisation, which
+serves the prompts it was trained on but not new phrasings of them (``distill.text_digits_clip`` says why and
+trains the small encoders the text-digits teachers use).
 
 Every part is saved as safetensors; the folder loads in stock diffusers (an SD3 folder without T5 with
 ``text_encoder_3=None, tokenizer_3=None``).
@@ -43,8 +49,10 @@ TEXT_COMPONENTS = {
 
 @dataclass
 class TokenizerSpec:
-    """An offline CLIP tokenizer whose vocabulary is the given words (``distill.text.build_clip_tokenizer``)."""
+    """A saved CLIP tokenizer folder (``path``), or an offline one whose vocabulary is the given words
+    (``distill.text.build_clip_tokenizer``)."""
 
+    path: str | None = None  # a saved tokenizer folder; when given, words and model_max_length are not used
     words: str | list[str] = "distill.text_digits:VOCABULARY"  # a list, or package.module:attr naming one
     model_max_length: int = 77
 
@@ -62,7 +70,7 @@ class ScaffoldSpec:
     seed: int = 0
     vae: str | None = None  # a saved AutoencoderKL folder (latent pipelines)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
-    text_encoders: list[dict[str, Any]] = field(default_factory=list)  # CLIP configs (+ seed) per text encoder
+    text_encoders: list[dict[str, Any]] = field(default_factory=list)  # per encoder: a saved path, or config + seed
 
     def check(self) -> list[str]:
         errs = []
@@ -73,6 +81,10 @@ class ScaffoldSpec:
             if len(self.text_encoders) != need:
                 errs.append(f"text_encoders: a {self.pipeline} takes {need} CLIP text encoder(s), got "
                             f"{len(self.text_encoders)}")
+        for i, enc in enumerate(self.text_encoders):
+            if "path" in enc and set(enc) - {"path", "_class_name"}:
+                errs.append(f"text_encoders[{i}]: a saved encoder (path) takes no config keys, got "
+                            f"{', '.join(sorted(set(enc) - {'path', '_class_name'}))}")
         for key in ("network", "scheduler"):
             if "_class_name" not in getattr(self, key):
                 errs.append(f"{key}._class_name: required (the diffusers class to build)")
@@ -134,12 +146,31 @@ def build_scaffold(spec: ScaffoldSpec, out: str | Path) -> Path:
     tmp = out.with_name(out.name + ".tokenizer-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tokenizer = build_clip_tokenizer(_words(spec.tokenizer), tmp, model_max_length=spec.tokenizer.model_max_length)
+        if spec.tokenizer.path is not None:
+            src = Path(spec.tokenizer.path)
+            if not (src / "tokenizer_config.json").is_file():
+                raise DistillError(f"tokenizer.path: {src} is not a saved tokenizer folder (no tokenizer_config.json).")
+            shutil.copytree(src, tmp)
+            tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp)
+        else:
+            tokenizer = build_clip_tokenizer(_words(spec.tokenizer), tmp,
+                                             model_max_length=spec.tokenizer.model_max_length)
         for (enc_name, tok_name), cfg in zip(TEXT_COMPONENTS[spec.pipeline], spec.text_encoders, strict=True):
             cls_name = cfg.get("_class_name", "CLIPTextModel")
             cls = getattr(transformers, cls_name, None)
             if cls is None:
                 raise DistillError(f"text_encoders: transformers has no class {cls_name!r}.")
+            if "path" in cfg:
+                src = Path(cfg["path"])
+                if not (src / "config.json").is_file():
+                    raise DistillError(f"text_encoders: {src} is not a saved {cls_name} folder (no config.json).")
+                parts[enc_name] = cls.from_pretrained(src, use_safetensors=True).eval()
+                if parts[enc_name].config.vocab_size != len(tokenizer):
+                    raise DistillError(f"text_encoders: {src} has a vocabulary of {parts[enc_name].config.vocab_size}"
+                                       f" tokens but the tokenizer has {len(tokenizer)}; give the tokenizer it was "
+                                       "trained with.")
+                parts[tok_name] = tokenizer
+                continue
             overrides = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "seed"}
             config = transformers.CLIPTextConfig(**{**clip_text_config_kwargs(tokenizer), **overrides})
             with torch.random.fork_rng(devices=[]):

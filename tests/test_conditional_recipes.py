@@ -171,3 +171,40 @@ def test_scaffold_then_teacher_training_with_caption_dropout(tiny_pipelines, cap
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red seven", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3)
+
+
+def test_scaffold_takes_saved_tokenizer_and_text_encoder(tiny_pipelines, tmp_path):
+    """A scaffold spec can name a saved (trained) tokenizer and text encoder instead of building new ones: the
+    pipeline gets exactly those weights; an encoder whose vocabulary is not the tokenizer's, or a saved encoder
+    given config keys as well, is refused with a message."""
+    import transformers
+
+    from distill.errors import DistillError
+    from distill.scaffold import build_scaffold, load_spec
+
+    saved = tiny_pipelines["sd"]
+    text = (ROOT / "tests" / "data" / "tiny-sd-scaffold.yaml").read_text().replace("VAE", str(saved / "vae"))
+    text = text.replace("tokenizer: {words: tiny_pipelines:WORDS, model_max_length: 16}",
+                        f"tokenizer: {{path: {saved / 'tokenizer'}}}")
+    text = text.replace("{_class_name: CLIPTextModel, seed: 0, hidden_size: 32}",
+                        f"{{_class_name: CLIPTextModel, path: {saved / 'text_encoder'}}}")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    out = build_scaffold(load_spec(spec), tmp_path / "scaffold")
+    ours = transformers.CLIPTextModel.from_pretrained(out / "text_encoder").state_dict()
+    theirs = transformers.CLIPTextModel.from_pretrained(saved / "text_encoder").state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    tok = transformers.CLIPTokenizer.from_pretrained(out / "tokenizer")
+    assert tok("a red seven").input_ids == transformers.CLIPTokenizer.from_pretrained(saved / "tokenizer")(
+        "a red seven").input_ids
+
+    wrong = tmp_path / "wrong-vocab"
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(vocab_size=len(tok) + 5, hidden_size=32,
+                                                           intermediate_size=37, num_hidden_layers=1,
+                                                           num_attention_heads=4)).save_pretrained(wrong)
+    spec.write_text(text.replace(str(saved / "text_encoder"), str(wrong)))
+    with pytest.raises(DistillError, match="vocabulary"):
+        build_scaffold(load_spec(spec), tmp_path / "scaffold2")
+    spec.write_text(text.replace(f"path: {saved / 'text_encoder'}}}", f"path: {saved / 'text_encoder'}, seed: 3}}"))
+    with pytest.raises(DistillError, match="takes no config keys, got seed"):
+        load_spec(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +182,66 @@ def test_shipped_vae_loads_offline_and_round_trips() -> None:
     acc = accuracy(net, rec, data["digit"][pick], data["color"][pick])
     assert acc["joint"] >= 0.95, acc
     assert float(((rec - x) ** 2).mean()) < 0.05
+
+
+def _probe_heldout_joint(model, tokenizer, which: str, steps: int = 300) -> float:
+    """Train a fresh reader on the frozen encoder's states of the training captions; its held-out joint accuracy."""
+    import torch.nn.functional as F
+
+    from distill.text_digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
+    from distill.text_digits_clip import MAX_LENGTH, Reader, _accuracy, _captions, _read
+
+    def states(templates):
+        caps, d, c = _captions(templates)
+        ids = tokenizer(caps, padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return _read(model, ids, which, False)[0], d, c
+
+    (xs, d, c), (xh, dh, ch) = states(TRAIN_TEMPLATES), states(HELDOUT_TEMPLATES)
+    torch.manual_seed(0)
+    reader = Reader(xs.shape[-1])
+    opt = torch.optim.AdamW(reader.parameters(), lr=3e-3)
+    for _ in range(steps):
+        logits = reader(xs)
+        loss = F.cross_entropy(logits[:, :10], d) + F.cross_entropy(logits[:, 10:], c)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return _accuracy(reader(xh), dh, ch)["joint"]
+
+
+def test_shipped_text_encoders_carry_heldout_phrasings() -> None:
+    """A reader trained on the training phrasings' states reads held-out phrasings through the shipped encoders,
+    which it does not through the same encoder at its random initialisation (why they are trained)."""
+    import transformers
+
+    from distill.text_digits_clip import ENCODERS
+
+    root = Path(__file__).resolve().parents[1] / "distill" / "assets" / "text-digits-clip"
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "tokenizer")
+    report = json.loads((root / "training_report.json").read_text())
+    for name, (cls_name, which, _, seed) in ENCODERS.items():
+        model = getattr(transformers, cls_name).from_pretrained(root / name).eval()
+        shipped = _probe_heldout_joint(model, tokenizer, which)
+        assert shipped >= 0.95, (name, shipped)
+        assert report["encoders"][name]["heldout_states"]["joint"] >= 0.95
+        if name == "sd":
+            torch.manual_seed(seed)
+            random = getattr(transformers, cls_name)(model.config).eval()
+            assert shipped > _probe_heldout_joint(random, tokenizer, which) + 0.1
+
+
+def test_train_text_encoders_writes_a_loadable_folder_and_refuses_a_full_one(tmp_path) -> None:
+    import transformers
+
+    from distill.errors import DistillError
+    from distill.text_digits_clip import ENCODERS, train_text_encoders
+
+    report = train_text_encoders(tmp_path / "clip", steps=2)
+    assert set(report["encoders"]) == set(ENCODERS)
+    for name, (cls_name, *_) in ENCODERS.items():
+        model = getattr(transformers, cls_name).from_pretrained(tmp_path / "clip" / name)
+        assert model.config.vocab_size == len(transformers.CLIPTokenizer.from_pretrained(tmp_path / "clip" / "tokenizer"))
+    with pytest.raises(DistillError, match="not empty"):
+        train_text_encoders(tmp_path / "clip", steps=2)
