@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
+# torch's idle OpenMP threads sleep instead of spinning: spinning threads starve the working ones on a few shared
+# cores (docs/speed.md); the distill command sets the same default.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test test-all bench venv clean
 

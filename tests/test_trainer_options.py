@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -80,3 +81,18 @@ def test_unknown_tracker_is_refused(tiny_teacher):
 
     with pytest.raises(ConfigError, match="log_with: 'tensorbored' not among"):
         load_recipe(CONSISTENCY, [f"teacher={tiny_teacher}", "trainer.log_with=[tensorbored]"])
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_console_script_defaults_openmp_threads_to_sleep(monkeypatch, preset):
+    """The `distill` command sets OMP_WAIT_POLICY=PASSIVE before torch loads (spinning idle threads starve the
+    working ones on a few shared cores), unless the user set it."""
+    from distill import cli
+
+    if preset is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    monkeypatch.setattr(cli, "main", lambda argv=None: 0)
+    assert cli.entry() == 0
+    assert os.environ["OMP_WAIT_POLICY"] == (preset or "PASSIVE")
