@@ -9,7 +9,7 @@ UniPC driven on the teacher's schedule (``distill.samplers``), at step counts gi
 (NFE; Heun takes 2n - 1; classifier-free guidance doubles each, and rows count it). Writes
 ``evals/results/<protocol>-<teacher>-baselines.jsonl`` (replaced) and ``evals/baselines-<teacher>.md``: per NFE,
 every sampler's FD (with its bootstrap interval; accuracy for text teachers) and the best one, which is what the
-students are compared with (:func:`best_training_free`).
+students are compared with (:func:`distill.eval.leaderboard.best_training_free`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from distill.eval.harness import evaluate, machine, write_rows  # noqa: E402
+from distill.eval.leaderboard import best_training_free  # noqa: E402
 
 TEACHERS = {
     "digits": ("distill/assets/digits-teacher", "digits", None),
@@ -37,14 +38,6 @@ TEACHERS = {
 SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
 STEPS = [1, 2, 3, 4, 6, 8, 12, 16, 25, 50]  # network evaluations per sample (unguided)
 HEUN_STEPS = [1, 2, 3, 4, 5, 7, 9, 13, 25]  # 2n - 1 NFE: 1, 3, 5, 7, 9, 13, 17, 25, 49
-
-
-def best_training_free(rows: list[dict[str, Any]], nfe: int, teacher: str | None = None) -> dict[str, Any] | None:
-    """The lowest-FD row of a teacher's training-free samplers at ``nfe`` network evaluations or fewer (any
-    guidance scale), or None: what a distilled student at that NFE has to beat."""
-    cands = [r for r in rows if r.get("method") == "teacher" and r.get("nfe") is not None and r["nfe"] <= nfe
-             and (teacher is None or r["model"] == teacher)]
-    return min(cands, key=lambda r: r["value"]) if cands else None
 
 
 def _markdown(rows: list[dict[str, Any]], teacher: str, wall_s: float, command: str) -> str:

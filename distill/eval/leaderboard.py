@@ -41,6 +41,15 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def best_training_free(rows: list[dict[str, Any]], nfe: int, teacher: str | None = None) -> dict[str, Any] | None:
+    """The lowest-FD row among a teacher's training-free samplers at ``nfe`` network evaluations or fewer (any
+    sampler, any guidance scale; guided steps count two), or None: what a distilled student at that NFE has to beat,
+    since a user who does not distil runs exactly these."""
+    cands = [r for r in rows if r.get("method") == "teacher" and r.get("nfe") is not None and r["nfe"] <= nfe
+             and (teacher is None or r["model"] == teacher)]
+    return min(cands, key=lambda r: r["value"]) if cands else None
+
+
 def _group_key(r: dict[str, Any]) -> tuple:
     return (r["protocol"]["name"], r["protocol"]["key"], r["metric"], r["extractor"]["name"], r["extractor"]["weights_hash"])
 
