@@ -21,6 +21,10 @@ def test_stock_pipeline_draws_the_asked_digit_and_color(name, one_thread):
     from distill.text_digits import prompt_set
 
     folder = ASSETS / name
+    if not (folder / "model_index.json").is_file():
+        # the teachers are trained by a committed command (recipes/text-digits/teacher-*.yaml); until an asset is
+        # shipped there is nothing to load, and saying so beats a from_pretrained traceback
+        pytest.skip(f"{name} is not shipped yet: distill teacher recipes/text-digits/teacher-{name[12:]}.yaml")
     kwargs = {"text_encoder_3": None, "tokenizer_3": None} if name.endswith("sd3") else {}
     pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)
     pipe.set_progress_bar_config(disable=True)
