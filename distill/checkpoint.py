@@ -2,7 +2,8 @@
 
 Layout of ``checkpoints/step-00000500/``::
 
-    modules/<name>.safetensors   every trainable role and EMA network (state dicts)
+    modules/<name>.safetensors   every trainable role and EMA network (state dicts; of a LoRA student only what
+                                 is not the teacher's shared base: adapters, new layers)
     optim/<role>.safetensors     optimizer tensors (exp_avg, ...), keyed "<param index>.<name>"
     optim/<role>.json            optimizer param groups and non-tensor state
     rng.safetensors              torch CPU (and CUDA) generator states
@@ -22,7 +23,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,6 +44,26 @@ def _sha256(path: Path) -> str:
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or non-contiguous storage; clone keeps EMA/student copies independent
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+
+
+def module_state(module: torch.nn.Module, shared: Collection[int] = ()) -> dict[str, torch.Tensor]:
+    """``module``'s state dict without the tensors in ``shared`` (ids: a LoRA student's frozen base, which is the
+    teacher's and is read from the teacher's folder, not from checkpoints)."""
+    if not shared:
+        return module.state_dict()
+    return {k: v.detach() for k, v in module.state_dict(keep_vars=True).items() if id(v) not in shared}
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], shared: Collection[int] = ()) -> None:
+    """Load a :func:`module_state` back: every entry but the shared tensors' must be there (RuntimeError if not)."""
+    if not shared:
+        module.load_state_dict(state)
+        return
+    skip = {k for k, v in module.state_dict(keep_vars=True).items() if id(v) in shared}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in skip]
+    if missing or unexpected:
+        raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
 def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -79,10 +100,13 @@ def save_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer],
     state: dict[str, Any],
     keep: int,
+    shared: Collection[int] = (),
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep`` complete ones."""
-    for name, m in modules.items():
-        bad = [k for k, v in m.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep`` complete ones. ``shared``: ids
+    of tensors left out of the module files (:func:`module_state`)."""
+    states = {name: module_state(m, shared) for name, m in modules.items()}
+    for name, sd in states.items():
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise DistillError(f"refusing to checkpoint step {step}: {name} has non-finite values in {bad[:3]}; "
                                "the previous checkpoint is kept.")
@@ -93,8 +117,8 @@ def save_checkpoint(
     (tmp / "modules").mkdir(parents=True)
     (tmp / "optim").mkdir()
     try:
-        for name, m in modules.items():
-            save_file(_contiguous(m.state_dict()), str(tmp / "modules" / f"{name}.safetensors"))
+        for name, sd in states.items():
+            save_file(_contiguous(sd), str(tmp / "modules" / f"{name}.safetensors"))
         for name, opt in optimizers.items():
             tensors, meta = optimizer_to_files(opt)
             save_file(tensors, str(tmp / "optim" / f"{name}.safetensors"))

@@ -219,8 +219,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
     from distill.config import load_recipe
-    from distill.export import parity
+    from distill.export import LORA_FOLDER, parity
     from distill.trainer import Trainer
 
     run = Path(args.run_dir)
@@ -232,11 +234,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise DistillError(f"{run / 'checkpoints'} holds no checkpoint to export; run the recipe first.")
     folder = t.export(args.out, evaluate=False)
     console.print(f"wrote {folder} (step {t.step}); it loads with diffusers.DiffusionPipeline.from_pretrained")
+    lora = folder / LORA_FOLDER
+    checks = [folder]
+    if (lora / "distill.json").is_file():
+        stock = json.loads((lora / "distill.json").read_text())["lora"]["stock_loader"]
+        console.print(f"wrote {lora}: the student's LoRA adapters; "
+                      + ("pipe.load_lora_weights(it) on the teacher's pipeline, with its scheduler_config.json "
+                         "(docs/lora.md)" if stock else "diffusers has no LoRA loader for this pipeline class; use "
+                         "the fused folder"))
+        checks += [lora] if stock else []
     if not args.no_check:
-        for k, diff in parity(folder, n=args.check_n).items():
-            ok = diff <= 1e-4
-            console.print(f"  pipe(num_inference_steps={k}) vs distill's sampler, same noise: max abs difference "
-                          f"{diff:.2e} {'[green]ok[/green]' if ok else '[red]above 1e-4[/red]'}")
+        for check in checks:
+            if len(checks) > 1:
+                console.print(f"{check}:")
+            for k, diff in parity(check, n=args.check_n).items():
+                ok = diff <= 1e-4
+                console.print(f"  pipe(num_inference_steps={k}) vs distill's sampler, same noise: max abs difference "
+                              f"{diff:.2e} {'[green]ok[/green]' if ok else '[red]above 1e-4[/red]'}")
     return 0
 
 

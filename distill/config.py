@@ -8,6 +8,7 @@ A recipe file has these sections::
     trainer:  TrainerConfig
     eval:     EvalConfig
     guidance: GuidanceConfig (conditional teachers; optional)
+    student:  StudentConfig (optional: a LoRA student, docs/lora.md)
 
 The generic typed-dataclass validation is :mod:`distill.typed`; this module is the recipe schema.
 
@@ -27,7 +28,8 @@ import yaml
 from distill.errors import ConfigError, DistillError
 from distill.typed import INVALID, build, from_dict, to_plain, unknown_key_message
 
-__all__ = ["OptimizerConfig", "DataConfig", "TrainerConfig", "EvalConfig", "GuidanceConfig", "RecipeConfig",
+__all__ = ["OptimizerConfig", "DataConfig", "TrainerConfig", "EvalConfig", "GuidanceConfig", "LoraConfig",
+           "StudentConfig", "RecipeConfig",
            "from_dict", "to_plain", "load_recipe", "recipe_from_dict", "parse_override", "apply_overrides"]
 
 
@@ -188,6 +190,47 @@ class GuidanceConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2022) on the teacher's network instead of a full copy (docs/lora.md)."""
+
+    rank: int = 16  # r: the adapters' inner width
+    alpha: float | None = None  # scale alpha / rank on the adapters' output; null = rank (scale 1)
+    target_modules: list[str] | None = None  # module names (or name suffixes, as peft matches them) to adapt;
+    # null: the network class's attention and projection layers (distill.lora.DEFAULT_TARGETS)
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.rank < 1:
+            errs.append(f"rank must be >= 1, got {self.rank} (typical: 4 to 64)")
+        if self.alpha is not None and self.alpha <= 0:
+            errs.append(f"alpha must be > 0 or null (= rank), got {self.alpha}")
+        if self.target_modules is not None and (not self.target_modules or not all(self.target_modules)):
+            errs.append(f"target_modules must be a non-empty list of module names (e.g. [to_q, to_k, to_v, "
+                        f"to_out.0]) or null for the network's defaults, got {self.target_modules}")
+        return errs
+
+
+@dataclass
+class StudentConfig:
+    """How a distillation student is built from its teacher."""
+
+    lora: LoraConfig | dict[str, Any] | None = None  # null: a full copy of the teacher, every weight trained;
+    # a LoraConfig mapping: the teacher's network with low-rank adapters, sharing its base weights
+
+    def check(self) -> list[str]:
+        errs: list[str] = []
+        if isinstance(self.lora, Mapping):  # it did not build as a LoraConfig: say why, key by key
+            built = build(LoraConfig, self.lora, "lora", errs)
+            if built is not INVALID and not errs:
+                self.lora = built
+        return errs
+
+
+@dataclass
 class RecipeConfig:
     """A whole recipe: which method, on what data, with which loop settings, and how students are evaluated."""
 
@@ -198,6 +241,7 @@ class RecipeConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -209,6 +253,8 @@ class RecipeConfig:
         }
         if self.guidance.active:  # unguided recipes keep the layout (and the resolved config.yaml) they had
             out["guidance"] = to_plain(self.guidance)
+        if self.student.lora is not None:  # likewise full students
+            out["student"] = to_plain(self.student)
         return out
 
 
@@ -244,7 +290,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 # ----------------------------------------------------------------------------------------------- recipes
 
 DEFAULT_MAX_STEPS = 1000  # for a method whose config does not say how long it runs (total_steps)
-RECIPE_KEYS = ("method", "teacher", "data", "trainer", "eval", "guidance")
+RECIPE_KEYS = ("method", "teacher", "data", "trainer", "eval", "guidance", "student")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -269,7 +315,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> RecipeC
         if key not in RECIPE_KEYS:
             errors.append(unknown_key_message(str(key), "", list(RECIPE_KEYS)))
     sections = {}
-    for key in ("method", "data", "trainer", "eval", "guidance"):
+    for key in ("method", "data", "trainer", "eval", "guidance", "student"):
         value = data.get(key) or {}
         if not isinstance(value, Mapping):
             errors.append(f"{key}: expected a mapping of fields (key: value lines), got {value!r}")
@@ -277,7 +323,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> RecipeC
         sections[key] = value
     method_data = dict(sections["method"])
     name = method_data.pop("name", None)
-    method_cfg = None
+    method_cfg = method_cls = None
     if name is None:
         errors.append("method.name: required key is missing (for example `name: teacher`)")
     else:
@@ -291,6 +337,12 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> RecipeC
     trainer_cfg = build(TrainerConfig, sections["trainer"], "trainer", errors)
     eval_cfg = build(EvalConfig, sections["eval"], "eval", errors)
     guidance_cfg = build(GuidanceConfig, sections["guidance"], "guidance", errors)
+    student_cfg = build(StudentConfig, sections["student"], "student", errors)
+    lora = student_cfg.lora if student_cfg is not INVALID else None
+    if method_cls is not None and not method_cls.has_student and lora is not None:
+        errors.append(f"student.lora: method {name!r} trains its network in full and has no student; LoRA adapts a "
+                      "distillation student (progressive, consistency, adversarial, distribution_matching). Remove "
+                      "the student section")
     total = None
     if all(c is not None and c is not INVALID for c in (method_cfg, trainer_cfg)):
         total = getattr(method_cfg, "total_steps", lambda: None)()
@@ -305,7 +357,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> RecipeC
     if trainer_cfg.max_steps is None:
         trainer_cfg.max_steps = total if total is not None else DEFAULT_MAX_STEPS
     return RecipeConfig(method=method_cfg, method_name=str(name), teacher=teacher, data=data_cfg, trainer=trainer_cfg,
-                        eval=eval_cfg, guidance=guidance_cfg)
+                        eval=eval_cfg, guidance=guidance_cfg, student=student_cfg)
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:

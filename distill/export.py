@@ -10,6 +10,11 @@ folder unchanged, so ``DiffusionPipeline.from_pretrained(folder)`` gives the sam
 | consistency function (consistency, adversarial) | ``LCMScheduler`` (its boundary scalings) | ``FlowMatchLCMScheduler`` |
 | a teacher | the teacher's own scheduler | the teacher's own scheduler |
 
+A LoRA student (``student.lora``, :mod:`distill.lora`) is written twice: fused (its adapters merged into a copy
+of the network) as the folder above, and as ``lora/`` inside it: ``pytorch_lora_weights.safetensors`` for
+``pipe.load_lora_weights`` on the teacher's pipeline, the ``scheduler_config.json`` to swap in, and
+``distill.json``. :func:`parity` checks either kind of folder.
+
 Two things diffusers 0.42 needs for an SD3 folder without T5, both handled here or documented: its VAE config must
 set ``shift_factor`` (the pipeline adds it when decoding; a null fails), which an export sets to 0 where null; and
 such a folder loads only with ``from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``
@@ -31,6 +36,7 @@ from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser
 from distill.errors import DistillError
 
 NETWORK_FOLDERS = ("unet", "transformer")
+LORA_FOLDER = "lora"  # a LoRA student's adapters, inside its fused pipeline folder
 
 
 def load_kwargs(folder: str | Path) -> dict[str, Any]:
@@ -82,8 +88,11 @@ def save_pipeline(denoiser: nn.Module, folder: str | Path, sampler: str | None =
     from diffusers import DDPMPipeline
 
     from distill.guidance import bake_guidance
+    from distill.lora import is_lora, merged
 
     folder = Path(folder)
+    if is_lora(denoiser):  # a LoRA student: the adapters merged into a copy of the network
+        denoiser = merged(denoiser)
     consistency = isinstance(denoiser, ConsistencyDenoiser)
     inner = denoiser.inner if consistency else denoiser
     if not isinstance(inner, DiffusersDenoiser):
@@ -131,10 +140,16 @@ def save_pipeline(denoiser: nn.Module, folder: str | Path, sampler: str | None =
 
 def save_student(denoiser: nn.Module, folder: str | Path, info: dict) -> Path:
     """A pipeline folder plus ``distill.json`` (method, sampler, step counts, sigma grids, the ``guidance`` to pass
-    as ``guidance_scale``) for the harness and for users."""
+    as ``guidance_scale``) for the harness and for users; a LoRA student also gets ``folder/lora/``
+    (:func:`distill.lora.save_lora`; ``info["teacher"]`` names the teacher it applies to)."""
+    from distill.lora import is_lora, save_lora
+
     folder = save_pipeline(denoiser, folder, info.get("sampler"), info.get("original_inference_steps"),
                            guidance=info.get("guidance"))
     (folder / "distill.json").write_text(json.dumps(info, indent=1))
+    if is_lora(denoiser):
+        save_lora(denoiser, folder / LORA_FOLDER, info, folder / "scheduler" / "scheduler_config.json",
+                  info.get("teacher"))
     return folder
 
 
@@ -154,7 +169,7 @@ def _stock_call_kwargs(class_name: str, n: int, prompts: list[str] | None, label
 
 def parity(folder: str | Path, steps: list[int] | None = None, n: int = 4, seed: int = 0,
            prompts: list[str] | None = None, labels: list[int] | None = None,
-           guidance: float | None = None) -> dict[int, float]:
+           guidance: float | None = None, teacher: str | Path | None = None) -> dict[int, float]:
     """How far the stock diffusers pipeline is from distill's own sampler on the same inputs.
 
     For each step count ``k`` (default: every count a student supports; 1, 2, 4, 8 for a teacher) this runs
@@ -166,6 +181,11 @@ def parity(folder: str | Path, steps: list[int] | None = None, n: int = 4, seed:
     Conditional pipelines get ``prompts`` (default two fixed ones) or class ``labels`` (default 0, 1, ...), and
     ``guidance`` (default: the student's ``distill.json`` value, else 1) as ``guidance_scale``; distill applies
     it with :class:`~distill.guidance.CFGDenoiser`, or feeds it to a guidance-embedded student.
+
+    A LoRA folder (``pytorch_lora_weights.safetensors`` beside ``scheduler_config.json``, :mod:`distill.lora`)
+    is checked the way a user loads it: the stock side is ``DiffusionPipeline.from_pretrained(teacher)`` with
+    ``load_lora_weights(folder)`` and that scheduler, distill's side the teacher's network with the adapters
+    injected by peft (``teacher`` defaults to the one its ``distill.json`` names).
     """
     from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
@@ -175,11 +195,15 @@ def parity(folder: str | Path, steps: list[int] | None = None, n: int = 4, seed:
     from distill.samplers import get_sampler
     from distill.schedules import scale_noise
 
-    m = open_model(folder)
+    from distill.lora import is_lora_folder, lora_model, stock_lora_pipeline
+
+    if is_lora_folder(folder):
+        m, pipe = lora_model(folder, teacher), stock_lora_pipeline(folder, teacher)
+    else:
+        m, pipe = open_model(folder), DiffusionPipeline.from_pretrained(folder, **load_kwargs(folder))
     D, pipe_info = m.denoiser, m.pipeline
     cls = pipe_info.class_name
     shape = (n, *pipe_info.sample_shape)
-    pipe = DiffusionPipeline.from_pretrained(folder, **load_kwargs(folder))
     pipe.set_progress_bar_config(disable=True)
     if m.method == "teacher":  # a teacher keeps its own scheduler; compare DDIM with diffusers' own DDIM
         if D.schedule.kind == "flow":

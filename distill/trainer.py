@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch import nn
 
-from distill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from distill.checkpoint import list_checkpoints, load_checkpoint, load_module_state, save_checkpoint
 from distill.config import OptimizerConfig, RecipeConfig
 from distill.data import ImageBatches, load_dataset
 from distill.errors import DistillError
@@ -37,10 +37,13 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.jsonl", "students", "gri
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, source: nn.Module, decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * source`` for parameters (one fused multi-tensor op); buffers are copied."""
-    pe, ps = list(ema.parameters()), [p.detach() for p in source.parameters()]
+    """``ema <- decay * ema + (1 - decay) * source`` for parameters (one fused multi-tensor op); buffers are copied.
+    Tensors the two share (a LoRA student's frozen base) are left alone."""
+    pe, ps = list(ema.parameters()), list(source.parameters())
     if len(pe) != len(ps):
         raise DistillError(f"an EMA of {len(ps)} parameters cannot follow a network of {len(pe)}.")
+    pairs = [(a, b.detach()) for a, b in zip(pe, ps) if a is not b]
+    pe, ps = [a for a, _ in pairs], [b for _, b in pairs]
     same = all(a.dtype == b.dtype and a.device == b.device for a, b in zip(pe, ps))
     if same:
         torch._foreach_lerp_(pe, ps, 1.0 - decay)
@@ -48,7 +51,8 @@ def ema_update(ema: nn.Module, source: nn.Module, decay: float) -> None:
         for a, b in zip(pe, ps):
             a.lerp_(b.to(a.dtype), 1.0 - decay)
     for be, bs in zip(ema.buffers(), source.buffers()):
-        be.copy_(bs)
+        if be is not bs:
+            be.copy_(bs)
 
 
 def make_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -115,9 +119,13 @@ class Trainer:
         self.pipeline = self._teacher_pipeline()
         self.data = ImageBatches(load_dataset(config.data), config.data, seed=self.tc.seed, pipeline=self.pipeline)
         ctx = Context(config.teacher, self.data.sample_shape, self.tc.seed, self.device, self.pipeline,
-                      config.guidance)
+                      config.guidance, config.student)
         method_cls = resolve_method(config.method_name)
         self.method: Method = method_cls(config.method, ctx).to(self.device)
+        if config.student.lora is not None and not self.method.shared_base:
+            raise DistillError(f"student.lora is set but {method_cls.__name__} does not build its student with "
+                               "Method.new_student, so no adapters were added; remove the student section, or build "
+                               "the student with self.new_student(teacher).")
         self.method.unwrap = self.accelerator.unwrap_model  # methods copy weights between roles through this
         self.method.shard = (self.rank, self.world)
         self.roles = self.method.roles()
@@ -211,7 +219,8 @@ class Trainer:
         if self.accelerator.scaler is not None:
             state["scaler"] = self.accelerator.scaler.state_dict()
         opts = {r: o.optimizer if hasattr(o, "optimizer") else o for r, o in self.optimizers.items()}
-        return save_checkpoint(self.out / "checkpoints", self.step, self._state_modules(), opts, state, self.tc.keep_checkpoints)
+        return save_checkpoint(self.out / "checkpoints", self.step, self._state_modules(), opts, state,
+                               self.tc.keep_checkpoints, shared=self.method.shared_base)
 
     def resume(self, check_layout: bool = True) -> bool:
         """Load the newest complete checkpoint in ``out/checkpoints``; False if there is none.
@@ -232,7 +241,7 @@ class Trainer:
                                "start over with --fresh or another --out.")
         try:
             for name, module in self._state_modules().items():
-                module.load_state_dict(ck["modules"][name])
+                load_module_state(module, ck["modules"][name], self.method.shared_base)
             for role, opt in self.optimizers.items():
                 inner = opt.optimizer if hasattr(opt, "optimizer") else opt
                 inner.load_state_dict(ck["optimizers"][role])
@@ -470,6 +479,9 @@ class Trainer:
         if self.config.guidance.active and "guidance" not in info:
             # what a stock pipeline gets as guidance_scale: a w-student's w, else None (it needs no guidance)
             info["guidance"] = self.method.student_guidance()
+        if self.method.shared_base:  # a LoRA student: the teacher its adapters apply to
+            teacher = self.config.teacher
+            info["teacher"] = str(Path(teacher).resolve()) if Path(teacher).is_dir() else teacher
         main = self.accelerator.is_main_process
         if main:
             save_student(m.denoiser, folder, info)

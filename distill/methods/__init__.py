@@ -18,6 +18,9 @@ A method is one file with a config dataclass and a :class:`Method` subclass. It 
 * ``self.memo(name, make)`` to compute a value once per micro-batch and step and share it between roles (a
   generator's sample that its own loss and the discriminator's or fake score's loss both need): the trainer
   updates roles in ``roles()`` order on the same micro-batches and clears the memo after each step;
+* copies of a student (EMA targets, a phase's teacher, an exported milestone) through :meth:`Method.copy_net`, and
+  further trainable copies of the teacher (DMD2's fake denoiser) through :meth:`Method.new_adapter`: with
+  ``student.lora`` (:mod:`distill.lora`) they share the teacher's frozen base weights instead of copying them;
 * optionally ``end_of_step(step)`` returning :class:`StepEvents` (reset the optimizers, export and evaluate a
   student now), and ``checkpointed``: extra module attributes a resume needs (a phase's teacher). A config with
   ``total_steps()`` decides the run's length.
@@ -25,7 +28,8 @@ A method is one file with a config dataclass and a :class:`Method` subclass. It 
 Building blocks every method uses the same way: :func:`load_teacher` (the teacher's denoiser, checked against the
 data), :meth:`Method.guided` (the teacher under the recipe's classifier-free guidance) and
 :meth:`Method.new_student` (a trainable copy, guidance-embedded when the recipe asks for a ``w``-conditioned
-student). The learning rate follows each role's :class:`~distill.config.OptimizerConfig` (warm-up, then constant,
+student; with ``student.lora`` the teacher's network with low-rank adapters, sharing its base weights). The
+learning rate follows each role's :class:`~distill.config.OptimizerConfig` (warm-up, then constant,
 linear or cosine decay), owned by the trainer; a role may restart it in cycles (progressive distillation's phases).
 
 The trainer owns everything else: devices and accelerate, optimizers, accumulation, EMA updates, clipping,
@@ -103,6 +107,7 @@ class Context:
     device: torch.device
     pipeline: Any = None  # the teacher's TeacherPipeline (distill.pipelines); None without a teacher
     guidance: Any = None  # the recipe's GuidanceConfig (distill.config)
+    student: Any = None  # the recipe's StudentConfig (distill.config); None: a full student
 
 
 class Method(nn.Module):
@@ -111,6 +116,7 @@ class Method(nn.Module):
     Config: ClassVar[type]
     ema: ClassVar[dict[str, tuple[str, float]]] = {}  # overridden per instance: {ema_attr: (role_attr, decay)}
     checkpointed: ClassVar[tuple[str, ...]] = ()  # further module attributes saved in checkpoints
+    has_student: ClassVar[bool] = True  # False: the method trains a network in full (teacher training: no student.lora)
 
     def __init__(self, config: Any, ctx: Context) -> None:
         super().__init__()
@@ -118,6 +124,9 @@ class Method(nn.Module):
         self.ctx = ctx
 
     shard: tuple[int, int] = (0, 1)  # (rank, world size), set by the trainer
+    # {id: tensor} of the teacher's frozen base weights that LoRA students, their copies and adapters share (not
+    # copied, never checkpointed: the teacher's folder holds them); empty for full students
+    shared_base: dict[int, torch.Tensor] = {}
     micro: int = 0  # index of the micro-batch being computed, set by the trainer
 
     def memo(self, name: str, make: Any) -> Any:
@@ -193,12 +202,22 @@ class Method(nn.Module):
 
         return CFGDenoiser(teacher, self.ctx.pipeline.unconditional(), g.scale if g.scale is not None else 1.0)
 
+    @property
+    def lora(self) -> Any:
+        """The recipe's ``student.lora`` (:class:`~distill.config.LoraConfig`), or None for a full student."""
+        student = self.ctx.student
+        return None if student is None else student.lora
+
     def new_student(self, teacher: nn.Module) -> nn.Module:
         """A trainable copy of the (unguided) teacher; with ``guidance.range`` it takes ``guidance=w`` as an input
-        (:func:`distill.guidance.add_guidance_input`), starting equal to the teacher for every ``w``.
+        (:func:`distill.guidance.add_guidance_input`), starting equal to the teacher for every ``w``. With
+        ``student.lora`` it is the teacher's network with low-rank adapters (:func:`distill.lora.lora_student`):
+        the base weights are the teacher's own tensors, frozen; only the adapters (and a guidance embedding) train.
 
         Parameters the network's forward never reaches (SD3's last joint block computes text queries whose output
         it discards) are frozen: they would never change, and several processes (DDP) refuse unused parameters."""
+        if self.lora is not None:
+            return self.new_adapter(teacher, self.ctx.guidance.embedding_dim if self.w_student else None)
         if self.w_student:
             from distill.guidance import add_guidance_input
 
@@ -207,6 +226,25 @@ class Method(nn.Module):
             student = copy.deepcopy(teacher).requires_grad_(True).train()
         freeze_unused(student, self.ctx)
         return student
+
+    def new_adapter(self, teacher: nn.Module, guidance_dim: int | None = None) -> nn.Module:
+        """A trainable copy of the (unguided) teacher for a role other than the student (DMD2's fake denoiser): a
+        full copy, or with ``student.lora`` one more set of adapters on the shared base weights (its own, trained
+        by its own optimizer). ``guidance_dim``: with LoRA, add a guidance embedding of that width."""
+        if self.lora is None:
+            return copy.deepcopy(teacher).requires_grad_(True).train()
+        from distill.lora import base_tensors, lora_student
+
+        self.shared_base = {**self.shared_base, **base_tensors(teacher)}
+        net = lora_student(teacher, self.lora, guidance_dim).train()
+        freeze_unused(net, self.ctx)
+        return net
+
+    def copy_net(self, module: nn.Module) -> nn.Module:
+        """A deep copy of ``module`` (an EMA target, a phase's teacher, a milestone), sharing the teacher's frozen
+        base weights with it when the student is a LoRA student (:attr:`shared_base`): only adapters and other
+        trained tensors are copied."""
+        return copy.deepcopy(module, dict(self.shared_base))
 
     def student_guidance(self) -> float | None:
         """The ``guidance`` a stock pipeline passes as ``guidance_scale`` to reproduce this run's student: ``w``

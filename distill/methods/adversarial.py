@@ -28,7 +28,6 @@ are the identity to within 1e-7 at the student's timesteps.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -286,7 +285,7 @@ class AdversarialDistillation(Method):
                 feats = _as_list(self._features(probe, torch.ones(2, dtype=torch.float64), cond))
             self.disc = Heads([Head(ch, config.head_channels, kind) for ch, kind in map(_head_kind, feats)])
         if config.ema_decay > 0:
-            self.student_ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+            self.student_ema = self.copy_net(self.student).requires_grad_(False).eval()
             self.ema = {"student_ema": ("student", config.ema_decay)}
         self.student_sigmas = torch.tensor(self.sampling_sigmas(config.student_steps)[:-1], dtype=torch.float64)
         self._collapse = 0

@@ -28,7 +28,6 @@ solver step and target use its own ``w``.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -177,7 +176,8 @@ class ConsistencyDistillation(Method):
                                    f"multiple of num_steps = {N} (try {T // 20} or another divisor).")
         self.student = ConsistencyDenoiser(self.new_student(teacher), config.timestep_scaling).train()
         self.teacher = self.guided(teacher).requires_grad_(False).eval()
-        self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
+        # the EMA target: a copy of the student (with student.lora: of its adapters, on the shared base weights)
+        self.target = self.copy_net(self.student).requires_grad_(False).eval()
         self.ema = {"target": ("student", config.mu)}
         self.distance = resolve_distance(config.distance, config.huber_c)
         self.grids = {N: self.training_grid(N) for N in config.stages()}

@@ -28,7 +28,6 @@ sampled by multistep consistency sampling.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,14 +157,15 @@ class DistributionMatching(Method):
         teacher = load_teacher(ctx, "distribution matching distillation")
         self.schedule = teacher.schedule
         self.student = ConsistencyDenoiser(self.new_student(teacher)).train()
-        fake = copy.deepcopy(teacher).requires_grad_(True).train()
+        # a full copy of the teacher; with student.lora its own adapters on the shared base weights
+        fake = self.new_adapter(teacher)
         if config.gan_weight > 0 and self._probe_cond(ctx, 2):
             raise DistillError("the GAN term of distribution matching reads an unconditional head; set gan_weight: 0 "
                                "for a conditional teacher.")
         self.fake = FakeScore(fake, config.head_channels if config.gan_weight > 0 else None, tuple(ctx.sample_shape))
         self.teacher = self.guided(teacher).requires_grad_(False).eval()
         if config.ema_decay > 0:
-            self.student_ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+            self.student_ema = self.copy_net(self.student).requires_grad_(False).eval()
             self.ema = {"student_ema": ("student", config.ema_decay)}
         sched = teacher.schedule
         self.levels = torch.tensor(self.sampling_sigmas(config.student_steps)[:-1], dtype=torch.float64)

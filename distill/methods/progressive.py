@@ -24,7 +24,6 @@ phases distill the previous phase's student, which is already guided.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,15 +125,16 @@ class ProgressiveDistillation(Method):
                 )
         self.student = self.new_student(teacher)
         self.teacher = self.guided(teacher).requires_grad_(False).eval()
-        if self.teacher is teacher:
+        if self.teacher is teacher and not self.shared_base:
             self.checkpointed = ("teacher",)  # each phase's student is loaded into it (Algorithm 2)
         else:
             # guided: the first phase distills the teacher under classifier-free guidance; later phases distill
-            # the previous phase's student, which is guided already (and may take w as an input)
-            self.phase_teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
+            # the previous phase's student, which is guided already (and may take w as an input). A LoRA student
+            # shares the teacher's base weights: later phases' teacher is a frozen copy of its adapters instead
+            self.phase_teacher = self.copy_net(self.student).requires_grad_(False).eval()
             self.checkpointed = ("phase_teacher",)
         if config.ema_decay > 0:
-            self.student_ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+            self.student_ema = self.copy_net(self.student).requires_grad_(False).eval()
             self.ema = {"student_ema": ("student", config.ema_decay)}
         self.weight = losses.weighting(config.weighting)
         self.distance = resolve_distance(config.distance)
@@ -215,7 +215,7 @@ class ProgressiveDistillation(Method):
             return None
         n = self.student_steps
         last = self.phase + 1 == self.config.num_phases
-        done = copy.deepcopy(self._exported()).eval()
+        done = self.copy_net(self._exported()).eval()
         # the last phase's student is also DIR/model, which the trainer evaluates at the end
         events = StepEvents(milestones=[Milestone(f"{n}-step", done, self._info(n), evaluate=not last)])
         if not last:

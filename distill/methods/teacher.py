@@ -81,6 +81,7 @@ class TeacherTraining(Method):
     """Denoising score matching for a discrete-time (DDPM) teacher."""
 
     Config = TeacherConfig
+    has_student = False  # the network itself is trained in full (student.lora is refused)
 
     def __init__(self, config: TeacherConfig, ctx: Context) -> None:
         super().__init__(config, ctx)
