@@ -147,6 +147,13 @@ def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_samples():
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2  # ~1/sqrt(n)
     assert bootstrap_fd(x, ref) == bootstrap_fd(x, ref)  # seeded
+    # 64-d features, two samples of one distribution (a data floor): the resampled FDs sit far above the estimate
+    # (duplicated samples), and the interval is corrected for that: it holds the estimate and keeps the spread
+    x, y = rng.normal(size=(700, 64)), rng.normal(size=(4000, 64))
+    ref = feature_stats(y)
+    est = frechet_distance(feature_stats(x), ref)
+    lo, hi = bootstrap_fd(x, ref)
+    assert lo < est < hi and hi - lo < est, (lo, est, hi)
     flags = np.array([1] * 90 + [0] * 10)
     lo, hi = bootstrap_mean(flags)
     assert lo < 0.9 < hi and hi - lo < 0.2

@@ -141,14 +141,21 @@ def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
 
 def bootstrap_fd(features: torch.Tensor | np.ndarray, ref: FeatureStats, reps: int = BOOTSTRAP_REPS,
                  seed: int = 0, level: float = BOOTSTRAP_LEVEL) -> tuple[float, float]:
-    """A ``level`` percentile-bootstrap interval for the FD of ``features`` (N, D) against ``ref``: the samples
-    are resampled with replacement ``reps`` times (seeded), the reference statistics held fixed. It reflects how
-    much the number moves with the sample set (the evaluation's own noise), so two models whose intervals overlap
-    are not ranked."""
+    """A ``level`` bias-corrected percentile-bootstrap interval for the FD of ``features`` (N, D) against ``ref``:
+    the samples are resampled with replacement ``reps`` times (seeded), the reference statistics held fixed. It
+    reflects how much the number moves with the sample set (the evaluation's own noise), so two models whose
+    intervals overlap are not ranked.
+
+    A resample repeats about a third of its samples, which inflates its covariance's spread, and FD grows with
+    that: the resampled FDs sit above the estimate by a bias that grows with the feature dimension over N (on the
+    text-digits floor, 64-d features and 1,400 samples, by about 14 against an FD of 17, so the plain percentile
+    interval did not even hold the estimate). The resampled values are therefore shifted by that bias, their mean
+    minus the estimate, before the quantiles are read: the interval keeps their spread, centred on the estimate."""
     x = _as_float64_2d(features)
+    estimate = frechet_distance(feature_stats(x), ref)
     idx = np.random.default_rng(seed).integers(0, len(x), size=(reps, len(x)))
     values = np.array([frechet_distance(feature_stats(x[i]), ref) for i in idx])
-    return _interval(values, level)
+    return _interval(values - (values.mean() - estimate), level)
 
 
 def bootstrap_mean(flags: torch.Tensor | np.ndarray, reps: int = BOOTSTRAP_REPS, seed: int = 0,

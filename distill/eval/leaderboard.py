@@ -338,7 +338,7 @@ def plot(rows: list[dict[str, Any]], folder: str | Path) -> dict[tuple, Path]:
             (line,) = ax.plot([r["nfe"] for r in pts_sorted], [r["value"] for r in pts_sorted], marker=markers[i % 6],
                               linestyle=styles[i % 4], label=_label(skey))
             bars = [(r["nfe"], ci) for r in pts_sorted if (ci := _interval(r, "value")) is not None]
-            if bars:  # vertical bars, not errorbar(): a bootstrap interval need not contain the value itself
+            if bars:  # vertical bars from the interval itself (errorbar() wants distances from the value)
                 ax.vlines([x for x, _ in bars], [ci[0] for _, ci in bars], [ci[1] for _, ci in bars],
                           color=line.get_color(), alpha=0.6, linewidth=2)
         if g["floor"] is not None:
