@@ -4,11 +4,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
-# torch's idle OpenMP threads sleep instead of spinning: spinning threads starve the working ones on a few shared
-# cores (docs/speed.md); the distill command sets the same default.
-export OMP_WAIT_POLICY ?= PASSIVE
+# The tests start several processes at once (CPU ranks, subprocess runs): there torch's idle OpenMP threads must
+# sleep, not spin, or they starve each other on a few cores (docs/speed.md). `make demo` is one process alone and
+# keeps GNU OpenMP's default, which is faster there.
+test test-all: export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test test-all bench venv clean
+.PHONY: demo test test-all bench bench-text venv clean
 
 venv: $(STAMP)
 
@@ -28,10 +29,22 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
-# Benchmarks: slow, not tests. Their outputs are committed under evals/.
+# Benchmarks: slow, not tests. Their outputs are committed under evals/ (each script's docstring says what it
+# measures and writes). bench-text adds the text-to-image teachers' training-free baselines (an hour or more on
+# 2 CPU cores).
 bench: $(STAMP)
 	$(PY) evals/baseline.py
+	$(PY) evals/baselines.py --teacher digits
 	$(PY) evals/bench_fd.py
+	$(PY) evals/bench_fd_text.py
+	$(PY) evals/bench_eval.py
+	$(PY) evals/bench_sampling.py
+	$(PY) evals/bench_trainer.py
+	$(PY) evals/bench_step.py --omp
+
+bench-text: $(STAMP)
+	$(PY) evals/baselines.py --teacher text-digits-sd
+	$(PY) evals/baselines.py --teacher text-digits-sd3
 
 clean:
 	rm -rf $(VENV) demo-out quickstart quickstart-fast .pytest_cache

@@ -429,15 +429,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The ``distill`` console script: :func:`main` with the OpenMP wait policy defaulted to PASSIVE.
+    """The ``distill`` console script: :func:`main`, with the OpenMP wait policy defaulted to PASSIVE in a
+    multi-process run.
 
-    GNU OpenMP's default makes torch's idle CPU threads spin for a while after each parallel region. On a machine
-    with a few cores and anything else running (a second job, the evaluation's data loader), the spinning threads
-    take the cores the working ones need: one training step of the digits recipes measured 12x slower on 2 shared
-    cores (docs/speed.md). PASSIVE threads sleep instead. The variable is read when torch loads, so it is set here,
-    before any command imports torch, and only when the user has not set it.
+    GNU OpenMP's default makes torch's idle CPU threads spin for a while after each parallel region. Alone on its
+    cores that is the fastest choice; but when several processes share the cores (the ranks of a CPU run under
+    torchrun or accelerate), the spinning threads take the cores the working ones need: two 2-thread processes on 2
+    cores ran a training step 3-7x slower than with PASSIVE threads, which sleep instead (docs/speed.md). So a
+    process that is one of several (``WORLD_SIZE`` > 1, set by the launchers) gets PASSIVE, and a process alone keeps
+    the default, which was 1.3-1.5x faster there. The variable is read when torch loads, so it is set here, before
+    any command imports torch, and only when the user has not set it.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if max(int(os.environ.get(k) or 1) for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE")) > 1:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return main()
 
 

@@ -151,11 +151,12 @@ class Trainer:
     def _speed_options(self) -> None:
         """trainer.teacher_dtype, trainer.compile and trainer.gradient_checkpointing, and the bf16-on-a-CPU warning."""
         tc, cpu = self.tc, self.device.type == "cpu"
-        if cpu and (tc.mixed_precision == "bf16" or tc.teacher_dtype != "fp32"):
+        half = "fp16" if tc.teacher_dtype == "fp16" else "bf16"
+        if cpu and (tc.mixed_precision == "bf16" or tc.teacher_dtype != "fp32") and not cpu_has_native(half):
             warnings.warn(
-                f"bf16/fp16 on the CPU ({'mixed_precision: bf16' if tc.mixed_precision == 'bf16' else 'teacher_dtype: ' + tc.teacher_dtype}): "
-                f"most CPUs have no fast half-precision convolutions, and these runs get much slower, not faster "
-                f"({CPU_BF16_NOTE}). These options are meant for GPUs; use fp32 on the CPU.", stacklevel=3)
+                f"{half} on a CPU without native {half} instructions ({'mixed_precision: bf16' if tc.mixed_precision == 'bf16' else 'teacher_dtype: ' + tc.teacher_dtype}): "
+                f"its convolutions are emulated, and runs get much slower, not faster ({CPU_BF16_NOTE}). These options "
+                f"are meant for GPUs and CPUs with {NATIVE_FLAGS[half][0]}; use fp32 here.", stacklevel=3)
         teacher = getattr(self.method, "teacher", None)
         if tc.teacher_dtype != "fp32" and isinstance(teacher, nn.Module):
             # the frozen teacher only makes targets: half precision halves its memory and time on GPUs; the
@@ -519,7 +520,24 @@ class Trainer:
                 f"floor {r['floor']:.2f}")
 
 
-CPU_BF16_NOTE = "a digits UNet training step under bf16 autocast ran at 0.29 steps/s on an AMD EPYC, against 3.95 in fp32"
+CPU_BF16_NOTE = ("a digits UNet training step under bf16 autocast ran at 0.20 steps/s against 2.83 in fp32 on an AMD "
+                 "EPYC held to AVX2, 14x slower; evals/bench_step_avx2/bench_step.md")
+# /proc/cpuinfo flags that give a CPU native half-precision arithmetic (x86 AVX-512 / AMX; aarch64 "bf16")
+NATIVE_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16", "bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_has_native(dtype: str) -> bool:
+    """Whether this CPU computes ``dtype`` ("bf16" or "fp16") natively, from /proc/cpuinfo's flags (False where
+    they cannot be read). Without it, torch emulates half precision on the CPU and autocast makes a step slower."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            have = set(line.split(":", 1)[1].split())
+            return any(f in have for f in NATIVE_FLAGS[dtype])
+    return False
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -40,11 +40,20 @@ def test_tensorboard_event_file_is_written_and_read_back(tmp_path, tiny_teacher,
     assert (tmp_path / "metrics.jsonl").is_file()  # metrics.jsonl stays
 
 
-def test_half_precision_teacher_and_its_cpu_warning(tmp_path, tiny_teacher, one_thread):
+def test_half_precision_teacher_and_its_cpu_warning(tmp_path, tiny_teacher, one_thread, monkeypatch):
+    import distill.trainer
+
+    # a CPU with native bf16 (AVX512-BF16, AMX) runs it fast: no warning there
+    monkeypatch.setattr(distill.trainer, "cpu_has_native", lambda dtype: True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _trainer(tmp_path / "native", tiny_teacher, "trainer.teacher_dtype=bf16")
+    assert not any("meant for GPUs" in str(w.message) for w in seen)
+    monkeypatch.setattr(distill.trainer, "cpu_has_native", lambda dtype: False)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         t = _trainer(tmp_path, tiny_teacher, "trainer.teacher_dtype=bf16")
-    assert any("meant for GPUs" in str(w.message) for w in seen)
+    assert any("meant for GPUs" in str(w.message) and "avx512_bf16" in str(w.message) for w in seen)
     assert next(t.method.teacher.parameters()).dtype == torch.bfloat16
     assert next(t.method.student.parameters()).dtype == torch.float32
     result = t.fit()
@@ -83,16 +92,33 @@ def test_unknown_tracker_is_refused(tiny_teacher):
         load_recipe(CONSISTENCY, [f"teacher={tiny_teacher}", "trainer.log_with=[tensorbored]"])
 
 
-@pytest.mark.parametrize("preset", [None, "ACTIVE"])
-def test_console_script_defaults_openmp_threads_to_sleep(monkeypatch, preset):
-    """The `distill` command sets OMP_WAIT_POLICY=PASSIVE before torch loads (spinning idle threads starve the
-    working ones on a few shared cores), unless the user set it."""
+@pytest.mark.parametrize("world,preset,expected", [(None, None, None), ("2", None, "PASSIVE"), ("2", "ACTIVE", "ACTIVE"),
+                                                   ("1", "PASSIVE", "PASSIVE")])
+def test_console_script_lets_threads_sleep_in_multi_process_runs(monkeypatch, world, preset, expected):
+    """The `distill` command sets OMP_WAIT_POLICY=PASSIVE before torch loads when it is one of several processes
+    (spinning idle threads starve the other ranks on shared cores), leaves GNU OpenMP's default to a process alone
+    (faster there), and never overrides the user's setting."""
     from distill import cli
 
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    if world is not None:
+        monkeypatch.setenv("WORLD_SIZE", world)
     if preset is None:
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     else:
         monkeypatch.setenv("OMP_WAIT_POLICY", preset)
     monkeypatch.setattr(cli, "main", lambda argv=None: 0)
     assert cli.entry() == 0
-    assert os.environ["OMP_WAIT_POLICY"] == (preset or "PASSIVE")
+    assert os.environ.get("OMP_WAIT_POLICY") == expected
+
+
+def test_native_half_precision_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    from distill import trainer
+
+    real = Path.read_text
+    for flags, bf16 in (("fpu sse avx2 avx512f", False), ("fpu avx2 avx512f avx512_bf16", True), ("fp asimd bf16", True)):
+        info = f"processor : 0\nflags\t\t: {flags}\n"
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: info if str(self) == "/proc/cpuinfo" else real(self, *a, **k))
+        assert trainer.cpu_has_native("bf16") is bf16, flags
+        assert trainer.cpu_has_native("fp16") is False
