@@ -1,7 +1,7 @@
 """Benchmark: what a user would do instead of distilling: every training-free sampler of a teacher, 1 to 50 NFE.
 
     python evals/baselines.py --teacher digits              (the shipped digits teacher, protocol digits)
-    python evals/baselines.py --teacher text-digits-sd      (guidance 1, 2, 3, 5, 7.5; protocol text-digits)
+    python evals/baselines.py --teacher text-digits-sd      (guidance 1, 1.5, 2, 3, 5, 7.5; protocol text-digits)
     python evals/baselines.py --teacher text-digits-sd3
 
 Samplers: distill's DDIM, Euler and Heun, and diffusers' own DPM-Solver++(2M) (with and without Karras sigmas) and
@@ -32,8 +32,8 @@ from distill.eval.leaderboard import best_training_free  # noqa: E402
 
 TEACHERS = {
     "digits": ("distill/assets/digits-teacher", "digits", None),
-    "text-digits-sd": ("distill/assets/text-digits-sd", "text-digits", [1.0, 2.0, 3.0, 5.0, 7.5]),
-    "text-digits-sd3": ("distill/assets/text-digits-sd3", "text-digits", [1.0, 2.0, 3.0, 5.0, 7.5]),
+    "text-digits-sd": ("distill/assets/text-digits-sd", "text-digits", [1.0, 1.5, 2.0, 3.0, 5.0, 7.5]),
+    "text-digits-sd3": ("distill/assets/text-digits-sd3", "text-digits", [1.0, 1.5, 2.0, 3.0, 5.0, 7.5]),
 }
 SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
 STEPS = [1, 2, 3, 4, 6, 8, 12, 16, 25, 50]  # network evaluations per sample (unguided)
