@@ -209,11 +209,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from distill.quickstart import run_quickstart
 
     out = Path(args.out or ("quickstart-fast" if args.fast else "quickstart"))
-    what = ("tiny budgets for a first look (about 1 minute 15 s; its numbers are not the leaderboard's)" if args.fast
-            else "the recipes' default budgets (about 11 minutes on 2 CPU cores)")
-    console.print(f"[bold]distill quickstart[/bold]: the shipped digits teacher through progressive, consistency and "
-                  f"adversarial distillation at {what}, every student scored (FD-digits) against the teacher's DDIM; "
-                  f"output in {out}/")
+    what = ("tiny budgets for a first look (its numbers are not the leaderboard's)" if args.fast
+            else "the recipes' default budgets (about 22 minutes on 2 CPU cores)")
+    console.print(f"[bold]distill quickstart[/bold]: the shipped digits teacher through progressive, consistency, "
+                  f"adversarial and distribution matching distillation at {what}, every student scored (FD-digits) "
+                  f"against the teacher's best training-free sampler at the same steps; output in {out}/")
     run_quickstart(out, fast=args.fast, console=console)
     return 0
 
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("quickstart", help="distill the shipped digits teacher with every recipe, score all on one "
                         "leaderboard (what `make demo` runs)")
     sp.add_argument("--out", default=None, help="output folder (default quickstart/, or quickstart-fast/ with --fast)")
-    sp.add_argument("--fast", action="store_true", help="tiny budgets, about 1 minute 15 s; not the leaderboard's numbers")
+    sp.add_argument("--fast", action="store_true", help="tiny budgets for a first look; not the leaderboard's numbers")
     sp.set_defaults(fn=cmd_quickstart)
 
     sp = sub.add_parser("export", help="write a run's student (newest checkpoint) as a stock diffusers pipeline folder")

@@ -32,7 +32,7 @@ STEPS = [1, 2, 4, 8]
 TEACHER_STEPS = [1, 2, 4, 8, 16, 32]
 TEACHER_SAMPLERS = ["ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]  # training-free; one NFE a step
 FAST_N = 300  # samples per point with --fast (the protocol's 898 otherwise)
-# --fast: small budgets for a first look (about 1 min 15 s on 2 CPU cores); not the leaderboard's numbers.
+# --fast: small budgets for a first look; not the leaderboard's numbers.
 FAST: dict[str, list[str]] = {
     "progressive": ["method.start_steps=8", "method.iters_per_phase=[20, 30, 40]", "trainer.checkpoint_every=0"],
     "consistency": ["method.iters=120", "method.optimizer.warmup_steps=20", "trainer.checkpoint_every=0"],

@@ -179,13 +179,16 @@ def _floor_fd(f: dict[str, Any]) -> str:
 
 def rich_tables(rows: list[dict[str, Any]]) -> list:
     """Per group, the metric table; and, where rows have prompt accuracy, an accuracy table."""
+    from rich.markup import escape
     from rich.table import Table
 
     tables = []
     for key, g in group(rows).items():
         cols = _columns(g)
         caption = _caption(g)
-        t = Table(title=title(key), title_justify="left", caption=caption, caption_justify="left")
+        # escaped: "[its 95% bootstrap interval ...]" is otherwise read as rich markup and vanishes
+        t = Table(title=escape(title(key)), title_justify="left", caption=escape(caption) if caption else None,
+                  caption_justify="left")
         t.add_column("model · sampler")
         for k in cols:
             t.add_column(str(k), justify="right")
@@ -210,9 +213,11 @@ def rich_tables(rows: list[dict[str, Any]]) -> list:
 
 
 def _rich_accuracy(key: tuple, g: dict[str, Any], cols: list[int]) -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=accuracy_title(key), title_justify="left", caption=_accuracy_caption(g), caption_justify="left")
+    t = Table(title=escape(accuracy_title(key)), title_justify="left", caption=escape(_accuracy_caption(g)),
+              caption_justify="left")
     t.add_column("model · sampler")
     for k in cols:
         t.add_column(str(k), justify="right")
