@@ -132,6 +132,14 @@ def test_reference_cache_is_used_and_a_mismatched_one_is_refused(tmp_path, monke
     with pytest.warns(UserWarning, match="does not match the recorded hash"):
         fourth = reference(proto)
     assert calls["n"] == 2 and fourth.floor == first.floor
+    data = json.loads(meta.read_text())
+    assert data["version"] == P.REFERENCE_VERSION
+    data["version"] = P.REFERENCE_VERSION - 1  # an entry from before the floor's interval was bias-corrected
+    data["floor_ci"] = [123.0, 456.0]
+    meta.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="made by an older distill"):
+        fifth = reference(proto)
+    assert calls["n"] == 3 and fifth.floor_ci == fourth.floor_ci and fifth.floor_ci[0] <= fifth.floor <= fifth.floor_ci[1]
 
 
 def test_leaderboard_outputs(tmp_path):

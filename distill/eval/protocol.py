@@ -212,6 +212,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+REFERENCE_VERSION = 3  # of the cached reference statistics; bumped when what they hold is computed anew
+
+
 def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, use_cache: bool = True,
               device: str | torch.device = "cpu") -> Reference:
     """Reference statistics for ``protocol``, from the cache when a matching, intact entry exists."""
@@ -221,12 +224,16 @@ def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, 
         extractor = get_extractor(protocol.extractor, **{"device": device, **protocol.extractor_args})
     key = f"{protocol.name}-{protocol.key()}-{extractor.name}-{extractor.weights_hash()}"
     meta_path, tensor_path = cache_dir() / f"{key}.json", cache_dir() / f"{key}.safetensors"
-    expected = {"protocol_key": protocol.key(), "extractor": extractor.describe(), "version": 2}
+    # version 3: the floor's interval is bias-corrected (frechet.bootstrap_fd); entries of version 2 hold the plain
+    # percentile interval, which on few samples in many dimensions does not contain the floor itself
+    expected = {"protocol_key": protocol.key(), "extractor": extractor.describe(), "version": REFERENCE_VERSION}
     if use_cache and meta_path.is_file() and tensor_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
             problem = None
-            if {k: meta.get(k) for k in expected} != expected:
+            if meta.get("version") != REFERENCE_VERSION:
+                problem = f"it was made by an older distill (cache version {meta.get('version')})"
+            elif {k: meta.get(k) for k in expected} != expected:
                 problem = "it was made with another protocol or feature network"
             elif meta.get("sha256") != _sha256(tensor_path):
                 problem = "its statistics file does not match the recorded hash"
