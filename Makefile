@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 # keeps GNU OpenMP's default, which is faster there.
 test test-all: export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test test-all bench bench-text venv clean
+.PHONY: demo demo-text test test-all bench bench-text venv clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/distill quickstart --out demo-out
+
+# The same on the SD-shaped text-to-image teacher (colored digits): five students, one of them LoRA.
+demo-text: $(STAMP)
+	$(VENV)/bin/distill quickstart --benchmark text-digits --out demo-text-out
 
 # `make test`: every test but the slow ones (quality floors, the end-to-end quickstart, multi-process and kill -9
 # runs; pytest -m slow). `make test-all`: all of them; CI (.ci/run) runs this one.
@@ -47,4 +51,5 @@ bench-text: $(STAMP)
 	$(PY) evals/baselines.py --teacher text-digits-sd3
 
 clean:
-	rm -rf $(VENV) demo-out quickstart quickstart-fast .pytest_cache
+	rm -rf $(VENV) demo-out demo-text-out quickstart quickstart-fast quickstart-text-digits \
+		quickstart-text-digits-fast .pytest_cache

@@ -206,15 +206,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from distill.quickstart import run_quickstart
+    from distill.quickstart import benchmark, run_quickstart
 
-    out = Path(args.out or ("quickstart-fast" if args.fast else "quickstart"))
+    b = benchmark(args.benchmark)
+    default = "quickstart" if b.name == "digits" else f"quickstart-{b.name}"
+    out = Path(args.out or (f"{default}-fast" if args.fast else default))
     what = ("tiny budgets for a first look (its numbers are not the leaderboard's)" if args.fast
-            else "the recipes' default budgets (about 22 minutes on 2 CPU cores)")
-    console.print(f"[bold]distill quickstart[/bold]: the shipped digits teacher through progressive, consistency, "
-                  f"adversarial and distribution matching distillation at {what}, every student scored (FD-digits) "
-                  f"against the teacher's best training-free sampler at the same steps; output in {out}/")
-    run_quickstart(out, fast=args.fast, console=console)
+            else f"the quickstart's budgets ({b.measured})")
+    students = ", ".join(b.recipes)
+    console.print(f"[bold]distill quickstart --benchmark {b.name}[/bold]: the shipped {b.name} teacher "
+                  f"({b.teacher.name}) distilled into {students} at {what}, every student scored on protocol "
+                  f"{b.protocol} against the teacher's best training-free sampler at the same steps; output in {out}/")
+    run_quickstart(out, fast=args.fast, console=console, bench=b.name)
     return 0
 
 
@@ -376,9 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--plots", default=None, help="folder for the plots (default: plots/ beside the markdown)")
     sp.set_defaults(fn=cmd_leaderboard)
 
-    sp = sub.add_parser("quickstart", help="distill the shipped digits teacher with every recipe, score all on one "
+    sp = sub.add_parser("quickstart", help="distill a shipped teacher with every recipe, score all on one "
                         "leaderboard (what `make demo` runs)")
-    sp.add_argument("--out", default=None, help="output folder (default quickstart/, or quickstart-fast/ with --fast)")
+    sp.add_argument("--benchmark", default="digits", choices=["digits", "text-digits"],
+                    help="digits (the pixel teacher; make demo) or text-digits (the SD-shaped text-to-image teacher, "
+                    "with a LoRA student; make demo-text)")
+    sp.add_argument("--out", default=None, help="output folder (default quickstart/ or quickstart-<benchmark>/, with "
+                    "-fast appended under --fast)")
     sp.add_argument("--fast", action="store_true", help="tiny budgets for a first look; not the leaderboard's numbers")
     sp.set_defaults(fn=cmd_quickstart)
 

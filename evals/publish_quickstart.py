@@ -1,9 +1,10 @@
 """Commit a `make demo` (`distill quickstart`) output: its leaderboard, plot, grids and rows, not its weights.
 
     make demo && python evals/publish_quickstart.py demo-out
+    make demo-text && python evals/publish_quickstart.py demo-text-out evals/quickstart-text-digits
 
 Copies DIR/LEADERBOARD.md, DIR/plots/, DIR/grids/, DIR/results/ and each DIR/runs/<recipe>/{results.jsonl,
-metrics.jsonl, grids/} into evals/quickstart/ (replacing it), keeping the layout so the markdown's links work.
+metrics.jsonl, grids/} into evals/quickstart/ or the folder named second (replacing it), keeping the layout so the markdown's links work.
 Checkpoints and exported students stay out (megabytes of weights that `make demo` rebuilds).
 """
 
@@ -39,6 +40,6 @@ def publish(src: Path, dest: Path = DEST) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
-    print(f"wrote {publish(Path(sys.argv[1]))}")
+    print(f"wrote {publish(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) == 3 else DEST)}")

@@ -104,3 +104,100 @@ def test_verdict_compares_students_with_the_best_training_free_sampler_at_their_
         assert v[name][1][2] and v[name][4][2]  # beats both at 1 step (280) and 4 steps (best 5.0, not 1.5 at 8)
         assert v[name][4][1]["value"] == 5.0 and v[name][4][1]["sampler"] == "dpmpp_2m"
         assert not v[name][2][2] and v[name][2][1]["sampler"] == "dpmpp_2m"  # 30 beats DDIM's 40, not 20
+
+
+TEXT_STUDENTS = {"progressive", "consistency", "consistency-lora", "adversarial", "distribution_matching"}
+
+
+def test_text_digits_quickstart_plans_validate_with_one_lora_student():
+    """Every plan of `distill quickstart --benchmark text-digits` builds a valid config on the SD-shaped teacher;
+    exactly one student is LoRA, at a fixed w so that its adapters load onto the teacher; --fast only shrinks."""
+    from distill.config import load_recipe
+    from distill.quickstart import BENCHMARKS, plans
+
+    bench = BENCHMARKS["text-digits"]
+    full = {p.name: load_recipe(p.recipe, p.overrides) for p in plans(False, "text-digits")}
+    fast = {p.name: load_recipe(p.recipe, p.overrides) for p in plans(True, "text-digits")}
+    assert set(full) == set(fast) == TEXT_STUDENTS
+    for cfgs in (full, fast):
+        for name, c in cfgs.items():
+            assert Path(c.teacher).resolve() == bench.teacher.resolve(), name
+            assert c.eval.protocol == "text-digits" and c.eval.steps == [1, 2, 4], name
+            assert c.guidance.scale == 1.5, name  # the teacher's best FD; the baselines run it too
+        assert [n for n, c in cfgs.items() if c.student.lora is not None] == ["consistency-lora"]
+        assert cfgs["consistency-lora"].guidance.range is None
+        assert cfgs["consistency"].guidance.range is None  # like for like with the LoRA student
+    for name in TEXT_STUDENTS:
+        assert fast[name].trainer.max_steps < full[name].trainer.max_steps, name
+    assert full["progressive"].method.start_steps == 8  # 4-, 2- and 1-step students, all three scored
+
+
+def test_quickstart_refuses_an_unknown_benchmark():
+    from distill.errors import DistillError
+    from distill.quickstart import benchmark, plans
+
+    with pytest.raises(DistillError, match="unknown quickstart benchmark 'text'.*digits, text-digits"):
+        plans(False, "text")
+    assert benchmark("digits").teacher.name == "digits-teacher"
+
+
+def test_verdict_reads_the_named_students():
+    from distill.quickstart import verdict
+
+    rows = [{"model": "teacher", "method": "teacher", "sampler": "ddim", "steps": 1, "nfe": 1, "value": 100.0},
+            {"model": "teacher", "method": "teacher", "sampler": "ddim", "steps": 1, "nfe": 2, "value": 50.0,
+             "guidance": 1.5},  # a guided step counts two: not a bar at 1 NFE
+            {"model": "consistency-lora", "method": "consistency", "sampler": "consistency", "steps": 1, "nfe": 1,
+             "value": 80.0}]
+    v = verdict(rows, steps=(1,), names=("consistency-lora",))
+    value, bar, beats, tied = v["consistency-lora"][1]
+    assert value == 80.0 and bar["value"] == 100.0 and beats and not tied  # no intervals: nothing to overlap
+    rows[0]["value_ci"], rows[2]["value_ci"] = [90.0, 110.0], [70.0, 92.0]
+    assert verdict(rows, steps=(1,), names=("consistency-lora",))["consistency-lora"][1][2:] == (True, True)
+    rows[2]["value_ci"] = [70.0, 89.0]
+    assert verdict(rows, steps=(1,), names=("consistency-lora",))["consistency-lora"][1][2:] == (True, False)
+
+
+@pytest.mark.slow
+def test_text_digits_quickstart_fast_end_to_end(tmp_path):
+    """`distill quickstart --benchmark text-digits --fast`: the teacher's baselines unguided and guided, every
+    student with FD and prompt accuracy, a LoRA student whose adapters stock diffusers loads onto the teacher."""
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "qs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "distill.cli", "quickstart", "--benchmark", "text-digits", "--fast", "--out", str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (out / "LEADERBOARD.md").read_text()
+    assert "not the leaderboard's" in md and "Prompt accuracy" in md
+    verdicts = [line for line in md.splitlines() if "best training-free sampler at 1, 2 and 4 steps" in line]
+    assert {v.split()[1] for v in verdicts} == TEXT_STUDENTS
+    teacher = [json.loads(line) for line in (out / "results" / "teacher.jsonl").read_text().splitlines()]
+    assert {(r["sampler"], r.get("guidance")) for r in teacher if r["method"] == "teacher"} == {
+        (s, w) for s in ("ddim", "dpmpp_2m", "unipc") for w in (1.0, 1.5)}
+    for name in TEXT_STUDENTS:
+        rows = [json.loads(line) for line in (out / "runs" / name / "results.jsonl").read_text().splitlines()]
+        scored = [r for r in rows if r["method"] != "data-floor" and r["model"] == name]
+        assert scored and all(r["value"] > 0 and 0 <= r["accuracy"] <= 1 for r in scored), name
+        assert (out / "runs" / name / "model" / "distill.json").is_file(), name
+
+    folder = out / "runs" / "consistency-lora" / "model"  # the LCM-LoRA way: adapters + scheduler onto the teacher
+    import diffusers
+    import torch
+
+    lora = folder / "lora"
+    sched = json.loads((lora / "scheduler_config.json").read_text())
+    pipe = DiffusionPipeline.from_pretrained(str(ROOT / "distill" / "assets" / "text-digits-sd"))
+    pipe.load_lora_weights(lora)
+    pipe.scheduler = getattr(diffusers, sched["_class_name"]).from_pretrained(lora)
+    fused = DiffusionPipeline.from_pretrained(folder)
+    info = json.loads((lora / "distill.json").read_text())
+    outs = []
+    for pp in (pipe, fused):
+        pp.set_progress_bar_config(disable=True)
+        torch.manual_seed(0)
+        outs.append(pp(["a red seven"], num_inference_steps=info["steps"][-1], guidance_scale=info["guidance"],
+                       output_type="np", generator=torch.Generator().manual_seed(0)).images)
+    assert outs[0].shape == (1, 32, 32, 3)
+    assert abs(outs[0] - outs[1]).max() < 1e-3  # the adapters on the teacher draw what the fused student draws
