@@ -7,8 +7,9 @@
 Samplers: distill's DDIM, Euler and Heun, and diffusers' own DPM-Solver++(2M) (with and without Karras sigmas) and
 UniPC driven on the teacher's schedule (``distill.samplers``), at step counts giving 1 to 50 network evaluations
 (NFE; Heun takes 2n - 1; classifier-free guidance doubles each, and rows count it). Writes
-``evals/results/<protocol>-<teacher>-baselines.jsonl`` (replaced) and ``evals/baselines-<teacher>.md``: per NFE,
-every sampler's FD (with its bootstrap interval; accuracy for text teachers) and the best one, which is what the
+``evals/results/<protocol>-<teacher>-baselines.jsonl`` (replaced) and ``evals/baselines-<teacher>.md`` (with
+``--tag T``: ``...-baselines-T.jsonl`` and ``baselines-<teacher>-T.md``, beside the full table): per NFE, every
+sampler's FD (with its bootstrap interval; accuracy for text teachers) and the best one, which is what the
 students are compared with (:func:`distill.eval.leaderboard.best_training_free`).
 """
 
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=None, help="samples per point (default: the protocol's)")
     parser.add_argument("--out", default=None, help="folder for the rows and the markdown (default: evals/)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", default=None, help="a suffix for the outputs' names, to keep a partial run (other "
+                        "guidance scales, samplers or steps) beside the full table instead of replacing it")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     torch.set_num_threads(args.threads)
@@ -104,12 +107,13 @@ def main(argv: list[str] | None = None) -> None:
         got = evaluate(ROOT / folder, proto, steps, [sampler], name=args.teacher, guidance=guidance, progress=True)
         rows += got if not rows else got[1:]
     wall = time.perf_counter() - t0
-    results = out / "results" / f"{protocol}-{args.teacher}-baselines.jsonl"
+    suffix = f"-{args.tag}" if args.tag else ""
+    results = out / "results" / f"{protocol}-{args.teacher}-baselines{suffix}.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
     results.unlink(missing_ok=True)
     write_rows(rows, results)
     command = "python evals/baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / f"baselines-{args.teacher}.md").write_text(_markdown(rows, args.teacher, wall, command.strip()))
+    (out / f"baselines-{args.teacher}{suffix}.md").write_text(_markdown(rows, args.teacher, wall, command.strip()))
     print(json.dumps({"rows": len(rows), "wall_s": round(wall, 1), "out": str(results)}))
 
 

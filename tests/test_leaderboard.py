@@ -137,6 +137,20 @@ def test_tradeoff_plot_for_several_guidance_scales(tmp_path):
     assert set(plot(no_acc, tmp_path / "p2")) == {key}
 
 
+def test_tradeoff_curves_leave_out_series_scored_at_one_guidance_scale():
+    """Baselines scored unguided and at one w are two points each, not sweeps: only series with three scales or
+    more are curves."""
+    from distill.eval.leaderboard import _tradeoff_curves
+
+    rows = [floor(acc=0.99)]
+    rows += [row("teacher", 4, 5.0 * w, (4.5, 5.5), sampler=s, w=w, acc=0.98, acc_ci=(0.97, 0.99))
+             for s in ("ddim", "unipc", "dpmpp_2m") for w in (1.0, 1.5)]
+    rows += [row("student", 4, fd, (fd - 1, fd + 1), sampler="consistency", w=w, acc=acc, acc_ci=(acc - 0.01, acc))
+             for w, fd, acc in [(1.0, 9.0, 0.9), (1.5, 7.0, 0.95), (3.0, 12.0, 0.97)]]
+    curves = _tradeoff_curves(next(iter(group(rows).values())))
+    assert [(k[0], [r["guidance"] for r in rs]) for k, rs in curves.items()] == [("student", [1.0, 1.5, 3.0])]
+
+
 def test_rows_without_intervals_render_as_before(tmp_path):
     rows = [{k: v for k, v in floor(ci=None).items() if v is not None or k in ("sampler", "steps", "nfe")},
             row("a", 1, 3.0), row("b", 1, 3.5), row("a", 2, 2.0, nfe=3), row("b", 2, 1.5)]
@@ -165,6 +179,11 @@ def test_committed_digits_results_render_exactly_as_committed(monkeypatch):
     # the links `distill leaderboard --md evals/LEADERBOARD.md --plots evals/plots` gives plot()'s files
     plots = {k: os.path.relpath(Path("evals/plots") / f"{k[0]}-{k[3]}-{k[1][:6]}{k[4][:6]}.png", "evals")
              for k in group(rows)}
+    from distill.eval.leaderboard import _tradeoff_curves
+
+    for k, g in group(rows).items():  # and the guidance trade-off, where some series has several scales
+        if _tradeoff_curves(g):
+            plots[(k, "tradeoff")] = plots[k].replace(".png", "-tradeoff.png")
     md = relink_grids(markdown(rows, plots), "evals")
     assert md == (ROOT / "evals" / "LEADERBOARD.md").read_text()
     # one table per group, and one more for a group whose rows carry prompt accuracy (the text-digits baselines)

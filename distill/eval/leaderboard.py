@@ -308,8 +308,9 @@ def _markdown_accuracy(key: tuple, g: dict[str, Any], cols: list[int]) -> list[s
 
 
 def _tradeoff_curves(g: dict[str, Any]) -> OrderedDict[tuple, list[dict[str, Any]]]:
-    """{(model, sampler, grid, steps): its rows with accuracy, by guidance scale} where the group's rows with
-    accuracy span several guidance scales; {} otherwise."""
+    """{(model, sampler, grid, steps): its rows with accuracy, by guidance scale}, for the series scored at three
+    guidance scales or more: a sweep over w. Baselines run unguided and at one w are two points each, and a
+    leaderboard of them would bury the sweeps in its legend. {} when there is none."""
     rows = [r for pts in g["series"].values() for r in pts.values()
             if r.get("accuracy") is not None and _guidance(r) is not None]
     if len({_guidance(r) for r in rows}) < 2:
@@ -317,7 +318,7 @@ def _tradeoff_curves(g: dict[str, Any]) -> OrderedDict[tuple, list[dict[str, Any
     curves: OrderedDict[tuple, list[dict[str, Any]]] = OrderedDict()
     for r in rows:
         curves.setdefault((r["model"], r["sampler"], r.get("grid"), r["steps"]), []).append(r)
-    return OrderedDict((c, sorted(rs, key=_guidance)) for c, rs in curves.items())
+    return OrderedDict((c, sorted(rs, key=_guidance)) for c, rs in curves.items() if len({_guidance(r) for r in rs}) >= 3)
 
 
 def plot(rows: list[dict[str, Any]], folder: str | Path) -> dict[tuple, Path]:
