@@ -82,9 +82,9 @@ def test_stock_solvers_step_through_coinciding_timesteps(steps, one_thread):
     (998, 998, ...). A solver that looks its place up by timestep then skips a step and indexes past its grid; the
     driver steps by position instead: one call a step, ending on the data."""
     from distill.denoisers import load_denoiser
-    from distill.quickstart import TEACHER
+    from distill.quickstart import BENCHMARKS
 
-    D = load_denoiser(TEACHER)
+    D = load_denoiser(BENCHMARKS["digits"].teacher)
     sigmas = scheduler_sigmas(D, "dpmpp_2m_karras", steps)
     calls = []
     x = randn((2, 1, 8, 8), [torch.Generator().manual_seed(i) for i in range(2)]) * float(sigmas[0])
