@@ -82,12 +82,12 @@ def test_recipe_on_a_text_to_image_teacher(tiny_pipelines, caption_data, tmp_pat
     teacher_class = json.loads((teacher / "model_index.json").read_text())["_class_name"]
     assert index["_class_name"] == teacher_class
     info = json.loads((model / "distill.json").read_text())
-    assert info["guidance"] is None  # a fixed-w student needs no guidance when sampled
+    assert info["guidance"] == 1.0  # a fixed-w student needs no guidance: the stock call passes 1, which skips CFG
     pipe = DiffusionPipeline.from_pretrained(model, **load_kwargs(model))
     assert type(pipe).__name__ == teacher_class
     pipe.set_progress_bar_config(disable=True)
-    images = pipe("a red seven", num_inference_steps=info["steps"][0], output_type="np",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe("a red seven", num_inference_steps=info["steps"][0], guidance_scale=info["guidance"],
+                  output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 16, 16, 3) and float(abs(images).sum()) > 0
     for k, diff in parity(model, n=2).items():
         assert diff <= 1e-4, (k, diff)

@@ -248,10 +248,13 @@ class Method(nn.Module):
 
     def student_guidance(self) -> float | None:
         """The ``guidance`` a stock pipeline passes as ``guidance_scale`` to reproduce this run's student: ``w``
-        for a ``w``-conditioned student, else None (the student needs no guidance)."""
+        for a ``w``-conditioned student; 1.0 for a student distilled at a fixed ``w`` (it needs no guidance, and
+        stock pipelines skip classifier-free guidance at 1: None would make them fail); None without guidance."""
         g = self.ctx.guidance
-        if g is None or g.range is None:
+        if g is None:
             return None
+        if g.range is None:
+            return 1.0
         return float(g.scale if g.scale is not None else sum(g.range) / 2)
 
     def unwrap(self, module: nn.Module) -> nn.Module:
