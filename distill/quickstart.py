@@ -238,7 +238,7 @@ def verdict(rows: list[dict[str, Any]], steps: tuple[int, ...] = (1, 2, 4),
     ``tied``: the two 95% bootstrap intervals overlap (as the leaderboard marks ties), so the evaluation cannot
     rank them.
     """
-    from distill.eval.leaderboard import best_training_free
+    from distill.eval.leaderboard import best_training_free, intervals_overlap
 
     out: dict[str, dict[int, tuple]] = {}
     for name in names:
@@ -249,13 +249,8 @@ def verdict(rows: list[dict[str, Any]], steps: tuple[int, ...] = (1, 2, 4),
             me = mine.get(k)
             both = me is not None and best is not None
             out[name][k] = (me["value"] if me else None, best, both and me["value"] < best["value"],
-                            both and _overlap(me, best))
+                            both and intervals_overlap(me, best))
     return out
-
-
-def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    ca, cb = a.get("value_ci"), b.get("value_ci")
-    return bool(ca and cb and ca[0] <= cb[1] and cb[0] <= ca[1])
 
 
 def report(out: Path, fast: bool, console: Any, wall_s: float, bench: Benchmark | None = None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,14 +45,7 @@ def _numel(path: Path) -> int:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return sum(int(_prod(f.get_slice(k).get_shape())) for k in f.keys())
-
-
-def _prod(shape: list[int]) -> int:
-    out = 1
-    for v in shape:
-        out *= v
-    return out
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def run_one(name: str, overrides: list[str], runs: Path, threads: int, samples: int | None) -> dict[str, Any]:

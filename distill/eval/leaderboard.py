@@ -96,6 +96,13 @@ def _interval(r: dict[str, Any], field: str) -> tuple[float, float] | None:
     return float(ci[0]), float(ci[1])
 
 
+def intervals_overlap(a: dict[str, Any], b: dict[str, Any], field: str = "value") -> bool:
+    """Whether two rows' 95% intervals of ``field`` overlap: the evaluation cannot rank them (False where either
+    row has no interval)."""
+    ca, cb = _interval(a, field), _interval(b, field)
+    return ca is not None and cb is not None and ca[0] <= cb[1] and cb[0] <= ca[1]
+
+
 def _winners(g: dict[str, Any], k: int, field: str = "value", higher: bool = False) -> set[tuple]:
     """The series that are best at step count ``k`` (lowest ``field``; highest with ``higher``), or tied with
     the best: their 95% interval overlaps the best one's. Rows without intervals tie only on equal values."""
@@ -105,12 +112,8 @@ def _winners(g: dict[str, Any], k: int, field: str = "value", higher: bool = Fal
     pick = max if higher else min
     best_value = pick(r[field] for r in pts.values())
     out = {s for s, r in pts.items() if r[field] == best_value}
-    best_cis = [ci for s in out if (ci := _interval(pts[s], field)) is not None]
-    for s, r in pts.items():
-        ci = _interval(r, field)
-        if ci is not None and any(ci[0] <= b[1] and b[0] <= ci[1] for b in best_cis):
-            out.add(s)
-    return out
+    best = [pts[s] for s in out]
+    return out | {s for s, r in pts.items() if any(intervals_overlap(r, w, field) for w in best)}
 
 
 def _has(g: dict[str, Any], what: str) -> bool:
@@ -313,8 +316,6 @@ def _tradeoff_curves(g: dict[str, Any]) -> OrderedDict[tuple, list[dict[str, Any
     leaderboard of them would bury the sweeps in its legend. {} when there is none."""
     rows = [r for pts in g["series"].values() for r in pts.values()
             if r.get("accuracy") is not None and _guidance(r) is not None]
-    if len({_guidance(r) for r in rows}) < 2:
-        return OrderedDict()
     curves: OrderedDict[tuple, list[dict[str, Any]]] = OrderedDict()
     for r in rows:
         curves.setdefault((r["model"], r["sampler"], r.get("grid"), r["steps"]), []).append(r)
