@@ -66,8 +66,8 @@ def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], s
         raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
-def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def optimizer_to_files(opt: torch.optim.Optimizer | dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, st in sd["state"].items():
@@ -96,15 +96,16 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 def save_checkpoint(
     root: Path,
     step: int,
-    modules: dict[str, torch.nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
+    modules: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
+    optimizers: dict[str, torch.optim.Optimizer | dict[str, Any]],
     state: dict[str, Any],
     keep: int,
     shared: Collection[int] = (),
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep`` complete ones. ``shared``: ids
-    of tensors left out of the module files (:func:`module_state`)."""
-    states = {name: module_state(m, shared) for name, m in modules.items()}
+    of tensors left out of the module files (:func:`module_state`). A module or optimizer may be given as its state
+    dict already (a sharded run's, gathered whole: :mod:`distill.sharding`)."""
+    states = {name: m if isinstance(m, dict) else module_state(m, shared) for name, m in modules.items()}
     for name, sd in states.items():
         bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:

@@ -118,6 +118,7 @@ class TrainerConfig:
     teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # the frozen teacher's weights (GPUs; students stay fp32)
     compile: str | None = None  # torch.compile backend for the trained networks and the teacher (inductor); null: off
     gradient_checkpointing: bool = False  # recompute activations in backward (large networks; trades time for memory)
+    fsdp: bool = False  # shard every network (the frozen teacher too) across the processes (FSDP2), not replicate them
 
     def check(self) -> list[str]:
         errs = []

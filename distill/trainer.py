@@ -133,9 +133,14 @@ class Trainer:
             if not isinstance(getattr(self.method, role, None), nn.Module):
                 raise DistillError(f"{method_cls.__name__}.roles() names {role!r}, which is not a module attribute.")
         self._speed_options()
+        self.sharded = self._shard()
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         for role, spec in self.roles.items():
-            module, opt = self.accelerator.prepare(getattr(self.method, role), make_optimizer(getattr(self.method, role), spec.optimizer))
+            net = getattr(self.method, role)
+            if self.sharded:  # FSDP2 reduces the gradients itself: only the optimizer goes through accelerate
+                module, opt = net, self.accelerator.prepare(make_optimizer(net, spec.optimizer))
+            else:
+                module, opt = self.accelerator.prepare(net, make_optimizer(net, spec.optimizer))
             setattr(self.method, role, module)
             self.optimizers[role] = opt
         self._live = None  # the rich progress display while the loop runs
@@ -179,6 +184,46 @@ class Trainer:
             for net in networks:
                 net.compile(backend=tc.compile)  # in place: parameter names (and checkpoints) are unchanged
 
+    def _shard(self) -> bool:
+        """trainer.fsdp: shard every network of the method across the processes (:mod:`distill.sharding`). Returns
+        whether it did (not on one process, where there is nothing to shard across)."""
+        if not self.tc.fsdp:
+            return False
+        if self.world == 1:
+            warnings.warn("trainer.fsdp: true on one process: nothing to shard across, so the networks stay whole. "
+                          "Launch with torchrun --nproc_per_node N or accelerate launch to shard them.", stacklevel=3)
+            return False
+        if self.method.shared_base:
+            raise DistillError("trainer.fsdp does not shard LoRA students: their adapters share the teacher's frozen "
+                               "weights, which would be sharded twice. LoRA adapters are small; set trainer.fsdp: "
+                               "false (the processes then replicate them, data parallel).")
+        if self.tc.compile:
+            raise DistillError("trainer.fsdp with trainer.compile is not supported yet; set one of them off.")
+        from distill import sharding
+
+        children = [m for _, m in self.method.named_children() if any(True for _ in m.parameters())]
+        # a network inside another (a discriminator built on the teacher's blocks) is sharded first, on its own
+        children.sort(key=lambda m: sum(1 for other in children if other is not m and _contains(m, other)))
+        for net in children:
+            sharding.shard(net)
+        params = {id(p): p for net in children for p in net.parameters()}.values()
+        whole = sum(p.numel() * p.element_size() for p in params)
+        local = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else 0 for p in params)
+        if self.accelerator.is_main_process:
+            names = ", ".join(n for n, m in self.method.named_children() if any(m is c for c in children))
+            print(f"fsdp: {names} sharded over {self.world} processes: {local / 2**20:.1f} MiB of weights on "
+                  f"this process instead of {whole / 2**20:.1f} MiB", flush=True)
+        # copies a method takes after this point (a phase's student, a milestone) are gathered whole
+        base_copy = self.method.copy_net
+        self.method.copy_net = lambda module: base_copy(sharding.gathered(module))  # type: ignore[method-assign]
+        return True
+
+    def _reshard(self) -> None:
+        from distill.sharding import reshard
+
+        for _, m in self.method.named_children():
+            reshard(m)
+
     def _teacher_pipeline(self) -> Any:
         """The recipe's teacher pipeline (read, not loaded), checked against the guidance settings; None without
         a teacher."""
@@ -206,6 +251,13 @@ class Trainer:
         return {n: self._unwrapped(n) for n in names}
 
     def save(self) -> Path | None:
+        modules: dict[str, Any] = self._state_modules()
+        opts: dict[str, Any] = {r: o.optimizer if hasattr(o, "optimizer") else o for r, o in self.optimizers.items()}
+        if self.sharded:  # whole tensors, gathered by every process (collectives), written by the first
+            from distill import sharding
+
+            modules = {n: sharding.full_state(m) for n, m in modules.items()}
+            opts = {r: sharding.full_optimizer_state(o) for r, o in opts.items()}
         if not self.accelerator.is_main_process:
             return None
         state = {
@@ -219,8 +271,7 @@ class Trainer:
         }
         if self.accelerator.scaler is not None:
             state["scaler"] = self.accelerator.scaler.state_dict()
-        opts = {r: o.optimizer if hasattr(o, "optimizer") else o for r, o in self.optimizers.items()}
-        return save_checkpoint(self.out / "checkpoints", self.step, self._state_modules(), opts, state,
+        return save_checkpoint(self.out / "checkpoints", self.step, modules, opts, state,
                                self.tc.keep_checkpoints, shared=self.method.shared_base)
 
     def resume(self, check_layout: bool = True) -> bool:
@@ -241,11 +292,19 @@ class Trainer:
             raise DistillError(f"no usable checkpoint in {self.out / 'checkpoints'} (all damaged); "
                                "start over with --fresh or another --out.")
         try:
+            from distill import sharding
+
             for name, module in self._state_modules().items():
-                load_module_state(module, ck["modules"][name], self.method.shared_base)
+                if self.sharded:
+                    sharding.load_full_state(module, ck["modules"][name])
+                else:
+                    load_module_state(module, ck["modules"][name], self.method.shared_base)
             for role, opt in self.optimizers.items():
                 inner = opt.optimizer if hasattr(opt, "optimizer") else opt
-                inner.load_state_dict(ck["optimizers"][role])
+                if self.sharded:
+                    sharding.load_full_optimizer_state(inner, ck["optimizers"][role])
+                else:
+                    inner.load_state_dict(ck["optimizers"][role])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise DistillError(
                 f"the checkpoint in {path} does not fit this recipe ({type(exc).__name__}: {str(exc)[:200]}); it was "
@@ -327,6 +386,8 @@ class Trainer:
             gnorm = self.accelerator.clip_grad_norm_(params, cfg.grad_clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        if self.sharded and hasattr(gnorm, "full_tensor"):
+            gnorm = gnorm.full_tensor()  # the norm over every process's shards
         total = torch.as_tensor(total)
         logs[f"{role}/loss"] = total
         logs[f"{role}/grad_norm"] = gnorm
@@ -397,6 +458,8 @@ class Trainer:
                 for role in due:
                     logs.update(self._update(role, micro))
                 self.method.clear_memo()  # values shared between this step's roles (Method.memo)
+                if self.sharded:
+                    self._reshard()
                 for ema_name, (src, decay) in self.method.ema.items():
                     if src in self._stepped:  # an EMA follows only real updates of its source
                         ema_update(getattr(self.method, ema_name), self._unwrapped(src), decay)
@@ -449,6 +512,10 @@ class Trainer:
         """Write the method's export network (a student, or a teacher) to ``folder`` as a diffusers pipeline
         folder; a student also gets ``distill.json`` and, with ``evaluate``, is scored into ``results.jsonl``."""
         final = self.accelerator.unwrap_model(self.method.export_denoiser())
+        if self.sharded:
+            from distill.sharding import gathered
+
+            final = gathered(final)
         info = self.method.export_info()
         if info is None:
             if self.accelerator.is_main_process:
@@ -538,6 +605,11 @@ def cpu_has_native(dtype: str) -> bool:
             have = set(line.split(":", 1)[1].split())
             return any(f in have for f in NATIVE_FLAGS[dtype])
     return False
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    """Whether ``inner`` is ``outer`` or one of its submodules."""
+    return any(m is inner for m in outer.modules())
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

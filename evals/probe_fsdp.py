@@ -1,5 +1,6 @@
 """Probe: does PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) train a diffusers UNet on CPU processes
-(gloo), and does it match one process? distill's trainer does not shard yet; this is the evidence for doing so.
+(gloo), and does it match one process? The evidence that led to the trainer's ``trainer.fsdp`` (tests/test_fsdp.py
+tests the trainer itself).
 
     torchrun --nproc_per_node 2 evals/probe_fsdp.py            (writes evals/probe_fsdp.md from rank 0)
     torchrun --nproc_per_node 2 evals/probe_fsdp.py --out /tmp/probe

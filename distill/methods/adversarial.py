@@ -146,16 +146,23 @@ def _feature_points(net: nn.Module) -> list[tuple[nn.Module, Any]]:
 class TeacherFeatures(nn.Module):
     """The frozen teacher network as a feature network: ``forward(x, sigma, **cond)`` runs the teacher's own
     forward on VE input ``x`` at noise level ``sigma`` (B,) and returns the outputs of its encoder-side public
-    blocks (see :func:`_feature_points`), collected by forward hooks; the forward stops after the last one."""
+    blocks (see :func:`_feature_points`), collected by forward hooks; the forward stops after the last one, except
+    on a sharded teacher (``trainer.fsdp``), whose network must finish its forward to free its gathered weights and
+    set up its backward."""
 
     def __init__(self, teacher: DiffusersDenoiser) -> None:
         super().__init__()
         self.teacher = teacher
         self.points = _feature_points(teacher.net)
+        self._stop: bool | None = None  # whether to stop after the last feature (decided at the first call)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> list[torch.Tensor]:
         feats: list[torch.Tensor] = []
-        last = len(self.points) - 1
+        if self._stop is None:
+            from distill.sharding import is_sharded
+
+            self._stop = not is_sharded(self.teacher)
+        last = len(self.points) - 1 if self._stop else -1
 
         def hook(i: int, pick: Any) -> Any:
             def fn(module: nn.Module, inputs: Any, out: Any) -> None:
@@ -337,6 +344,13 @@ class AdversarialDistillation(Method):
         """(logits (heads, B), R1 = mean_b ||grad_x0 sum_k logit_k(x0_b)||^2) on real images."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        from distill.sharding import is_sharded
+
+        if is_sharded(self.backbone):
+            raise DistillError("the R1 penalty differentiates the discriminator twice, through the backbone, and a "
+                               "sharded backbone (trainer.fsdp) frees its gathered weights after the first backward "
+                               "(FSDP2 has no double backward). Set method.r1_weight=0 with trainer.fsdp, or train "
+                               "unsharded.")
         x = x0.detach().requires_grad_(True)
         with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
             logits = self.logits(x, cond)
