@@ -90,6 +90,18 @@ def test_sharded_training_matches_one_process_and_resumes_across_layouts(tmp_pat
     b = load_file(str(fsdp / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert set(a) == set(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
+    # a sharded run stopped at step 2 and resumed sharded ends bitwise where the uninterrupted one did
+    again = tmp_path / "again"
+    (again / "checkpoints").mkdir(parents=True)
+    mid = list_checkpoints(fsdp / "checkpoints")[0]
+    assert mid.name == "step-00000002"
+    shutil.copytree(mid, again / "checkpoints" / mid.name)
+    r = _run([*TORCHRUN, "--master_port", _port()], "adversarial.yaml", again,
+             [*_adversarial(tiny_teacher), "trainer.batch_size=8", "trainer.fsdp=true"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = _last(again, ADVERSARIAL)
+    assert all(torch.equal(resumed[m][k], got[m][k]) for m in ADVERSARIAL for k in got[m])
+
     # an unsharded 1-process checkpoint resumed by 2 sharded processes ends where the 1-process run ended
     moved = tmp_path / "moved"
     (moved / "checkpoints").mkdir(parents=True)
@@ -104,7 +116,6 @@ def test_sharded_training_matches_one_process_and_resumes_across_layouts(tmp_pat
     # ...and a sharded checkpoint resumed by one unsharded process, too
     back = tmp_path / "back"
     (back / "checkpoints").mkdir(parents=True)
-    mid = list_checkpoints(fsdp / "checkpoints")[0]
     shutil.copytree(mid, back / "checkpoints" / mid.name)
     r = _run([sys.executable], "adversarial.yaml", back, [*_adversarial(tiny_teacher), "trainer.batch_size=16"])
     assert r.returncode == 0, r.stderr[-3000:]
