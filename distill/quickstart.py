@@ -74,10 +74,10 @@ BENCHMARKS: dict[str, Benchmark] = {
     # (the recipes' own budgets are their committed runs'), scored at n = 700 (5 samples per prompt; the protocol's
     # 1,400 doubles every evaluation). Guidance 1.5 is the teacher's best FD; unguided (w = 1, one network
     # evaluation a step) it sets the bar at 1 and 2 NFE. DDIM stands for Euler too (identical on this teacher).
-    # Progressive and consistency distil the teacher at the fixed w = 1.5 (guidance.range=null): at these budgets a
-    # fixed-w student is far better than a w-conditioned one (evals/lora_vs_full.md against
-    # evals/results/text-digits-consistency-sd.jsonl), and the LoRA student, whose adapters must load onto the
-    # teacher without a guidance embedding, is fixed-w anyway, so the two consistency students compare like for like.
+    # Progressive and consistency distil the teacher at the fixed w = 1.5 (guidance.range=null): a fixed-w student
+    # has one target to fit in a budget of 200 steps (the w-conditioned recipe's committed run takes 1,500), and the
+    # LoRA student, whose adapters must load onto the teacher without a guidance embedding, is fixed-w anyway, so the
+    # two consistency students compare like for like.
     "text-digits": Benchmark(
         name="text-digits",
         teacher=ASSETS / "text-digits-sd",
