@@ -179,8 +179,12 @@ def gathered(module: nn.Module) -> nn.Module:
         return module
     template = module.__dict__.get(TEMPLATE)
     if template is None:
-        raise RuntimeError(f"{type(module).__name__} was sharded without a template; shard it with "
-                           "distill.sharding.shard")
+        from distill.errors import DistillError
+
+        raise DistillError(f"cannot gather a {type(module).__name__} whose weights are shards of another network: "
+                           "with trainer.fsdp a method exports or copies one of its own module attributes (a role, "
+                           "an EMA, the teacher), not a new wrapper around them. Return the attribute itself, or "
+                           "set trainer.fsdp: false.")
     out = copy.deepcopy(template)
     for name, p in module.named_parameters():
         owner, _, leaf = name.rpartition(".")

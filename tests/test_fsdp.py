@@ -181,3 +181,19 @@ def test_sharded_text_teacher_with_guidance_matches_one_process(tmp_path, tiny_p
     assert any(line.startswith("fsdp:") and "teacher" in line for line in r.stdout.splitlines())
     a, b = _last(one, ("student", "target")), _last(fsdp, ("student", "target"))
     assert _max_diff(a, b) < 1e-5
+
+
+def test_gathering_a_wrapper_without_a_template_names_the_fix(monkeypatch):
+    """A custom method that exports a new wrapper around sharded networks gets a message saying what to return,
+    not an attribute error from inside FSDP."""
+    from torch import nn
+
+    from distill import sharding
+    from distill.errors import DistillError
+
+    monkeypatch.setattr(sharding, "is_sharded", lambda module: True)
+    with pytest.raises(DistillError, match="Return the attribute itself, or set trainer.fsdp: false"):
+        sharding.gathered(nn.Linear(2, 2))
+    monkeypatch.undo()
+    plain = nn.Linear(2, 2)
+    assert sharding.gathered(plain) is plain  # an unsharded network is its own whole copy
