@@ -213,9 +213,6 @@ class Trainer:
             names = ", ".join(n for n, m in self.method.named_children() if any(m is c for c in children))
             print(f"fsdp: {names} sharded over {self.world} processes: {local / 2**20:.1f} MiB of weights on "
                   f"this process instead of {whole / 2**20:.1f} MiB", flush=True)
-        # copies a method takes after this point (a phase's student, a milestone) are gathered whole
-        base_copy = self.method.copy_net
-        self.method.copy_net = lambda module: base_copy(sharding.gathered(module))  # type: ignore[method-assign]
         return True
 
     def _reshard(self) -> None:

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,24 +20,30 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_distributed import TORCHRUN, _port
 
 from distill.checkpoint import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _run(launcher: list[str], recipe: str, out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     cmd = [*launcher, "-m", "distill.cli", "run", str(ROOT / "recipes" / "digits" / recipe), "--out", str(out),
            "trainer.progress=false", "eval.protocol=null", "trainer.threads=1", *overrides]
     return subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def _one_and_sharded(tmp_path: Path, recipe: str, over: list[str], batch: int) -> tuple[Path, Path, str]:
+    """The recipe on 1 process at ``batch`` and sharded over 2 at half of it (the same global batch): both run
+    folders, and the sharded run's stdout."""
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    r = _run([sys.executable], recipe, one, [*over, f"trainer.batch_size={batch}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run([*TORCHRUN, "--master_port", _port()], recipe, fsdp,
+             [*over, f"trainer.batch_size={batch // 2}", "trainer.fsdp=true"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return one, fsdp, r.stdout
 
 
 def _last(out: Path, modules: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
@@ -64,17 +69,10 @@ def _adversarial(teacher) -> list[str]:
 
 @pytest.mark.slow
 def test_sharded_training_matches_one_process_and_resumes_across_layouts(tmp_path, tiny_teacher):
-    one = tmp_path / "one"
-    r = _run([sys.executable], "adversarial.yaml", one, [*_adversarial(tiny_teacher), "trainer.batch_size=16"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref = _last(one, ADVERSARIAL)
-
     # 2 processes, every network sharded (the teacher too), batch 8 each: the same 4 steps as 1 process at 16
-    fsdp = tmp_path / "fsdp"
-    launch = [*TORCHRUN, "--master_port", _port()]
-    r = _run(launch, "adversarial.yaml", fsdp, [*_adversarial(tiny_teacher), "trainer.batch_size=8", "trainer.fsdp=true"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    said = next(line for line in r.stdout.splitlines() if line.startswith("fsdp:"))
+    one, fsdp, stdout = _one_and_sharded(tmp_path, "adversarial.yaml", _adversarial(tiny_teacher), 16)
+    ref = _last(one, ADVERSARIAL)
+    said = next(line for line in stdout.splitlines() if line.startswith("fsdp:"))
     assert all(n in said for n in ("student", "teacher", "disc", "student_ema")), said
     local, whole = (float(v) for v in re.findall(r"([0-9.]+) MiB", said))
     assert local < 0.6 * whole  # each process holds about half of every network
@@ -133,12 +131,7 @@ def test_sharded_progressive_exports_every_phase(tmp_path, tiny_teacher):
     both go through sharded networks, and the milestones come out whole, equal to one process's."""
     over = [f"teacher={tiny_teacher}", "method.start_steps=4", "method.iters_per_phase=[2, 2]",
             "method.optimizer.warmup_steps=0", "method.optimizer.eps=1e-6", "method.ema_decay=0.5"]
-    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
-    r = _run([sys.executable], "progressive.yaml", one, [*over, "trainer.batch_size=16"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = _run([*TORCHRUN, "--master_port", _port()], "progressive.yaml", fsdp,
-             [*over, "trainer.batch_size=8", "trainer.fsdp=true"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    one, fsdp, _ = _one_and_sharded(tmp_path, "progressive.yaml", over, 16)
     for folder in ("students/2-step", "model"):
         a = load_file(str(one / folder / "unet" / "diffusion_pytorch_model.safetensors"))
         b = load_file(str(fsdp / folder / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -172,13 +165,8 @@ def test_sharded_text_teacher_with_guidance_matches_one_process(tmp_path, tiny_p
             "guidance.scale=3", "guidance.range=[1, 6]", "guidance.embedding_dim=32", "method.iters=3",
             "method.num_steps=10", "method.sample_steps=[1, 2]", "method.optimizer.warmup_steps=0",
             "method.optimizer.eps=1e-6", "trainer.checkpoint_every=0"]
-    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
-    r = _run([sys.executable], "consistency.yaml", one, [*over, "trainer.batch_size=8"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = _run([*TORCHRUN, "--master_port", _port()], "consistency.yaml", fsdp,
-             [*over, "trainer.batch_size=4", "trainer.fsdp=true"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert any(line.startswith("fsdp:") and "teacher" in line for line in r.stdout.splitlines())
+    one, fsdp, stdout = _one_and_sharded(tmp_path, "consistency.yaml", over, 8)
+    assert any(line.startswith("fsdp:") and "teacher" in line for line in stdout.splitlines())
     a, b = _last(one, ("student", "target")), _last(fsdp, ("student", "target"))
     assert _max_diff(a, b) < 1e-5
 

@@ -243,8 +243,11 @@ class Method(nn.Module):
     def copy_net(self, module: nn.Module) -> nn.Module:
         """A deep copy of ``module`` (an EMA target, a phase's teacher, a milestone), sharing the teacher's frozen
         base weights with it when the student is a LoRA student (:attr:`shared_base`): only adapters and other
-        trained tensors are copied."""
-        return copy.deepcopy(module, dict(self.shared_base))
+        trained tensors are copied. A network sharded by ``trainer.fsdp`` is copied whole (gathered from every
+        process: all of them call this at the same point, as they do from a method's hooks)."""
+        from distill.sharding import gathered
+
+        return copy.deepcopy(gathered(module), dict(self.shared_base))
 
     def student_guidance(self) -> float | None:
         """The ``guidance`` a stock pipeline passes as ``guidance_scale`` to reproduce this run's student: ``w``

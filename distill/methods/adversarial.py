@@ -298,6 +298,7 @@ class AdversarialDistillation(Method):
         self._collapse = 0
         self._count: torch.Tensor | None = None  # the same count, on the device between checks
         self._warned = False
+        self._sharded_backbone: bool | None = None  # trainer.fsdp sharded the backbone (R1 is refused then)
 
     # ------------------------------------------------------------------------------------------ grids
 
@@ -344,9 +345,11 @@ class AdversarialDistillation(Method):
         """(logits (heads, B), R1 = mean_b ||grad_x0 sum_k logit_k(x0_b)||^2) on real images."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        from distill.sharding import is_sharded
+        if self._sharded_backbone is None:  # decided at the first R1 step, not at every one
+            from distill.sharding import is_sharded
 
-        if is_sharded(self.backbone):
+            self._sharded_backbone = is_sharded(self.backbone)
+        if self._sharded_backbone:
             raise DistillError("the R1 penalty differentiates the discriminator twice, through the backbone, and a "
                                "sharded backbone (trainer.fsdp) frees its gathered weights after the first backward "
                                "(FSDP2 has no double backward). Set method.r1_weight=0 with trainer.fsdp, or train "
