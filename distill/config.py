@@ -118,6 +118,9 @@ class TrainerConfig:
     teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # the frozen teacher's weights (GPUs; students stay fp32)
     compile: str | None = None  # torch.compile backend for the trained networks and the teacher (inductor); null: off
     gradient_checkpointing: bool = False  # recompute activations in backward (large networks; trades time for memory)
+    nonfinite_guard: Literal["auto", "sync", "device"] = "auto"  # how a NaN/inf update is skipped: "sync" reads one
+    # flag per update on the host; "device" skips it on the device (fused AdamW, masked EMA) and reads the flags at
+    # each metrics row, so a GPU step never waits for the host; "auto": device on CUDA, sync elsewhere
     fsdp: bool = False  # shard every network (the frozen teacher too) across the processes (FSDP2), not replicate them
 
     def check(self) -> list[str]:

@@ -56,7 +56,8 @@ class CFGDenoiser(nn.Module):
     ``forward(x, sigma, guidance=None, **cond)``: x (B, ...), sigma (B,) -> x0 (B, ...). ``guidance`` is ``w``
     (float or (B,)); default ``scale``. The conditional and unconditional halves run as one forward of batch 2B.
     ``uncond`` holds the unconditional inputs for one sample (each (1, ...)); keys it lacks (SDXL's ``time_ids``)
-    are taken from ``cond`` for both halves. Where every ``w`` is 1 only the conditional half runs.
+    are taken from ``cond`` for both halves. Where every ``w`` is 1 only the conditional half runs (decided without
+    reading a GPU tensor back: a ``w`` tensor on a GPU always runs both halves).
     """
 
     def __init__(self, inner: nn.Module, uncond: Mapping[str, torch.Tensor], scale: float = 1.0) -> None:
@@ -77,11 +78,15 @@ class CFGDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, guidance: float | torch.Tensor | None = None,
                 **cond: torch.Tensor) -> torch.Tensor:
-        w = as_scale(self.scale if guidance is None else guidance, x)
+        g = self.scale if guidance is None else guidance
+        w = as_scale(g, x)
         if not cond:
             raise DistillError("classifier-free guidance needs the conditional inputs (a prompt's embedding or a "
                                "class label); got none.")
-        if bool((w == 1).all()):
+        # decided on the host: a w tensor on a GPU (a w-student's draws) is not read back, which would make the step
+        # wait for the device; both halves run then, as they do whenever some w is not 1
+        on_host = not torch.is_tensor(g) or g.device.type == "cpu"
+        if on_host and bool((torch.as_tensor(g, dtype=torch.float64) == 1).all()):
             return self.inner(x, sigma, **cond)
         n = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device)

@@ -322,7 +322,7 @@ class DiscreteVPSchedule(NoiseSchedule):
         lo = hi - 1
         w = (sigma - s[lo]) / (s[hi] - s[lo])
         t = lo.double() + w
-        if bool(torch.isinf(s[-1])):
+        if bool(torch.isinf(self.sigmas[-1])):  # read on the host copy: no wait for the device
             t = torch.where(torch.isinf(sigma), torch.full_like(t, self.num_train_timesteps - 1),
                             torch.where(torch.isinf(s[hi]), lo.double(), t))
         return t

@@ -36,16 +36,25 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.jsonl", "students", "gri
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, source: nn.Module, decay: float) -> None:
+def ema_update(ema: nn.Module, source: nn.Module, decay: float, when: torch.Tensor | None = None) -> None:
     """``ema <- decay * ema + (1 - decay) * source`` for parameters (one fused multi-tensor op); buffers are copied.
-    Tensors the two share (a LoRA student's frozen base) are left alone."""
+    Tensors the two share (a LoRA student's frozen base) are left alone. ``when``: a boolean tensor on the device;
+    where it is false the EMA stays as it was, without reading the flag on the host."""
     pe, ps = list(ema.parameters()), list(source.parameters())
     if len(pe) != len(ps):
         raise DistillError(f"an EMA of {len(ps)} parameters cannot follow a network of {len(pe)}.")
     pairs = [(a, b.detach()) for a, b in zip(pe, ps) if a is not b]
     pe, ps = [a for a, _ in pairs], [b for _, b in pairs]
     same = all(a.dtype == b.dtype and a.device == b.device for a, b in zip(pe, ps))
-    if same:
+    if when is not None and same and pe:
+        step = torch._foreach_sub(ps, pe)
+        torch._foreach_mul_(step, (1.0 - decay) * when.to(pe[0].dtype))  # a tensor factor: no host read
+        torch._foreach_add_(pe, step)
+    elif when is not None:
+        w = (1.0 - decay) * when.float()
+        for a, b in zip(pe, ps):
+            a.add_((b.to(a.dtype) - a) * w.to(a.dtype))
+    elif same:
         torch._foreach_lerp_(pe, ps, 1.0 - decay)
     else:
         for a, b in zip(pe, ps):
@@ -55,11 +64,14 @@ def ema_update(ema: nn.Module, source: nn.Module, decay: float) -> None:
             be.copy_(bs)
 
 
-def make_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def make_optimizer(module: nn.Module, cfg: OptimizerConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over ``module``'s trainable parameters; ``fused``: the single-kernel AdamW, which skips an update on the
+    device when its ``found_inf`` flag is set (the device-side non-finite guard)."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise DistillError(f"{type(module).__name__} has no trainable parameters to optimise.")
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps,
+                             fused=fused or None)
 
 
 def role_lr(role: Role, step: int, max_steps: int) -> float:
@@ -134,13 +146,15 @@ class Trainer:
                 raise DistillError(f"{method_cls.__name__}.roles() names {role!r}, which is not a module attribute.")
         self._speed_options()
         self.sharded = self._shard()
+        self.device_guard = self._device_guard()
+        self._pending: list[list[torch.Tensor]] = []  # device_guard: each unread step's "skipped" flags, per update
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         for role, spec in self.roles.items():
             net = getattr(self.method, role)
             if self.sharded:  # FSDP2 reduces the gradients itself: only the optimizer goes through accelerate
                 module, opt = net, self.accelerator.prepare(make_optimizer(net, spec.optimizer))
             else:
-                module, opt = self.accelerator.prepare(net, make_optimizer(net, spec.optimizer))
+                module, opt = self.accelerator.prepare(net, make_optimizer(net, spec.optimizer, self.device_guard))
             setattr(self.method, role, module)
             self.optimizers[role] = opt
         self._live = None  # the rich progress display while the loop runs
@@ -183,6 +197,44 @@ class Trainer:
         if tc.compile:
             for net in networks:
                 net.compile(backend=tc.compile)  # in place: parameter names (and checkpoints) are unchanged
+
+    def _device_guard(self) -> bool:
+        """Whether the non-finite guard runs on the device (trainer.nonfinite_guard). There, an update whose loss or
+        gradient norm is NaN/inf is skipped inside fused AdamW (its ``found_inf`` flag) and the EMAs are masked by the
+        same flag, so no step waits for the host to read it; the flags are read with each metrics row. The fp16 grad
+        scaler skips overflowing steps itself, and sharded runs keep the host-side guard."""
+        mode = self.tc.nonfinite_guard
+        if mode == "auto":
+            mode = "device" if self.device.type == "cuda" and self.tc.mixed_precision != "fp16" and not self.sharded else "sync"
+        if mode == "sync":
+            return False
+        if self.tc.mixed_precision == "fp16" or self.sharded:
+            warnings.warn(f"trainer.nonfinite_guard: device does not apply {'with the fp16 grad scaler' if not self.sharded else 'to sharded (fsdp) runs'}; "
+                          "the guard reads its flag on the host.", stacklevel=3)
+            return False
+        return True
+
+    def _read_guard(self) -> None:
+        """device_guard: read the flags of the steps since the last read (one sync), and count skipped updates and
+        the streak of all-skipped steps as the host-side guard does step by step."""
+        if not self._pending:
+            return
+        steps, self._pending = self._pending, []
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        counts = torch.stack([torch.stack(f).sum() if f else zero for f in steps]).tolist()  # the one host read
+        first = self.step - len(steps)  # the index of the first unread step
+        for i, (flags, n_skipped) in enumerate(zip(steps, counts)):
+            self.skipped += int(n_skipped)
+            if n_skipped < len(flags) or not flags:  # as the host-side guard: a step with no update due resets it
+                self.streak = 0
+                continue
+            self.streak += 1
+            if self.streak >= self.tc.max_nonfinite_streak:
+                raise DistillError(
+                    f"{self.streak} steps in a row had a NaN/inf loss or gradient (step {first + i}); stopped. The "
+                    "weights kept their last finite values (each such update was skipped). Lower the learning rate, "
+                    "enable grad_clip, or check the data, then run the same command to resume from the last checkpoint."
+                )
 
     def _shard(self) -> bool:
         """trainer.fsdp: shard every network of the method across the processes (:mod:`distill.sharding`). Returns
@@ -248,6 +300,7 @@ class Trainer:
         return {n: self._unwrapped(n) for n in names}
 
     def save(self) -> Path | None:
+        self._read_guard()  # the skipped count a resume continues from
         modules: dict[str, Any] = self._state_modules()
         opts: dict[str, Any] = {r: o.optimizer if hasattr(o, "optimizer") else o for r, o in self.optimizers.items()}
         if self.sharded:  # whole tensors, gathered by every process (collectives), written by the first
@@ -302,6 +355,12 @@ class Trainer:
                     sharding.load_full_optimizer_state(inner, ck["optimizers"][role])
                 else:
                     inner.load_state_dict(ck["optimizers"][role])
+                for g in inner.param_groups:  # the kernel is this run's choice, not the checkpoint's
+                    g["fused"], g["foreach"] = (True, None) if self.device_guard else (None, g.get("foreach"))
+                if self.device_guard:  # fused AdamW keeps its step counts as float32 beside the weights
+                    for p, st in inner.state.items():
+                        if torch.is_tensor(st.get("step")):
+                            st["step"] = st["step"].to(p.device, torch.float32)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise DistillError(
                 f"the checkpoint in {path} does not fit this recipe ({type(exc).__name__}: {str(exc)[:200]}); it was "
@@ -355,7 +414,14 @@ class Trainer:
         self._stream_at = (self.epoch, self.offset)
         m = self.tc.batch_size // self.tc.grad_accum  # this rank's micro-batch
         starts = [i * m * self.world + self.rank * m for i in range(self.tc.grad_accum)]
-        return [{k: v[a : a + m].to(self.device) for k, v in batch.items()} for a in starts]
+        return [{k: self._to_device(v[a : a + m]) for k, v in batch.items()} for a in starts]
+
+    def _to_device(self, v: torch.Tensor) -> torch.Tensor:
+        """A batch tensor onto the training device. On CUDA a copy from pageable host memory waits for the device
+        to finish its queued work (a sync per step); from pinned memory it is queued behind it instead."""
+        if self.device.type == "cuda" and v.device.type == "cpu":
+            return v.pin_memory().to(self.device, non_blocking=True)
+        return v.to(self.device)
 
     def roles_due(self) -> list[str]:
         return [r for r, spec in self.roles.items() if self.step % spec.every == 0]
@@ -397,6 +463,14 @@ class Trainer:
             # would leave the scaler unscaled-but-not-updated and break the next step.
             opt.step()
             skipped = bool(getattr(opt, "step_was_skipped", False)) or not bool(torch.isfinite(total))
+        elif self.device_guard:
+            bad = ~(torch.isfinite(total) & torch.isfinite(torch.as_tensor(gnorm, device=total.device)))
+            inner = opt.optimizer if hasattr(opt, "optimizer") else opt
+            inner.found_inf = bad.float()  # fused AdamW leaves weights, moments and its step count alone where set
+            opt.step()
+            self._flags[role] = bad
+            logs[f"{role}/skipped"] = bad
+            skipped = False  # counted when the flags are read (_read_guard)
         elif bool(torch.isfinite(total) & torch.isfinite(torch.as_tensor(gnorm, device=total.device))):
             opt.step()
             skipped = False
@@ -451,6 +525,7 @@ class Trainer:
                 micro = self._next_batch()
                 logs: dict[str, float] = {}
                 self._stepped: set[str] = set()
+                self._flags: dict[str, torch.Tensor] = {}  # device_guard: this step's "skipped" flag per role
                 due = self.roles_due()
                 for role in due:
                     logs.update(self._update(role, micro))
@@ -458,9 +533,13 @@ class Trainer:
                 if self.sharded:
                     self._reshard()
                 for ema_name, (src, decay) in self.method.ema.items():
-                    if src in self._stepped:  # an EMA follows only real updates of its source
+                    if src in self._flags:  # masked on the device by the update's flag
+                        ema_update(getattr(self.method, ema_name), self._unwrapped(src), decay, when=~self._flags[src])
+                    elif src in self._stepped:  # an EMA follows only real updates of its source
                         ema_update(getattr(self.method, ema_name), self._unwrapped(src), decay)
-                if self._stepped or not due:
+                if self.device_guard:
+                    self._pending.append([self._flags[r] for r in due])
+                elif self._stepped or not due:
                     self.streak = 0
                 else:
                     self.streak += 1
@@ -479,6 +558,7 @@ class Trainer:
                     on_step(self.step)
                 last = logs
                 if self.step % self.tc.log_every == 0 or self.step == self.tc.max_steps:
+                    self._read_guard()
                     floats = {k: float(v) for k, v in logs.items()}  # the sync, once per log_every steps
                     loss = next((v for k, v in floats.items() if k.endswith("/loss")), float("nan"))
                     progress.update(task, completed=self.step, info=f"loss {loss:.4g}  {sps:.1f} steps/s")

@@ -66,9 +66,25 @@ RECIPES = {
     "progressive": ROOT / "recipes" / "digits" / "progressive.yaml",
     "consistency": ROOT / "recipes" / "digits" / "consistency.yaml",
     "adversarial": ROOT / "recipes" / "digits" / "adversarial.yaml",
-    "teacher-bf16": ROOT / "recipes" / "digits" / "teacher.yaml",
 }
-LABELS = {"teacher-bf16": "teacher (mixed_precision=bf16, distill only)"}
+# Variants: a recipe above under extra overrides, with the label its row gets and whether it is timed against that
+# recipe's bare loop (the bare loop does fp32 work with no guard, so the precision and compile variants are distill
+# only: their speed is read against the plain recipe's row). The CUDA ones need a GPU.
+VARIANTS: dict[str, tuple[str, list[str], str, bool]] = {
+    "teacher-sync": ("teacher", ["trainer.nonfinite_guard=sync"], "teacher (nonfinite_guard=sync)", True),
+    "consistency-sync": ("consistency", ["trainer.nonfinite_guard=sync"], "consistency (nonfinite_guard=sync)", True),
+    "teacher-bf16": ("teacher", ["trainer.mixed_precision=bf16"], "teacher (mixed_precision=bf16, distill only)", False),
+    "teacher-fp16": ("teacher", ["trainer.mixed_precision=fp16"], "teacher (mixed_precision=fp16, distill only)", False),
+    "teacher-compile": ("teacher", ["trainer.compile=inductor"], "teacher (compile=inductor, distill only)", False),
+    "consistency-bf16-teacher": ("consistency", ["trainer.teacher_dtype=bf16"],
+                                 "consistency (teacher_dtype=bf16, distill only)", False),
+    "consistency-bf16": ("consistency", ["trainer.mixed_precision=bf16"],
+                         "consistency (mixed_precision=bf16, distill only)", False),
+    "consistency-compile": ("consistency", ["trainer.compile=inductor"],
+                            "consistency (compile=inductor, distill only)", False),
+}
+RECIPES.update({name: RECIPES[base] for name, (base, *_) in VARIANTS.items()})
+LABELS = {name: label for name, (_, _, label, _) in VARIANTS.items()}
 DEFAULT_METHODS = ("teacher", "progressive", "consistency", "adversarial", "teacher-bf16")
 BENCH_OVERRIDES = ["trainer.progress=false", "eval.protocol=null", "trainer.checkpoint_every=0"]
 GOAL = 1.10  # bare / distill must not exceed this for any method
@@ -576,13 +592,13 @@ def recipe_config(method: str, needed: int) -> tuple[RecipeConfig, list[str], li
     """The recipe with the benchmark's overrides; the overrides and notes."""
     path = RECIPES[method]
     overrides = list(BENCH_OVERRIDES)
-    if method == "teacher-bf16":
-        overrides.append("trainer.mixed_precision=bf16")
+    if method in VARIANTS:
+        overrides += VARIANTS[method][1]
     notes: list[str] = []
     cfg = load_recipe(path, overrides)
     if cfg.teacher is not None and not Path(cfg.teacher).is_absolute():
         overrides.append(f"teacher={ROOT / cfg.teacher}")  # the recipes' teacher path is relative to the repo
-    if method == "progressive":
+    if method.split("-")[0] == "progressive":
         m = cfg.method
         iters = m.per_phase(m.iters_per_phase)
         if needed >= iters[0]:
@@ -598,7 +614,8 @@ def bench_method(method: str, steps: int, repeats: int, warmup: int, say: Callab
 
     total = warmup + repeats * steps
     cfg, overrides, notes = recipe_config(method, total)
-    distill_only = method not in BARE
+    base = VARIANTS[method][0] if method in VARIANTS else method
+    distill_only = method in VARIANTS and not VARIANTS[method][3]
     say(f"[{method}] {RECIPES[method].relative_to(ROOT)} {' '.join(overrides)}: {warmup} warm-up + {repeats} x "
         f"{steps} steps, batch {cfg.trainer.batch_size}")
     with tempfile.TemporaryDirectory(prefix=f"bench-{method}-") as tmp, warnings.catch_warnings():
@@ -609,7 +626,7 @@ def bench_method(method: str, steps: int, repeats: int, warmup: int, say: Callab
         bare_rng: RngStream | None = None
         if not distill_only:
             distill_state = get_rng(device)  # distill's stream as it stands after its construction
-            bare = BARE[method](cfg, device)  # seeds the global stream itself, as the trainer does
+            bare = BARE[base](cfg, device)  # seeds the global stream itself, as the trainer does
             bare_rng = RngStream(get_rng(device), device)
             set_rng(distill_state, device)
         trainer.tc.max_steps = total  # after construction: the learning-rate schedules keep the recipe's length
@@ -669,7 +686,8 @@ def fmt(v: float | None, spec: str = ".2f") -> str:
     return "—" if v is None else format(v, spec)
 
 
-def report(results: list[Result], args: argparse.Namespace, command: str, device: str) -> tuple[str, dict[str, Any]]:
+def report(results: list[Result], args: argparse.Namespace, command: str, device: str,
+           failed: dict[str, str] | None = None) -> tuple[str, dict[str, Any]]:
     import diffusers
 
     from distill.eval.harness import git_rev, machine
@@ -677,7 +695,7 @@ def report(results: list[Result], args: argparse.Namespace, command: str, device
     info = {"machine": machine(), "device": device, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "git": git_rev(), "command": command, "threads": args.threads, "steps": args.steps,
             "repeats": args.repeats, "warmup": args.warmup, "goal_bare_over_distill_max": GOAL,
-            "rows": [r.row() for r in results]}
+            "rows": [r.row() for r in results], "failed": failed or {}}
     lines = [
         "# Speed: distill's trainer against a bare PyTorch loop",
         "",
@@ -718,12 +736,16 @@ def report(results: list[Result], args: argparse.Namespace, command: str, device
     lines += [
         "",
         "What the bare loop leaves out, by design: resume and checkpoints, metrics rows and the progress bar, the "
-        "non-finite guard (distill reads one boolean per update from the device), the adversarial method's "
+        "non-finite guard (by default distill reads one boolean per update from the device on a CPU, and skips a "
+        "NaN/inf update on the device on CUDA, reading the flags with each metrics row: `trainer.nonfinite_guard`), "
+        "the adversarial method's "
         "discriminator-collapse counter, gradient accumulation and multi-process sharding (one process, "
         "grad_accum 1), and progressive distillation's phase changes (every timed step lies in the first phase).",
     ]
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]
+    if failed:
+        lines += ["", "Failed on this machine: " + "; ".join(f"{m} ({e})" for m, e in failed.items()) + "."]
     return "\n".join(lines) + "\n", info
 
 
@@ -758,13 +780,19 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(msg, flush=True)
 
-    results = []
+    results, failed = [], {}
     for method in methods:
         try:
             r = bench_method(method, args.steps, args.repeats, args.warmup, say)
-        except DistillError as exc:
+        except Exception as exc:  # a variant this machine cannot run (fp16 without CUDA, a compiler error): the
+            # others are still measured, and the report names it
+            if not isinstance(exc, DistillError):
+                import traceback
+
+                traceback.print_exc()
             print(f"error: {method}: {exc}", file=sys.stderr)
-            return 1
+            failed[method] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            continue
         results.append(r)
         for role, v in r.losses.items():
             msg = f"[{method}] loss ({role}): step 1 distill {v['distill_first']:.6g}"
@@ -773,7 +801,9 @@ def main(argv: list[str] | None = None) -> int:
             msg += f", bare {v['bare_last']:.6g}" if "bare_last" in v else ""
             say(msg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    text, info = report(results, args, command, device)
+    text, info = report(results, args, command, device, failed)
+    if not results:
+        return 1
     (out_dir / "bench_trainer.md").write_text(text)
     (out_dir / "bench_trainer.json").write_text(json.dumps(info, indent=1) + "\n")
     print()

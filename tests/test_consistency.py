@@ -241,12 +241,16 @@ def test_discretisation_curriculum(tmp_path, tiny_teacher, one_thread):
     assert len(m.grids[10]) == 11 and torch.equal(m.sigmas, m.grids[20])
     seen = []
 
-    class Recording(dict):
-        def __getitem__(self, N):
-            seen.append(N)
-            return dict.__getitem__(self, N)
+    cached = m.on_device  # the grids are copied to the device once, then taken from its cache
 
-    m.grids = Recording(m.grids)
+    def recording(key, make, device, dtype=None):
+        grid = cached(key, make, device, dtype)
+        if isinstance(key, tuple) and key[0] == "grid":
+            assert torch.equal(grid.double(), m.grids[key[1]].to(grid.device).float().double())
+            seen.append(key[1])
+        return grid
+
+    m.on_device = recording
     t.fit()
     assert seen == [10, 10, 20, 20]  # each step's loss walks its stage's grid
     assert json.loads((tmp_path / "model" / "distill.json").read_text())["original_inference_steps"] == 20

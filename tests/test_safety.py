@@ -68,9 +68,10 @@ def test_pickled_checkpoint_is_refused_unopened(tmp_path):
     assert not marker.exists()
 
 
-def test_nonfinite_streak_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("guard", ["sync", "device"])
+def test_nonfinite_streak_stops_and_keeps_the_last_good_checkpoint(tmp_path, guard):
     t = Trainer(load_recipe(TEACHER, [*TINY, "trainer.max_steps=10", "trainer.checkpoint_every=2",
-                                      "trainer.max_nonfinite_streak=3"]), tmp_path)
+                                      "trainer.max_nonfinite_streak=3", f"trainer.nonfinite_guard={guard}"]), tmp_path)
     orig = t.method.loss
 
     def nan_after_two(role, batch, step):

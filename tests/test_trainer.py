@@ -126,8 +126,13 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(outs[1][k], outs[4][k], rtol=1e-4, atol=1e-6)
 
 
-def test_nonfinite_step_is_skipped(tmp_path):
-    t = Trainer(load_recipe(TEACHER, [*TINY, "trainer.max_steps=3", "trainer.log_every=1"]), tmp_path)
+@pytest.mark.parametrize("guard", ["sync", "device"])
+def test_nonfinite_step_is_skipped(tmp_path, guard):
+    """Skipped on the host (one flag read per update) or on the device (fused AdamW's found_inf, a masked EMA,
+    the flags read with the metrics rows): either way weights, EMA and optimizer state stay as they were."""
+    t = Trainer(load_recipe(TEACHER, [*TINY, "trainer.max_steps=3", "trainer.log_every=1",
+                                      f"trainer.nonfinite_guard={guard}"]), tmp_path)
+    assert t.device_guard == (guard == "device")
     orig = t.method.loss
     t.tc.max_steps = 1
     t.fit()  # one good step, so that the optimizer has state to keep
@@ -150,6 +155,33 @@ def test_nonfinite_step_is_skipped(tmp_path):
     opt_after = t.optimizers["denoiser"].state_dict()["state"]
     assert all(torch.equal(v, opt_after[pid][k]) for pid, st in opt_before.items() for k, v in st.items())
     assert _rows(tmp_path)[-1]["skipped"] == 2 and _rows(tmp_path)[-1]["denoiser/skipped"] == 1.0
+
+
+def test_device_guard_trains_as_the_host_guard_and_resumes_exactly(tmp_path):
+    """nonfinite_guard=device (the CUDA default) changes where the flag is read, not the training: fused AdamW and
+    the masked EMA end within float rounding of the host-side guard's run, and a resume continues bitwise."""
+    base = [*TINY, "trainer.checkpoint_every=2", "trainer.log_every=3", "method.optimizer.warmup_steps=0"]
+    init = Trainer(load_recipe(TEACHER, [*base, "trainer.max_steps=4"]), tmp_path / "init").method.state_dict()
+    ends = {}
+    for guard in ("sync", "device"):
+        t = Trainer(load_recipe(TEACHER, [*base, "trainer.max_steps=4", f"trainer.nonfinite_guard={guard}"]),
+                    tmp_path / guard)
+        t.fit()
+        ends[guard] = {k: v.clone() for k, v in t.method.state_dict().items()}
+    moved = max((ends["sync"][k].float() - init[k].float()).abs().max().item() for k in init)
+    assert moved > 1e-3
+    for k in ends["sync"]:
+        torch.testing.assert_close(ends["device"][k], ends["sync"][k], rtol=1e-3, atol=5e-5)  # moved: > 1e-3
+    half = Trainer(load_recipe(TEACHER, [*base, "trainer.max_steps=4", "trainer.nonfinite_guard=device"]),
+                   tmp_path / "resumed")
+    half.tc.max_steps = 2
+    half.fit()
+    resumed = Trainer(load_recipe(TEACHER, [*base, "trainer.max_steps=4", "trainer.nonfinite_guard=device"]),
+                      tmp_path / "resumed")
+    resumed.fit()
+    assert resumed.optimizers["denoiser"].optimizer.param_groups[0]["fused"] is True
+    got = resumed.method.state_dict()
+    assert all(torch.equal(got[k], ends["device"][k]) for k in got)
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):

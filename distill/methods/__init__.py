@@ -147,6 +147,15 @@ class Method(nn.Module):
     def clear_memo(self) -> None:
         self.__dict__["_memo"] = {}
 
+    def on_device(self, key: Any, make: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The host tensor ``make()`` on ``device`` (as ``dtype``), copied once and cached under ``key``: a method's
+        fixed grids and noise levels. On CUDA a host-to-device copy at every step makes the host wait for the device."""
+        store = self.__dict__.setdefault("_on_device", {})
+        k = (key, str(device), dtype)
+        if k not in store:
+            store[k] = make().to(device, dtype) if dtype is not None else make().to(device)
+        return store[k]
+
     def _rows(self, n: int) -> slice:
         rank, _ = self.shard
         return slice(rank * n, (rank + 1) * n)

@@ -327,7 +327,7 @@ class AdversarialDistillation(Method):
 
     def generate(self, x0: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The student's one-step output from ``x0`` noised to a random student timestep (B, ...)."""
-        levels = self.student_sigmas.to(x0.device)
+        levels = self.on_device("student_sigmas", lambda: self.student_sigmas, x0.device)
         s = levels[self.randint(0, len(levels), x0)].float()
         return self.student(add_noise(x0, self.randn_like(x0), s), s, **(cond or {}))
 

@@ -240,7 +240,7 @@ class ConsistencyDistillation(Method):
         x0 = batch["image"]
         cond = self.cond(batch)
         N = self.steps_at(step)
-        grid = self.grids[N].to(x0.device, torch.float32)
+        grid = self.on_device(("grid", N), lambda: self.grids[N], x0.device, torch.float32)
         n = self.randint(0, N, x0)
         s_prev, s = grid[n], grid[n + 1]  # s_n < s_{n+1}
         x = add_noise(x0, self.randn_like(x0), s)

@@ -191,7 +191,7 @@ class DistributionMatching(Method):
     def generate(self, like: torch.Tensor, cond: dict[str, torch.Tensor], grad: bool = True) -> torch.Tensor:
         """Generator samples shaped like ``like`` (B, ...): from pure noise through its first ``k`` steps (no
         gradient; backward simulation), then its step ``k`` (with gradient when ``grad``)."""
-        levels = self.levels.to(like.device)
+        levels = self.on_device("levels", lambda: self.levels, like.device)
         K = len(levels)
         k = self.generator_updates % K if (K > 1 and self.config.backward_simulation) else 0
         x = scale_noise(self.randn_like(like), levels[0].float())

@@ -198,7 +198,7 @@ class ProgressiveDistillation(Method):
         x0 = batch["image"]
         cond = self.cond(batch)
         n = self.student_steps
-        fine = self.grid(2 * n).to(x0.device, torch.float32)  # (2n + 1,): the teacher's grid
+        fine = self.on_device(("grid", 2 * n), lambda: self.grid(2 * n), x0.device, torch.float32)  # the teacher's
         i = self.randint(0, n, x0)
         s, s_mid, s_next = fine[2 * i], fine[2 * i + 1], fine[2 * i + 2]
         x = add_noise(x0, self.randn_like(x0), s)
