@@ -358,14 +358,34 @@ class ConsistencyDenoiser(nn.Module):
         return skip * x + per_row(c_out, x) * self.inner(x, sigma, **cond)
 
 
+def stock_consistency_sigmas(schedule: NoiseSchedule, steps: int) -> list[float] | None:
+    """What a stock pipeline must get as ``sigmas=`` to sample a consistency student of this teacher in ``steps``
+    steps, or None where its scheduler's own grid is the student's (VP: ``LCMScheduler``).
+
+    A flow teacher's ``FlowMatchLCMScheduler`` spaces its steps as ``linspace(1, t_min, steps)``, which puts the
+    last of them at ``t_min`` (0.001): its 2-step grid is the 1-step grid plus a step that changes nothing. Its
+    students take ``t = 1 - i / steps`` instead (through the scheduler's shift), which nests as steps halve."""
+    if schedule.kind != "flow":
+        return None
+    return [1 - i / steps for i in range(steps)]
+
+
+def consistency_scheduler_sigmas(schedule: NoiseSchedule, steps: list[int]) -> dict[str, Any]:
+    """``{"scheduler_sigmas": {k: sigmas}}`` for distill.json where a stock pipeline needs ``sigmas=`` (flow
+    teachers), else ``{}``."""
+    got = {str(k): stock_consistency_sigmas(schedule, k) for k in steps}
+    return {"scheduler_sigmas": got} if all(v is not None for v in got.values()) and got else {}
+
+
 def consistency_timesteps(schedule: NoiseSchedule, original_steps: int, steps: int) -> list[float]:
     """The network timesteps the stock consistency scheduler samples ``steps`` steps at: ``LCMScheduler``'s pick
-    from its ``original_steps``-point grid (VP), or ``FlowMatchLCMScheduler``'s grid (flow)."""
+    from its ``original_steps``-point grid (VP), or ``FlowMatchLCMScheduler``'s at
+    :func:`stock_consistency_sigmas` (flow)."""
     if schedule.kind == "flow":
         from diffusers import FlowMatchLCMScheduler
 
         sched = FlowMatchLCMScheduler.from_config(schedule.config)
-        sched.set_timesteps(steps)
+        sched.set_timesteps(sigmas=stock_consistency_sigmas(schedule, steps))
         return sched.timesteps.tolist()
     if schedule.kind != "vp":
         raise DistillError(f"consistency students of a {schedule.kind} teacher have no stock scheduler; distill "
@@ -393,7 +413,7 @@ def consistency_sigmas(schedule: NoiseSchedule, original_steps: int, steps: int)
         from diffusers import FlowMatchLCMScheduler
 
         sched = FlowMatchLCMScheduler.from_config(schedule.config)
-        sched.set_timesteps(steps)
+        sched.set_timesteps(sigmas=stock_consistency_sigmas(schedule, steps))
         t = sched.sigmas.double()
         return (t / (1 - t)).tolist()
     t = torch.tensor(consistency_timesteps(schedule, original_steps, steps)).long()

@@ -57,22 +57,30 @@ def stock_scheduler(denoiser: DiffusersDenoiser, consistency: bool, sampler: str
 
     from distill.schedules import _scheduler_object
 
-    cfg, kind = denoiser.scheduler_config, denoiser.schedule.kind
+    kind = denoiser.schedule.kind
+
+    def own(cls: type) -> dict[str, Any]:
+        """The teacher's scheduler settings that ``cls`` takes: the others (a teacher's Euler or DPM options, a
+        flow scheduler's ``stochastic_sampling``) would be written to the student's scheduler_config.json, and
+        diffusers warns about each on every load."""
+        params = inspect.signature(cls.__init__).parameters
+        return {k: v for k, v in denoiser.scheduler_config.items() if k in params}
+
     if consistency:
         if kind == "flow":
-            return FlowMatchLCMScheduler.from_config(cfg)
+            return FlowMatchLCMScheduler.from_config(own(FlowMatchLCMScheduler))
         if kind != "vp":
             raise DistillError(f"a consistency student of a {kind} teacher has no stock scheduler to export with.")
         kwargs = {"original_inference_steps": original_inference_steps} if original_inference_steps else {}
-        return LCMScheduler.from_config(cfg, timestep_scaling=timestep_scaling, clip_sample=False, thresholding=False,
-                                        set_alpha_to_one=True, timestep_spacing="trailing",
+        return LCMScheduler.from_config(own(LCMScheduler), timestep_scaling=timestep_scaling, clip_sample=False,
+                                        thresholding=False, set_alpha_to_one=True, timestep_spacing="trailing",
                                         prediction_type=denoiser.prediction_type, **kwargs)
     if sampler == "ddim":
         if kind == "flow":
-            return FlowMatchEulerDiscreteScheduler.from_config(cfg)  # flow Euler is DDIM on a flow teacher
-        return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
-                                         prediction_type=denoiser.prediction_type)
-    return _scheduler_object(cfg, "DDPMScheduler")
+            return FlowMatchEulerDiscreteScheduler.from_config(own(FlowMatchEulerDiscreteScheduler))  # flow Euler: DDIM
+        return DDIMScheduler.from_config(own(DDIMScheduler), timestep_spacing="trailing", clip_sample=False,
+                                         set_alpha_to_one=True, prediction_type=denoiser.prediction_type)
+    return _scheduler_object(denoiser.scheduler_config, "DDPMScheduler")
 
 
 def save_pipeline(denoiser: nn.Module, folder: str | Path, sampler: str | None = None,

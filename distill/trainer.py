@@ -205,12 +205,14 @@ class Trainer:
         scaler skips overflowing steps itself, and sharded runs keep the host-side guard."""
         mode = self.tc.nonfinite_guard
         if mode == "auto":
-            mode = "device" if self.device.type == "cuda" and self.tc.mixed_precision != "fp16" and not self.sharded else "sync"
+            cuda = self.device.type == "cuda"
+            mode = "device" if cuda and self.tc.mixed_precision != "fp16" and not self.sharded else "sync"
         if mode == "sync":
             return False
         if self.tc.mixed_precision == "fp16" or self.sharded:
-            warnings.warn(f"trainer.nonfinite_guard: device does not apply {'with the fp16 grad scaler' if not self.sharded else 'to sharded (fsdp) runs'}; "
-                          "the guard reads its flag on the host.", stacklevel=3)
+            where = "to sharded (fsdp) runs" if self.sharded else "with the fp16 grad scaler"
+            warnings.warn(f"trainer.nonfinite_guard: device does not apply {where}; the guard reads its flag on the "
+                          "host.", stacklevel=3)
             return False
         return True
 

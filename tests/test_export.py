@@ -109,3 +109,25 @@ def test_a_protocol_of_other_images_is_refused_and_training_goes_on(tmp_path, ti
     assert (out / "students" / "2-step" / "model_index.json").is_file() and (out / "model" / "distill.json").is_file()
     assert not (out / "results.jsonl").exists()
     assert capsys.readouterr().out.count("saved but not evaluated") == 2
+
+
+@pytest.mark.parametrize("teacher", ["text-digits-sd", "text-digits-sd3"])
+@pytest.mark.parametrize("consistency,sampler", [(True, None), (False, "ddim")])
+def test_exported_schedulers_keep_only_their_own_settings(tmp_path, teacher, consistency, sampler):
+    """A student's scheduler is made from the teacher's settings; those its class does not take (the SD teacher's
+    Euler options, the SD3 teacher's stochastic_sampling) are left out of its scheduler_config.json, where
+    diffusers would warn about each one whenever the student is loaded."""
+    import inspect
+
+    from distill.export import stock_scheduler
+    from distill.pipelines import load_pipeline
+
+    folder = Path(__file__).resolve().parent.parent / "distill" / "assets" / teacher
+    D = load_pipeline(folder).load_denoiser()
+    sched = stock_scheduler(D, consistency, sampler, original_inference_steps=50 if consistency else None)
+    sched.save_config(tmp_path)
+    saved = set(json.loads((tmp_path / "scheduler_config.json").read_text())) - {"_class_name", "_diffusers_version"}
+    takes = set(inspect.signature(type(sched).__init__).parameters)
+    assert saved and saved <= takes, sorted(saved - takes)
+    foreign = set(D.scheduler_config) - takes
+    assert foreign, "the teacher's scheduler should have settings this class does not take, or the test shows nothing"

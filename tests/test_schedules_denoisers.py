@@ -118,3 +118,30 @@ def test_karras_grid():
     torch.testing.assert_close(s[0], torch.tensor(80.0, dtype=torch.float64))
     torch.testing.assert_close(s[-2], torch.tensor(0.002, dtype=torch.float64))
     assert torch.all(s[:-1] > s[1:])
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_consistency_grid_steps_where_the_steps_change_something(shift):
+    """A flow teacher's consistency students sample at t = 1 - i / k through the scheduler's shift, as the stock
+    FlowMatchLCMScheduler does when given those as sigmas=; its own grid (linspace(1, 0.001, k)) would put the
+    second of 2 steps at t = 0.001, where a step changes nothing."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
+
+    from distill.denoisers import consistency_sigmas, consistency_timesteps, stock_consistency_sigmas
+    from distill.schedules import schedule_from_config
+
+    schedule = schedule_from_config({**FlowMatchEulerDiscreteScheduler(shift=shift).config,
+                                     "_class_name": "FlowMatchEulerDiscreteScheduler"})
+    stock = FlowMatchLCMScheduler(shift=shift)
+    for k in (1, 2, 4):
+        assert stock_consistency_sigmas(schedule, k) == [1 - i / k for i in range(k)]
+        stock.set_timesteps(sigmas=stock_consistency_sigmas(schedule, k))
+        t = torch.tensor(consistency_sigmas(schedule, 50, k), dtype=torch.float64)
+        t = torch.where(torch.isinf(t), torch.ones_like(t), t / (1 + t))  # VE sigma -> flow t
+        torch.testing.assert_close(t, stock.sigmas.double(), rtol=1e-6, atol=1e-6)
+        assert consistency_timesteps(schedule, 50, k) == stock.timesteps.tolist()
+    assert 0.4 < float(t[2]) < 0.9  # the 4-step grid's third level: mid-trajectory, not near 0
+    stock.set_timesteps(2)
+    assert float(stock.sigmas[1]) < 0.01  # the stock default's second step, for contrast
+    vp = schedule_from_config({**DDPMScheduler().config, "_class_name": "DDPMScheduler"})
+    assert stock_consistency_sigmas(vp, 2) is None  # VP: LCMScheduler's own pick is the student's grid

@@ -38,7 +38,8 @@ from torch import nn
 
 from distill import losses
 from distill.config import OptimizerConfig
-from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, consistency_sigmas, consistency_timesteps
+from distill.denoisers import (ConsistencyDenoiser, DiffusersDenoiser, consistency_scheduler_sigmas, consistency_sigmas,
+                               consistency_timesteps)
 from distill.errors import DistillError
 from distill.methods import Context, Method, Role, load_teacher
 from distill.schedules import add_noise
@@ -436,4 +437,5 @@ class AdversarialDistillation(Method):
         steps = sorted(set(self.config.sample_steps))
         info = {"sampler": "consistency", "steps": steps, "sigmas": {str(k): self.sampling_sigmas(k) for k in steps},
                 "original_inference_steps": self.config.student_steps}
+        info.update(consistency_scheduler_sigmas(self.teacher.schedule, steps))  # flow: sigmas=
         return info

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from distill import losses
 from distill.config import OptimizerConfig
-from distill.denoisers import ConsistencyDenoiser, consistency_sigmas, consistency_timesteps
+from distill.denoisers import ConsistencyDenoiser, consistency_scheduler_sigmas, consistency_sigmas, consistency_timesteps
 from distill.errors import DistillError
 from distill.methods import Context, Method, Role, load_teacher
 from distill.schedules import add_noise, karras_sigmas
@@ -263,4 +263,5 @@ class ConsistencyDistillation(Method):
         steps = sorted(set(self.config.sample_steps))
         info = {"sampler": "consistency", "steps": steps, "sigmas": {str(k): self.sampling_sigmas(k) for k in steps},
                 "original_inference_steps": self.config.stages()[-1], "solver": self.config.solver}
+        info.update(consistency_scheduler_sigmas(self.teacher.schedule, steps))  # flow: sigmas=
         return info

@@ -37,7 +37,7 @@ from torch import nn
 
 from distill import losses
 from distill.config import OptimizerConfig
-from distill.denoisers import ConsistencyDenoiser, consistency_sigmas
+from distill.denoisers import ConsistencyDenoiser, consistency_scheduler_sigmas, consistency_sigmas
 from distill.errors import DistillError
 from distill.methods import Context, Method, Role, load_teacher
 from distill.schedules import add_noise, scale_noise
@@ -269,4 +269,5 @@ class DistributionMatching(Method):
     def export_info(self) -> dict[str, Any]:
         steps = sorted(set(self.config.sample_steps))
         return {"sampler": "consistency", "steps": steps, "sigmas": {str(k): self.sampling_sigmas(k) for k in steps},
-                "original_inference_steps": self.config.student_steps}
+                "original_inference_steps": self.config.student_steps,
+                **consistency_scheduler_sigmas(self.schedule, steps)}  # flow teachers: the stock call's sigmas=
