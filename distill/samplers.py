@@ -48,7 +48,9 @@ def randn(shape: Sequence[int], generator: Generator = None, *, dtype=torch.floa
 
 
 def _d(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any] | None) -> torch.Tensor:
-    return denoiser(x, sigma.to(x.device, torch.float64).expand(x.shape[0]), **(cond or {}))
+    # the grid lives on the host; a blocking copy of its level to a GPU would wait for the device's queued work at
+    # every step (a non-blocking one from pageable memory is staged at once, and waits for nothing)
+    return denoiser(x, sigma.to(x.device, torch.float64, non_blocking=True).expand(x.shape[0]), **(cond or {}))
 
 
 @_register
