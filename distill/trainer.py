@@ -227,16 +227,21 @@ class Trainer:
         first = self.step - len(steps)  # the index of the first unread step
         for i, (flags, n_skipped) in enumerate(zip(steps, counts)):
             self.skipped += int(n_skipped)
-            if n_skipped < len(flags) or not flags:  # as the host-side guard: a step with no update due resets it
-                self.streak = 0
-                continue
-            self.streak += 1
-            if self.streak >= self.tc.max_nonfinite_streak:
-                raise DistillError(
-                    f"{self.streak} steps in a row had a NaN/inf loss or gradient (step {first + i}); stopped. The "
-                    "weights kept their last finite values (each such update was skipped). Lower the learning rate, "
-                    "enable grad_clip, or check the data, then run the same command to resume from the last checkpoint."
-                )
+            self._count_streak(bool(flags) and n_skipped == len(flags), first + i)
+
+    def _count_streak(self, all_skipped: bool, step: int) -> None:
+        """The run of steps whose every due update was skipped (a step with none due ends it); stops the run at
+        ``max_nonfinite_streak``. Skipped updates leave the weights as they were."""
+        if not all_skipped:
+            self.streak = 0
+            return
+        self.streak += 1
+        if self.streak >= self.tc.max_nonfinite_streak:
+            raise DistillError(
+                f"{self.streak} steps in a row had a NaN/inf loss or gradient (step {step}); stopped. Each such "
+                "update was skipped, and the last good checkpoint is kept. Lower the learning rate, enable grad_clip, "
+                "or check the data, then run the same command to resume."
+            )
 
     def _shard(self) -> bool:
         """trainer.fsdp: shard every network of the method across the processes (:mod:`distill.sharding`). Returns
@@ -539,18 +544,10 @@ class Trainer:
                         ema_update(getattr(self.method, ema_name), self._unwrapped(src), decay, when=~self._flags[src])
                     elif src in self._stepped:  # an EMA follows only real updates of its source
                         ema_update(getattr(self.method, ema_name), self._unwrapped(src), decay)
-                if self.device_guard:
+                if self.device_guard:  # counted when the flags are read (_read_guard)
                     self._pending.append([self._flags[r] for r in due])
-                elif self._stepped or not due:
-                    self.streak = 0
                 else:
-                    self.streak += 1
-                    if self.streak >= self.tc.max_nonfinite_streak:
-                        raise DistillError(
-                            f"{self.streak} steps in a row had a NaN/inf loss or gradient (step {self.step}); stopped. "
-                            "The last good checkpoint is kept. Lower the learning rate, enable grad_clip, or check "
-                            "the data, then run the same command to resume."
-                        )
+                    self._count_streak(bool(due) and not self._stepped, self.step)
                 self.step += 1
                 events = self.method.end_of_step(self.step)
                 if events is not None:
