@@ -217,7 +217,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     console.print(f"[bold]distill quickstart --benchmark {b.name}[/bold]: the shipped {b.name} teacher "
                   f"({b.teacher.name}) distilled into {students} at {what}, every student scored on protocol "
                   f"{b.protocol} against the teacher's best training-free sampler at the same steps; output in {out}/")
-    run_quickstart(out, fast=args.fast, console=console, bench=b.name)
+    run_quickstart(out, fast=args.fast, console=console, bench=b.name, jobs=args.jobs)
     return 0
 
 
@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="output folder (default quickstart/ or quickstart-<benchmark>/, with "
                     "-fast appended under --fast)")
     sp.add_argument("--fast", action="store_true", help="tiny budgets for a first look; not the leaderboard's numbers")
+    sp.add_argument("--jobs", type=int, default=None, help="jobs (the teacher's baselines, each student) run at once, "
+                    "each in its own process with an equal share of the CPU cores (default: one per core on a CPU "
+                    "machine, 1 with a GPU; 1 runs them one after another in this process)")
     sp.set_defaults(fn=cmd_quickstart)
 
     sp = sub.add_parser("export", help="write a run's student (newest checkpoint) as a stock diffusers pipeline folder")

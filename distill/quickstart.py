@@ -20,6 +20,7 @@ newest checkpoint. ``--fast`` runs tiny budgets for a first look; its numbers ar
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,9 @@ class Benchmark:
     teacher_guidance: list[float] | None = None  # the baselines' guidance scales (text teachers)
     n: int | None = None  # samples per point; None: the protocol's
     measured: str = ""  # what the default run took, for the banner
+    # minutes each job took in the last measured run (2 torch threads): with several jobs at once, the longest
+    # start first, so that no long job is left to run alone at the end
+    minutes: dict[str, float] = field(default_factory=dict)
 
 
 _CKPT0 = "trainer.checkpoint_every=0"
@@ -69,6 +73,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         },
         fast_n=300,
         measured="about 22 minutes on 2 CPU cores",
+        minutes={"teacher": 1.25, "progressive": 4.65, "consistency": 3.8, "adversarial": 3.35,
+                 "distribution_matching": 7.9},
     ),
     # The SD-shaped teacher: the recipes of recipes/text-digits/ at budgets cut towards the quickstart's 15 minutes
     # (the recipes' own budgets are their committed runs'), scored at n = 700 (5 samples per prompt; the protocol's
@@ -108,6 +114,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         },
         fast_n=280,
         measured="about 17 minutes on 2 CPU cores",
+        minutes={"teacher": 4.0, "progressive": 3.0, "consistency": 3.3, "consistency-lora": 3.3, "adversarial": 2.0,
+                 "distribution_matching": 2.0},
     ),
 }
 RECIPES = tuple(BENCHMARKS["digits"].recipes)  # the digits quickstart's students
@@ -146,67 +154,251 @@ def plans(fast: bool = False, bench: str | Benchmark = "digits") -> list[Plan]:
 
 
 def run_quickstart(out: str | Path, fast: bool = False, console: Any = None,
-                   bench: str = "digits") -> dict[str, Any]:
-    """Run the quickstart of benchmark ``bench`` into ``out``; returns ``{"rows": [...], "verdict": {...}, "wall_s": ...}``."""
+                   bench: str | Benchmark = "digits", jobs: int | None = None) -> dict[str, Any]:
+    """Run the quickstart of benchmark ``bench`` into ``out``; returns ``{"rows": [...], "verdict": {...},
+    "wall_s": ..., "lanes": ..., "jobs": {name: {"pid", "start", "end"}}}``.
+
+    ``jobs``: how many of its jobs (the teacher's baselines, one per student) run at once, each in its own process
+    with ``cores // jobs`` torch threads (:func:`lanes`). ``None`` picks one per CPU core on a CPU machine and one
+    where CUDA is present; 1 runs everything in this process, one job after another.
+    """
     import yaml
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     from distill.config import load_recipe
-    from distill.eval.harness import evaluate, write_rows
     from distill.eval.protocol import load_protocol
-    from distill.trainer import Trainer
 
     console = console or Console()
     out = Path(out)
     t0 = time.perf_counter()
     # every recipe is validated before any work starts
-    b = benchmark(bench)
+    b = bench if isinstance(bench, Benchmark) else benchmark(bench)
     chosen = plans(fast, b)
     configs = {p.name: load_recipe(p.recipe, p.overrides) for p in chosen}
-    recipe_names = {p.name: str(p.recipe.relative_to(ROOT)) for p in chosen}
     out.mkdir(parents=True, exist_ok=True)
+    n = b.fast_n if fast else b.n
+    teacher_rows = out / "results" / "teacher.jsonl"
+    proto = load_protocol(b.protocol, n=n)
+    if teacher_rows.is_file() and (_protocol_key(teacher_rows) != proto.key()
+                                   or _points(teacher_rows) != (set(b.teacher_samplers), _scales(b))):
+        teacher_rows.unlink()  # made with another sample count (--fast and not, into one --out), samplers or w
+    todo: list[dict[str, Any]] = []
+    if not teacher_rows.is_file():
+        todo.append({"name": "teacher", "kind": "baselines", "bench": b, "n": n, "out": str(out)})
+    finished = {}
+    for p in chosen:
+        run = out / "runs" / p.name
+        dumped = yaml.safe_dump(configs[p.name].to_dict(), sort_keys=False)
+        same = (run / "config.yaml").is_file() and (run / "config.yaml").read_text() == dumped
+        if same and (run / DONE).is_file():
+            finished[p.name] = run
+            continue
+        todo.append({"name": p.name, "kind": "recipe", "recipe": str(p.recipe), "overrides": p.overrides,
+                     "run": str(run), "resume": same, "restart": (run / "config.yaml").is_file() and not same,
+                     "recipe_name": str(p.recipe.relative_to(ROOT))})
+    nlanes, threads = lanes(jobs, len(todo))
     total = sum(c.trainer.max_steps for c in configs.values())
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     progress = Progress(*columns, console=console)
-    results = out / "results"
     with progress:
-        overall = progress.add_task("quickstart", total=total, info="teacher baseline first")
-        teacher_rows = results / "teacher.jsonl"
-        proto = load_protocol(b.protocol, n=b.fast_n if fast else b.n)
-        if teacher_rows.is_file() and (_protocol_key(teacher_rows) != proto.key()
-                                       or _points(teacher_rows) != (set(b.teacher_samplers), _scales(b))):
-            teacher_rows.unlink()  # made with another sample count (--fast and not, into one --out), samplers or w
-        if not teacher_rows.is_file():
-            task = progress.add_task("teacher baselines: training-free samplers", total=None,
-                                     info=f"{len(b.teacher_samplers)} samplers x {len(b.teacher_steps)} step counts"
-                                          + (f" x {len(b.teacher_guidance)} guidance scales" if b.teacher_guidance else ""))
-            rows = evaluate(b.teacher, proto, b.teacher_steps, b.teacher_samplers, name="teacher",
-                            grids=out / "grids", progress=False, guidance=b.teacher_guidance)
-            write_rows(rows, teacher_rows.with_suffix(".tmp"))
-            teacher_rows.with_suffix(".tmp").replace(teacher_rows)
-            progress.remove_task(task)
-        done = 0
-        for i, (name, cfg) in enumerate(configs.items(), 1):
-            run = out / "runs" / name
-            progress.update(overall, description=f"quickstart: {name} ({i}/{len(configs)})", info="")
-            dumped = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-            same = (run / "config.yaml").is_file() and (run / "config.yaml").read_text() == dumped
-            if same and (run / DONE).is_file():
-                progress.console.print(f"{name}: finished earlier in {run}, kept")
-            else:
-                if (run / "config.yaml").is_file() and not same:
-                    progress.console.print(f"{name}: {run} holds a run with other settings; starting it over")
-                (run / DONE).unlink(missing_ok=True)  # done only once this run's fit returns
-                base = done
-                Trainer(cfg, run, recipe_name=recipe_names[name]).fit(
-                    resume=same, progress=progress, on_step=lambda s, at=base: progress.update(overall, completed=at + s))
-                (run / DONE).write_text(json.dumps({"finished": time.time()}))
-            done += cfg.trainer.max_steps
-            progress.update(overall, completed=done)
-    return report(out, fast, console, time.perf_counter() - t0, b)
+        steps = {name: configs[name].trainer.max_steps for name in finished}
+        overall = progress.add_task("quickstart", total=total,
+                                    info=f"{nlanes} jobs at once, {threads} torch thread{'s' if threads > 1 else ''} each"
+                                    if nlanes > 1 else "")
+        for name, run in finished.items():
+            progress.console.print(f"{name}: finished earlier in {run}, kept")
+        for job in todo:
+            if job.get("restart"):
+                progress.console.print(f"{job['name']}: {job['run']} holds a run with other settings; starting it over")
+        progress.update(overall, completed=sum(steps.values()))
+        if nlanes == 1:
+            timings = {}
+            for job in todo:
+                start = time.time()
+                progress.update(overall, description=f"quickstart: {job['name']}")
+                base = sum(steps.values())
+                _do_job(job, progress, lambda s, at=base: progress.update(overall, completed=at + s))
+                if job["kind"] == "recipe":
+                    steps[job["name"]] = configs[job["name"]].trainer.max_steps
+                timings[job["name"]] = {"pid": os.getpid(), "start": start, "end": time.time()}
+        else:
+            order = sorted(todo, key=lambda j: -b.minutes.get(j["name"], 0.0))  # the longest first
+            timings = _run_lanes(order, nlanes, threads, progress, overall, steps)
+        progress.update(overall, description="quickstart", completed=total)
+    result = report(out, fast, console, time.perf_counter() - t0, b,
+                    lanes=(nlanes, threads) if nlanes > 1 else None)
+    return {**result, "lanes": nlanes, "jobs": timings}
+
+
+def lanes(jobs: int | None, pending: int, cores: int | None = None, cuda: bool | None = None) -> tuple[int, int]:
+    """How many quickstart jobs run at once, and the torch threads each gets: ``(lanes, threads)``.
+
+    On a CPU, one training process per core beats one process over all cores: this project's networks are small, so
+    a step is many short parallel regions, and a second thread adds little to one process (about 1.25x on the
+    digits UNet, ``docs/speed.md``) while a second process on the other core adds nearly all of it. So ``None``
+    gives every core its own job (at most one per pending job) and splits the cores evenly; where CUDA is present
+    the jobs would share one GPU, and it runs them one at a time. ``jobs`` asks for a number of lanes.
+    """
+    if jobs is not None and jobs < 1:
+        raise DistillError(f"--jobs must be at least 1, got {jobs}; 1 runs the quickstart's jobs one after another.")
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    n = jobs if jobs is not None else (1 if cuda else cores)
+    n = max(1, min(n, pending))
+    return n, max(1, cores // n)
+
+
+def _do_job(job: dict[str, Any], progress: Any, on_step: Any) -> None:
+    """One quickstart job in this process: the teacher's baselines, or one recipe's training and scoring."""
+    if job["kind"] == "baselines":
+        from distill.eval.harness import evaluate, write_rows
+        from distill.eval.protocol import load_protocol
+
+        b: Benchmark = job["bench"]
+        teacher_rows = Path(job["out"]) / "results" / "teacher.jsonl"
+        task = progress.add_task("teacher baselines: training-free samplers", total=None,
+                                 info=f"{len(b.teacher_samplers)} samplers x {len(b.teacher_steps)} step counts"
+                                      + (f" x {len(b.teacher_guidance)} guidance scales" if b.teacher_guidance else ""))
+        rows = evaluate(b.teacher, load_protocol(b.protocol, n=job["n"]), b.teacher_steps, b.teacher_samplers,
+                        name="teacher", grids=Path(job["out"]) / "grids", progress=False, guidance=b.teacher_guidance)
+        write_rows(rows, teacher_rows.with_suffix(".tmp"))
+        teacher_rows.with_suffix(".tmp").replace(teacher_rows)
+        progress.remove_task(task)
+        return
+    from distill.config import load_recipe
+    from distill.trainer import Trainer
+
+    run = Path(job["run"])
+    (run / DONE).unlink(missing_ok=True)  # done only once this run's fit returns
+    cfg = load_recipe(Path(job["recipe"]), job["overrides"])
+    Trainer(cfg, run, recipe_name=job["recipe_name"]).fit(resume=job["resume"], progress=progress, on_step=on_step)
+    (run / DONE).write_text(json.dumps({"finished": time.time()}))
+
+
+class _RemoteProgress:
+    """What a job in a child process sees as its ``rich`` progress display: every call goes to the parent's."""
+
+    disable = False
+
+    def __init__(self, queue: Any, name: str) -> None:
+        self.queue, self.name, self.tasks = queue, name, 0
+        self.console = self
+
+    def add_task(self, description: str, **fields: Any) -> int:
+        self.tasks += 1
+        self.queue.put(("add", self.name, (self.tasks, description, fields)))
+        return self.tasks
+
+    def update(self, task: int, **fields: Any) -> None:
+        self.queue.put(("update", self.name, (task, fields)))
+
+    def remove_task(self, task: int) -> None:
+        self.queue.put(("remove", self.name, task))
+
+    def print(self, *parts: Any, **_: Any) -> None:
+        self.queue.put(("print", self.name, " ".join(map(str, parts))))
+
+
+def _lane(job: dict[str, Any], threads: int, queue: Any) -> None:
+    """A child process's job (spawned: a fresh interpreter, ``threads`` torch threads); reports to ``queue``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    name = job["name"]
+    try:
+        _do_job(job, _RemoteProgress(queue, name), lambda s: queue.put(("step", name, s)))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except BaseException as exc:  # the parent says what failed; the other jobs go on
+        import traceback
+
+        msg = str(exc) if isinstance(exc, DistillError) else traceback.format_exc(limit=-3)
+        queue.put(("error", name, msg))
+        raise SystemExit(1) from None
+    queue.put(("done", name, None))
+
+
+def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress: Any, overall: Any,
+               steps: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Run the jobs ``nlanes`` at a time in spawned processes, showing their bars in ``progress``."""
+    import multiprocessing as mp
+    import queue as queues
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or locks
+    q = ctx.Queue()
+    pending, running = list(order), {}
+    tasks: dict[tuple[str, int], Any] = {}
+    errors: dict[str, str] = {}
+    timings: dict[str, dict[str, float]] = {}
+    # several processes share the cores: idle OpenMP threads must sleep, not spin (docs/speed.md); read by a child's
+    # torch at its start, so set here, for the children only
+    before = os.environ.get("OMP_WAIT_POLICY")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    def handle(kind: str, name: str, body: Any) -> None:
+        if kind == "add":
+            i, description, fields = body
+            label = name if description in (name, "") else f"{name}: {description}"
+            fields.setdefault("info", "")
+            tasks[name, i] = progress.add_task(label, **fields)
+        elif kind == "update" and (name, body[0]) in tasks:
+            progress.update(tasks[name, body[0]], **body[1])
+        elif kind == "remove" and (name, body) in tasks:
+            progress.remove_task(tasks.pop((name, body)))
+        elif kind == "print":
+            progress.console.print(f"{name}: {body}" if not body.startswith(name) else body)
+        elif kind == "step":
+            steps[name] = body
+            progress.update(overall, completed=sum(steps.values()))
+        elif kind == "error":
+            errors[name] = body
+
+    try:
+        while pending or running:
+            while pending and len(running) < nlanes:
+                job = pending.pop(0)
+                proc = ctx.Process(target=_lane, args=(job, threads, q), name=f"distill-{job['name']}")
+                proc.start()
+                running[job["name"]] = proc
+                timings[job["name"]] = {"pid": proc.pid, "start": time.time()}
+            progress.update(overall, description=f"quickstart: {', '.join(running)}")
+            try:
+                handle(*q.get(timeout=0.2))
+            except queues.Empty:
+                pass
+            for name, proc in list(running.items()):
+                if proc.exitcode is None:
+                    continue
+                while True:  # what it said before it ended
+                    try:
+                        handle(*q.get_nowait())
+                    except queues.Empty:
+                        break
+                proc.join()
+                del running[name]
+                timings[name]["end"] = time.time()
+                for key in [k for k in tasks if k[0] == name]:
+                    progress.remove_task(tasks.pop(key))
+                if proc.exitcode != 0 and name not in errors:
+                    errors[name] = f"its process ended with exit code {proc.exitcode}"
+    finally:
+        for proc in running.values():  # interrupted: stop the children (their checkpoints stay for a resume)
+            proc.terminate()
+            proc.join()
+        if before is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+    if errors:
+        said = "\n".join(f"{name}: {msg.strip()}" for name, msg in errors.items())
+        raise DistillError(f"quickstart jobs failed: {', '.join(errors)} (the others finished and are kept; run the "
+                           f"same command again to retry only the failed ones):\n{said}")
+    return timings
 
 
 def _protocol_key(path: Path) -> str | None:
@@ -253,7 +445,8 @@ def verdict(rows: list[dict[str, Any]], steps: tuple[int, ...] = (1, 2, 4),
     return out
 
 
-def report(out: Path, fast: bool, console: Any, wall_s: float, bench: Benchmark | None = None) -> dict[str, Any]:
+def report(out: Path, fast: bool, console: Any, wall_s: float, bench: Benchmark | None = None,
+           lanes: tuple[int, int] | None = None) -> dict[str, Any]:
     """Print the rich leaderboard, write LEADERBOARD.md and the plot; say which students beat the teacher's best
     training-free sampler at their NFE."""
     import os
@@ -286,7 +479,13 @@ def report(out: Path, fast: bool, console: Any, wall_s: float, bench: Benchmark 
         lines.append(f"the teacher's best: {_label(min(teacher, key=lambda r: r['value']), steps=True)}")
     mins, secs = divmod(int(round(wall_s)), 60)
     flag = "" if b.name == "digits" else f" --benchmark {b.name}"
-    note = (f"by `distill quickstart{flag}{' --fast' if fast else ''}` in {mins} min {secs} s on {machine()}")
+    where = machine()
+    if lanes:  # the parent's thread count is not what trained
+        import re
+
+        each = f"{lanes[0]} jobs at once with {lanes[1]} torch thread{'s' if lanes[1] > 1 else ''} each"
+        where = re.sub(r"\d+ torch threads?", each, where)
+    note = (f"by `distill quickstart{flag}{' --fast' if fast else ''}` in {mins} min {secs} s on {where}")
     md = markdown(rows, rel, source=note)
     head, _, body = md.partition("\n\n")
     extra = ["", "**--fast: tiny budgets for a first look; these numbers are not the leaderboard's.**", ""] if fast else [""]

@@ -201,3 +201,85 @@ def test_text_digits_quickstart_fast_end_to_end(tmp_path):
                        output_type="np", generator=torch.Generator().manual_seed(0)).images)
     assert outs[0].shape == (1, 32, 32, 3)
     assert abs(outs[0] - outs[1]).max() < 1e-3  # the adapters on the teacher draw what the fused student draws
+
+
+def _tiny_bench(students: dict[str, tuple[str, list[str]]]):
+    """A digits quickstart of a few training steps per student, scored at 1 step on 100 samples (with --fast)."""
+    from distill.quickstart import ASSETS, Benchmark
+
+    return Benchmark(name="digits", teacher=ASSETS / "digits-teacher", protocol="digits", recipes=students,
+                     steps=[1], teacher_steps=[1], teacher_samplers=["ddim"],
+                     fast={name: ["trainer.checkpoint_every=0"] for name in students}, fast_n=100,
+                     minutes={"teacher": 0.1, **{name: 1.0 for name in students}})
+
+
+CONSISTENCY = ("recipes/digits/consistency.yaml", ["method.iters=3", "method.optimizer.warmup_steps=1"])
+KD = ("examples/custom_method.yaml", ["method.iters=3", "method.teacher_steps=1"])
+
+
+def test_quickstart_lanes_split_the_cores_and_pick_one_lane_on_a_gpu():
+    from distill.errors import DistillError
+    from distill.quickstart import lanes
+
+    assert lanes(None, 5, cores=2, cuda=False) == (2, 1)  # a process per core, a thread each
+    assert lanes(None, 5, cores=16, cuda=False) == (5, 3)  # no more lanes than jobs; the cores shared out
+    assert lanes(None, 1, cores=2, cuda=False) == (1, 2)  # one job left: it gets every core
+    assert lanes(None, 5, cores=16, cuda=True) == (1, 16)  # jobs would share the GPU
+    assert lanes(3, 5, cores=2, cuda=True) == (3, 1)  # asked for: as asked
+    with pytest.raises(DistillError, match="--jobs must be at least 1"):
+        lanes(0, 5, cores=2, cuda=False)
+
+
+def test_quickstart_runs_its_jobs_at_once_in_their_own_processes(tmp_path):
+    """With two lanes the teacher's baselines and two students run in child processes, two at a time, and reach
+    one leaderboard; the parent's display gets their bars."""
+    import io
+
+    from rich.console import Console
+
+    from distill.quickstart import run_quickstart
+
+    bench = _tiny_bench({"consistency": CONSISTENCY, "kd": KD})
+    console = Console(file=io.StringIO(), width=200)
+    out = run_quickstart(tmp_path / "qs", fast=True, console=console, bench=bench, jobs=2)
+    assert out["lanes"] == 2 and set(out["jobs"]) == {"teacher", "consistency", "kd"}
+    pids = {j["pid"] for j in out["jobs"].values()}
+    assert os.getpid() not in pids and len(pids) == 3  # each job in a process of its own
+    first, second = sorted(out["jobs"].values(), key=lambda j: j["start"])[:2]
+    assert second["start"] < first["end"]  # the first two ran at the same time
+    for name in ("consistency", "kd"):
+        assert (tmp_path / "qs" / "runs" / name / ".quickstart-done").is_file()
+        assert (tmp_path / "qs" / "runs" / name / "results.jsonl").is_file()
+    md = (tmp_path / "qs" / "LEADERBOARD.md").read_text()
+    assert re.search(r"2 jobs at once with \d+ torch threads? each", md)  # what trained, not the parent's threads
+    assert "kd · ddim" in md and "consistency · consistency" in md
+    said = console.file.getvalue()
+    assert "consistency" in said and "kd" in said  # the children's lines reached the parent's console
+
+
+def test_a_failed_quickstart_job_names_itself_and_the_others_are_kept(tmp_path):
+    """A job that raises in its child process: the quickstart says which and why, after the job beside it
+    finished and kept its output."""
+    import io
+
+    from rich.console import Console
+
+    from distill.errors import DistillError
+    from distill.quickstart import run_quickstart
+
+    broken = tmp_path / "broken.py"
+    broken.write_text(
+        "import importlib.util\nimport sys\n"
+        f"spec = importlib.util.spec_from_file_location('kd_example', {str(ROOT / 'examples' / 'custom_method.py')!r})\n"
+        "kd = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['kd_example'] = kd  # its dataclasses look their module up\n"
+        "spec.loader.exec_module(kd)\n\n\n"
+        "class Broken(kd.OneStepKD):\n"
+        "    def loss(self, role, batch, step):\n"
+        "        raise RuntimeError('boom in the loss')\n")
+    bench = _tiny_bench({"broken": (KD[0], [*KD[1], f"method.name={broken}:Broken"])})
+    console = Console(file=io.StringIO(), width=200)
+    with pytest.raises(DistillError, match=r"(?s)quickstart jobs failed: broken.*boom in the loss"):
+        run_quickstart(tmp_path / "qs", fast=True, console=console, bench=bench, jobs=2)
+    assert (tmp_path / "qs" / "results" / "teacher.jsonl").is_file()  # the baselines, beside it, finished
+    assert not (tmp_path / "qs" / "runs" / "broken" / ".quickstart-done").exists()
