@@ -48,8 +48,8 @@ class Benchmark:
     teacher_guidance: list[float] | None = None  # the baselines' guidance scales (text teachers)
     n: int | None = None  # samples per point; None: the protocol's
     measured: str = ""  # what the default run took, for the banner
-    # minutes each job took in the last measured run (2 torch threads): with several jobs at once, the longest
-    # start first, so that no long job is left to run alone at the end
+    # minutes each job took in the last measured run: with several jobs at once, the longest start first, so that
+    # no long job is left to run alone at the end
     minutes: dict[str, float] = field(default_factory=dict)
 
 
@@ -72,9 +72,9 @@ BENCHMARKS: dict[str, Benchmark] = {
             "distribution_matching": ["method.iters=60", _CKPT0],
         },
         fast_n=300,
-        measured="about 22 minutes on 2 CPU cores",
-        minutes={"teacher": 1.25, "progressive": 4.65, "consistency": 3.8, "adversarial": 3.35,
-                 "distribution_matching": 7.9},
+        measured="about 16 minutes on 2 CPU cores",
+        minutes={"teacher": 3.15, "progressive": 6.4, "consistency": 5.6, "adversarial": 5.7,  # 1 thread each
+                 "distribution_matching": 9.9},
     ),
     # The SD-shaped teacher: the recipes of recipes/text-digits/ at budgets cut towards the quickstart's 15 minutes
     # (the recipes' own budgets are their committed runs'), scored at n = 700 (5 samples per prompt; the protocol's
@@ -113,9 +113,9 @@ BENCHMARKS: dict[str, Benchmark] = {
             "distribution_matching": ["method.iters=10", _CKPT0],
         },
         fast_n=280,
-        measured="about 17 minutes on 2 CPU cores",
-        minutes={"teacher": 4.0, "progressive": 3.0, "consistency": 3.3, "consistency-lora": 3.3, "adversarial": 2.0,
-                 "distribution_matching": 2.0},
+        measured="about 14 minutes on 2 CPU cores",
+        minutes={"teacher": 6.0, "progressive": 3.7, "consistency": 3.4, "consistency-lora": 3.4, "adversarial": 3.2,
+                 "distribution_matching": 3.5},  # 1 thread each
     ),
 }
 RECIPES = tuple(BENCHMARKS["digits"].recipes)  # the digits quickstart's students
