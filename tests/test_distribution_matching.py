@@ -118,3 +118,24 @@ def test_bad_configs_are_refused(tiny_teacher):
                              "method.fake_updates=0"])
     msg = str(err.value)
     assert "t_range" in msg and "sample_steps" in msg and "fake_updates" in msg
+
+
+def test_step_cycle_sets_which_generator_step_each_update_trains(tmp_path, tiny_teacher):
+    """Backward simulation trains step k = 0, 1, 2, 3, 0, ... by default; step_cycle weights the steps (here the
+    1-step map from pure noise gets half of the updates); a step outside the generator's is refused."""
+    from distill.errors import ConfigError
+
+    def ks(method, n):
+        out = []
+        for u in range(n):
+            method.generator_updates = u
+            out.append(method.step_k())
+        return out
+
+    plain = _trainer(tmp_path / "a", tiny_teacher, "method.student_steps=4", "method.sample_steps=[1, 4]").method
+    assert ks(plain, 6) == [0, 1, 2, 3, 0, 1]
+    cyc = _trainer(tmp_path / "b", tiny_teacher, "method.student_steps=4", "method.sample_steps=[1, 4]",
+                   "method.step_cycle=[0, 1, 0, 2, 0, 3]").method
+    assert ks(cyc, 7) == [0, 1, 0, 2, 0, 3, 0]
+    with pytest.raises(ConfigError, match="step_cycle"):
+        load_recipe(RECIPE, [f"teacher={tiny_teacher}", "method.student_steps=4", "method.step_cycle=[0, 4]"])

@@ -22,7 +22,7 @@ fake denoiser); ``G`` gets ``gan_weight`` times the non-saturating generator los
 Multi-step generators (``student_steps > 1``): ``G`` denoises at ``student_steps`` fixed timesteps (LCM's pick, as
 the adversarial recipe); with backward simulation (DMD2) its input at step ``k`` is made by running ``G`` itself
 for ``k`` steps from pure noise (no gradient), so training sees what sampling sees. ``k`` cycles over the steps
-from one generator update to the next. The student is exported like a consistency student (``LCMScheduler``),
+(or over ``step_cycle``) from one generator update to the next. The student is exported like a consistency student (``LCMScheduler``),
 sampled by multistep consistency sampling.
 """
 
@@ -59,6 +59,9 @@ class DistributionMatchingConfig:
     gan_disc_weight: float = 1e-2  # the classifier's loss weight in the fake denoiser's update (DMD2: 1e-2)
     head_channels: int = 64
     backward_simulation: bool = True  # multi-step generators train on inputs from their own earlier steps
+    # the generator's step k from one update to the next (backward simulation): null cycles 0..student_steps-1;
+    # e.g. [0, 1, 0, 2, 0, 3] gives the 1-step map from pure noise half of the updates
+    step_cycle: list[int] | None = None
     iters: int = 1000
     student_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-5, warmup_steps=0))
     fake_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-5, warmup_steps=0))
@@ -87,6 +90,10 @@ class DistributionMatchingConfig:
             errs.append(f"head_channels must be >= 1, got {self.head_channels}")
         if self.iters < 1:
             errs.append(f"iters must be >= 1, got {self.iters}")
+        if self.step_cycle is not None and (not self.step_cycle
+                                            or not all(0 <= k < self.student_steps for k in self.step_cycle)):
+            errs.append(f"step_cycle must list steps in 0..student_steps-1 ({self.student_steps - 1}), "
+                        f"got {self.step_cycle}")
         if not 0 <= self.ema_decay < 1:
             errs.append(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         return errs
@@ -192,8 +199,7 @@ class DistributionMatching(Method):
         """Generator samples shaped like ``like`` (B, ...): from pure noise through its first ``k`` steps (no
         gradient; backward simulation), then its step ``k`` (with gradient when ``grad``)."""
         levels = self.on_device("levels", lambda: self.levels, like.device)
-        K = len(levels)
-        k = self.generator_updates % K if (K > 1 and self.config.backward_simulation) else 0
+        k = self.step_k()
         x = scale_noise(self.randn_like(like), levels[0].float())
         with torch.no_grad():
             for i in range(k):
@@ -204,6 +210,14 @@ class DistributionMatching(Method):
             with torch.no_grad():
                 return self.student(x, s, **cond)
         return self.student(x, s, **cond)
+
+    def step_k(self) -> int:
+        """The generator step this update trains: ``k`` of backward simulation, from ``step_cycle``."""
+        K = self.config.student_steps
+        if K == 1 or not self.config.backward_simulation:
+            return 0
+        cycle = self.config.step_cycle or list(range(K))
+        return cycle[self.generator_updates % len(cycle)]
 
     def _noise_level(self, like: torch.Tensor) -> torch.Tensor:
         sigmas = self.schedule.on("sigmas", like.device)
