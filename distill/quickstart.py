@@ -1,7 +1,7 @@
 """``distill quickstart``: a shipped teacher through every recipe, scored on one leaderboard.
 
 ``make demo`` runs it on the embedded digits benchmark (``--benchmark digits``, the default); ``--benchmark
-text-digits`` runs it on the SD-shaped colored-digits text-to-image teacher (``make demo-text``). Offline, in order:
+text-digits`` runs it on the SD-shaped colored-digits text-to-image teacher (``make demo-text``). Offline:
 
 1. the teacher's baselines: its training-free samplers (DDIM, Euler, DPM-Solver++(2M) with and without Karras
    sigmas, UniPC) at 1 to 32 steps (text-digits: DDIM, DPM-Solver++(2M) and UniPC at 1 to 8 steps, unguided and at
@@ -13,8 +13,10 @@ text-digits`` runs it on the SD-shaped colored-digits text-to-image teacher (``m
    students (stock diffusers folders; LoRA students also as adapters) in ``DIR/runs/<name>/model/``; each student
    is judged against the best training-free sampler at its NFE.
 
-Started again with the same ``--out``, finished recipes are kept and an interrupted one resumes from its
-newest checkpoint. ``--fast`` runs tiny budgets for a first look; its numbers are not the leaderboard's.
+The baselines and the students' runs are independent jobs: they run side by side, one process per CPU core
+(:func:`lanes`, ``--jobs``), and their results meet in step 3. Started again with the same ``--out``, finished
+recipes are kept and an interrupted one resumes from its newest checkpoint. ``--fast`` runs tiny budgets for a
+first look; its numbers are not the leaderboard's.
 """
 
 from __future__ import annotations
@@ -206,8 +208,8 @@ def run_quickstart(out: str | Path, fast: bool = False, console: Any = None,
     with progress:
         steps = {name: configs[name].trainer.max_steps for name in finished}
         overall = progress.add_task("quickstart", total=total,
-                                    info=f"{nlanes} jobs at once, {threads} torch thread{'s' if threads > 1 else ''} each"
-                                    if nlanes > 1 else "")
+                                    info=(f"{nlanes} jobs at once, {threads} torch thread{'s' if threads > 1 else ''}"
+                                          " each") if nlanes > 1 else "")
         for name, run in finished.items():
             progress.console.print(f"{name}: finished earlier in {run}, kept")
         for job in todo:

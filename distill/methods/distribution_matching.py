@@ -22,8 +22,8 @@ fake denoiser); ``G`` gets ``gan_weight`` times the non-saturating generator los
 Multi-step generators (``student_steps > 1``): ``G`` denoises at ``student_steps`` fixed timesteps (LCM's pick, as
 the adversarial recipe); with backward simulation (DMD2) its input at step ``k`` is made by running ``G`` itself
 for ``k`` steps from pure noise (no gradient), so training sees what sampling sees. ``k`` cycles over the steps
-(or over ``step_cycle``) from one generator update to the next. The student is exported like a consistency student (``LCMScheduler``),
-sampled by multistep consistency sampling.
+(or over ``step_cycle``) from one generator update to the next. The student is exported like a consistency
+student (``LCMScheduler``), sampled by multistep consistency sampling.
 """
 
 from __future__ import annotations
