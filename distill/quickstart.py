@@ -244,7 +244,8 @@ def lanes(jobs: int | None, pending: int, cores: int | None = None, cuda: bool |
 
     On a CPU, one training process per core beats one process over all cores: this project's networks are small, so
     a step is many short parallel regions, and a second thread adds little to one process (about 1.25x on the
-    digits UNet, ``docs/speed.md``) while a second process on the other core adds nearly all of it. So ``None``
+    digits UNet) while a second process on the other core adds more (the digits quickstart: 1.33x faster in all,
+    ``docs/speed.md``). So ``None``
     gives every core its own job (at most one per pending job) and splits the cores evenly; where CUDA is present
     the jobs would share one GPU, and it runs them one at a time. ``jobs`` asks for a number of lanes.
     """

@@ -139,3 +139,5 @@ def test_step_cycle_sets_which_generator_step_each_update_trains(tmp_path, tiny_
     assert ks(cyc, 7) == [0, 1, 0, 2, 0, 3, 0]
     with pytest.raises(ConfigError, match="step_cycle"):
         load_recipe(RECIPE, [f"teacher={tiny_teacher}", "method.student_steps=4", "method.step_cycle=[0, 4]"])
+    with pytest.raises(ConfigError, match="backward_simulation: true"):
+        load_recipe(RECIPE, [f"teacher={tiny_teacher}", "method.step_cycle=[0, 1]", "method.backward_simulation=false"])

@@ -283,3 +283,21 @@ def test_a_failed_quickstart_job_names_itself_and_the_others_are_kept(tmp_path):
         run_quickstart(tmp_path / "qs", fast=True, console=console, bench=bench, jobs=2)
     assert (tmp_path / "qs" / "results" / "teacher.jsonl").is_file()  # the baselines, beside it, finished
     assert not (tmp_path / "qs" / "runs" / "broken" / ".quickstart-done").exists()
+
+
+def test_one_lane_runs_the_jobs_in_this_process(tmp_path):
+    """--jobs 1 (the default with a GPU): every job runs in the quickstart's own process, one after another, onto
+    the same leaderboard."""
+    import io
+
+    from rich.console import Console
+
+    from distill.quickstart import run_quickstart
+
+    out = run_quickstart(tmp_path / "qs", fast=True, console=Console(file=io.StringIO(), width=200),
+                         bench=_tiny_bench({"kd": KD}), jobs=1)
+    assert out["lanes"] == 1 and {j["pid"] for j in out["jobs"].values()} == {os.getpid()}
+    (first, a), (second, b) = sorted(out["jobs"].items(), key=lambda kv: kv[1]["start"])
+    assert first == "teacher" and a["end"] <= b["start"]  # the baselines, then the student
+    assert (tmp_path / "qs" / "runs" / "kd" / ".quickstart-done").is_file()
+    assert "kd · ddim" in (tmp_path / "qs" / "LEADERBOARD.md").read_text()

@@ -94,6 +94,9 @@ class DistributionMatchingConfig:
                                             or not all(0 <= k < self.student_steps for k in self.step_cycle)):
             errs.append(f"step_cycle must list steps in 0..student_steps-1 ({self.student_steps - 1}), "
                         f"got {self.step_cycle}")
+        elif self.step_cycle is not None and not self.backward_simulation:
+            errs.append("step_cycle orders backward simulation's steps; set backward_simulation: true or drop "
+                        "step_cycle")
         if not 0 <= self.ema_decay < 1:
             errs.append(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         return errs
