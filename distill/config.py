@@ -224,6 +224,8 @@ class StudentConfig:
 
     lora: LoraConfig | dict[str, Any] | None = None  # null: a full copy of the teacher, every weight trained;
     # a LoraConfig mapping: the teacher's network with low-rank adapters, sharing its base weights
+    init: str | None = None  # start the student from this pipeline folder's network (another student of the same
+    # teacher, say a consistency student: DIR/model) instead of from the teacher; the teacher still teaches
 
     def check(self) -> list[str]:
         errs: list[str] = []
@@ -231,6 +233,11 @@ class StudentConfig:
             built = build(LoraConfig, self.lora, "lora", errs)
             if built is not INVALID and not errs:
                 self.lora = built
+        if self.init is not None and (not isinstance(self.init, str) or not self.init):
+            errs.append(f"init: expected a pipeline folder (str), got {self.init!r}")
+        elif self.init is not None and self.lora is not None:
+            errs.append("init: a LoRA student starts as the teacher with zero adapters; start a full student from "
+                        "another network (remove student.lora), or leave init out")
         return errs
 
 
@@ -257,8 +264,8 @@ class RecipeConfig:
         }
         if self.guidance.active:  # unguided recipes keep the layout (and the resolved config.yaml) they had
             out["guidance"] = to_plain(self.guidance)
-        if self.student.lora is not None:  # likewise full students
-            out["student"] = to_plain(self.student)
+        if self.student.lora is not None or self.student.init is not None:  # likewise students copied from the teacher
+            out["student"] = {k: v for k, v in to_plain(self.student).items() if v is not None}
         return out
 
 
@@ -347,6 +354,8 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> RecipeC
         errors.append(f"student.lora: method {name!r} trains its network in full and has no student; LoRA adapts a "
                       "distillation student (progressive, consistency, adversarial, distribution_matching). Remove "
                       "the student section")
+    if method_cls is not None and not method_cls.has_student and student_cfg is not INVALID and student_cfg.init:
+        errors.append(f"student.init: method {name!r} has no student; teacher training starts from `method.init`")
     total = None
     if all(c is not None and c is not INVALID for c in (method_cfg, trainer_cfg)):
         total = getattr(method_cfg, "total_steps", lambda: None)()

@@ -227,12 +227,14 @@ class Method(nn.Module):
         it discards) are frozen: they would never change, and several processes (DDP) refuse unused parameters."""
         if self.lora is not None:
             return self.new_adapter(teacher, self.ctx.guidance.embedding_dim if self.w_student else None)
+        init = getattr(self.ctx.student, "init", None)
+        start = teacher if init is None else started_from(teacher, init)
         if self.w_student:
             from distill.guidance import add_guidance_input
 
-            student = add_guidance_input(teacher, self.ctx.guidance.embedding_dim).requires_grad_(True).train()
+            student = add_guidance_input(start, self.ctx.guidance.embedding_dim).requires_grad_(True).train()
         else:
-            student = copy.deepcopy(teacher).requires_grad_(True).train()
+            student = copy.deepcopy(start).requires_grad_(True).train()
         freeze_unused(student, self.ctx)
         return student
 
@@ -358,6 +360,38 @@ def load_teacher(ctx: Context, method: str, prediction_types: tuple[str, ...] | 
         raise DistillError(f"the teacher {source} does not fit this recipe: {'; '.join(problems)}. Choose a "
                            "teacher trained on this data (`data:` in the recipe), or data of the teacher's shape.")
     return teacher
+
+
+def started_from(teacher: nn.Module, source: str) -> nn.Module:
+    """A copy of the ``teacher`` denoiser whose network holds the weights of ``source``'s network (``student.init``):
+    a pipeline folder with the same network class and config, and the same noise schedule and prediction type (a
+    student of this teacher, such as a consistency student's ``DIR/model``). Refused, with the difference, otherwise.
+    """
+    from distill.pipelines import load_pipeline
+
+    pipeline = load_pipeline(source)
+    net = pipeline.load_network()
+    mine = teacher.net
+    problems = []
+    if type(net) is not type(mine):
+        problems.append(f"its network is a {type(net).__name__}, the teacher's a {type(mine).__name__}")
+    else:
+        theirs, ours = dict(net.config), dict(mine.config)
+        differ = sorted(k for k in set(theirs) | set(ours)
+                        if not k.startswith("_") and theirs.get(k) != ours.get(k))
+        if differ:
+            problems.append("its network differs from the teacher's in " + ", ".join(
+                f"{k} ({theirs.get(k)!r}, the teacher's {ours.get(k)!r})" for k in differ[:4]))
+    sched, mine_sched = pipeline.scheduler_config, teacher.scheduler_config
+    for key in ("num_train_timesteps", "beta_schedule", "prediction_type"):
+        if key in sched and key in mine_sched and sched[key] != mine_sched[key]:
+            problems.append(f"its scheduler's {key} is {sched[key]!r}, the teacher's {mine_sched[key]!r}")
+    if problems:
+        raise DistillError(f"student.init {source} cannot start a student of this teacher: {'; '.join(problems)}. "
+                           "Give a network trained from this teacher (a student's DIR/model), or remove student.init.")
+    start = copy.deepcopy(teacher)
+    start.net.load_state_dict(net.state_dict())
+    return start
 
 
 def describe_methods() -> dict[str, tuple[str, str]]:
