@@ -54,6 +54,8 @@ class Benchmark:
     # no long job is left to run alone at the end
     minutes: dict[str, float] = field(default_factory=dict)
     fast_minutes: dict[str, float] = field(default_factory=dict)  # the same for --fast: there the baselines lead
+    # student: the student whose exported model it starts from (``student.init``); it runs once that one finished
+    starts_from: dict[str, str] = field(default_factory=dict)
 
 
 _CKPT0 = "trainer.checkpoint_every=0"
@@ -62,8 +64,12 @@ BENCHMARKS: dict[str, Benchmark] = {
         name="digits",
         teacher=ASSETS / "digits-teacher",
         protocol="digits",
-        recipes={name: (f"recipes/digits/{name}.yaml", [])
-                 for name in ("progressive", "consistency", "adversarial", "distribution_matching")},
+        recipes={"progressive": ("recipes/digits/progressive.yaml", []),
+                 "consistency": ("recipes/digits/consistency.yaml", []),
+                 # ADD refining the consistency student: from the teacher, 700 steps left its 1-step map at 21.6
+                 "adversarial": ("recipes/digits/adversarial-from-consistency.yaml", []),
+                 "distribution_matching": ("recipes/digits/distribution_matching.yaml", [])},
+        starts_from={"adversarial": "consistency"},
         steps=[1, 2, 4, 8],
         teacher_steps=[1, 2, 4, 8, 16, 32],
         teacher_samplers=["ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras", "unipc"],
@@ -76,10 +82,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         },
         fast_n=300,
         measured="about 16 minutes on 2 CPU cores",
-        minutes={"teacher": 3.15, "progressive": 6.4, "consistency": 5.6, "adversarial": 5.7,  # 1 thread each
+        minutes={"teacher": 3.15, "progressive": 6.4, "consistency": 5.6, "adversarial": 2.4,  # 1 thread each
                  "distribution_matching": 9.9},
-        fast_minutes={"teacher": 1.15, "progressive": 0.55, "consistency": 0.85, "adversarial": 0.7,
-                      "distribution_matching": 0.7},
+        fast_minutes={"teacher": 1.0, "progressive": 0.55, "consistency": 0.8, "adversarial": 0.65,
+                      "distribution_matching": 0.67},
     ),
     # The SD-shaped teacher: the recipes of recipes/text-digits/ at budgets cut towards the quickstart's 15 minutes
     # (the recipes' own budgets are their committed runs'), scored at n = 700 (5 samples per prompt; the protocol's
@@ -140,9 +146,11 @@ def benchmark(name: str) -> Benchmark:
     return BENCHMARKS[name]
 
 
-def plans(fast: bool = False, bench: str | Benchmark = "digits") -> list[Plan]:
+def plans(fast: bool = False, bench: str | Benchmark = "digits", out: str | Path = ".") -> list[Plan]:
+    """Each student's recipe and overrides; a student that starts from another (``Benchmark.starts_from``) gets
+    ``student.init=OUT/runs/<that student>/model``."""
     b = bench if isinstance(bench, Benchmark) else benchmark(bench)
-    out = []
+    result = []
     for name, (recipe, budget) in b.recipes.items():
         path = ROOT / recipe
         if not path.is_file():
@@ -154,8 +162,14 @@ def plans(fast: bool = False, bench: str | Benchmark = "digits") -> list[Plan]:
             over.append(f"eval.n={b.n}")
         if fast:
             over += [*b.fast[name], f"eval.n={b.fast_n}"]
-        out.append(Plan(name, path, over))
-    return out
+        if name in b.starts_from:
+            dep = b.starts_from[name]
+            if dep not in b.recipes or dep == name:
+                raise DistillError(f"benchmark {b.name}: {name} starts from {dep!r}, which is not one of its other "
+                                   f"students ({', '.join(n for n in b.recipes if n != name)}).")
+            over.append(f"student.init={Path(out) / 'runs' / dep / 'model'}")
+        result.append(Plan(name, path, over))
+    return result
 
 
 def run_quickstart(out: str | Path, fast: bool = False, console: Any = None,
@@ -180,7 +194,7 @@ def run_quickstart(out: str | Path, fast: bool = False, console: Any = None,
     t0 = time.perf_counter()
     # every recipe is validated before any work starts
     b = bench if isinstance(bench, Benchmark) else benchmark(bench)
-    chosen = plans(fast, b)
+    chosen = plans(fast, b, out)
     configs = {p.name: load_recipe(p.recipe, p.overrides) for p in chosen}
     out.mkdir(parents=True, exist_ok=True)
     n = b.fast_n if fast else b.n
@@ -193,16 +207,21 @@ def run_quickstart(out: str | Path, fast: bool = False, console: Any = None,
     if not teacher_rows.is_file():
         todo.append({"name": "teacher", "kind": "baselines", "bench": b, "n": n, "out": str(out)})
     finished = {}
-    for p in chosen:
+    rerun: set[str] = set()
+    for p in sorted(chosen, key=lambda p: p.name in b.starts_from):  # a student after the one it starts from
         run = out / "runs" / p.name
         dumped = yaml.safe_dump(configs[p.name].to_dict(), sort_keys=False)
         same = (run / "config.yaml").is_file() and (run / "config.yaml").read_text() == dumped
-        if same and (run / DONE).is_file():
+        dep = b.starts_from.get(p.name)
+        if dep in rerun:  # what it started from is made again: so is it
+            same = False
+        elif same and (run / DONE).is_file():
             finished[p.name] = run
             continue
+        rerun.add(p.name)
         todo.append({"name": p.name, "kind": "recipe", "recipe": str(p.recipe), "overrides": p.overrides,
                      "run": str(run), "resume": same, "restart": (run / "config.yaml").is_file() and not same,
-                     "recipe_name": str(p.recipe.relative_to(ROOT))})
+                     "recipe_name": str(p.recipe.relative_to(ROOT)), "after": dep if dep in rerun else None})
     nlanes, threads = lanes(jobs, len(todo))
     total = sum(c.trainer.max_steps for c in configs.values())
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -231,7 +250,12 @@ def run_quickstart(out: str | Path, fast: bool = False, console: Any = None,
                 timings[job["name"]] = {"pid": os.getpid(), "start": start, "end": time.time()}
         else:
             cost = b.fast_minutes if fast else b.minutes
-            order = sorted(todo, key=lambda j: -cost.get(j["name"], 0.0))  # the longest first
+
+            def chain(job: dict[str, Any]) -> float:  # its minutes and those of the jobs that wait for it
+                name = job["name"]
+                return cost.get(name, 0.0) + sum(cost.get(j["name"], 0.0) for j in todo if j.get("after") == name)
+
+            order = sorted(todo, key=lambda j: -chain(j))  # the longest first
             timings = _run_lanes(order, nlanes, threads, progress, overall, steps)
         progress.update(overall, description="quickstart", completed=total)
     result = report(out, fast, console, time.perf_counter() - t0, b,
@@ -313,34 +337,51 @@ class _RemoteProgress:
         self.queue.put(("print", self.name, " ".join(map(str, parts))))
 
 
-def _lane(job: dict[str, Any], threads: int, queue: Any) -> None:
-    """A child process's job (spawned: a fresh interpreter, ``threads`` torch threads); reports to ``queue``."""
+def _worker(threads: int, inbox: Any, queue: Any) -> None:
+    """A lane's long-lived child process (spawned: a fresh interpreter with ``threads`` torch threads): it runs the
+    jobs the parent sends to ``inbox`` one after another until it gets ``None``, and reports to ``queue``. One
+    process per lane rather than per job: the interpreter, the imports and torch's start-up are paid once per lane
+    (about 15 s of a ``--fast`` job's 30 s on the 2-core machine, ``docs/speed.md``)."""
     import torch
 
     torch.set_num_threads(threads)
-    name = job["name"]
-    try:
-        _do_job(job, _RemoteProgress(queue, name), lambda s: queue.put(("step", name, s)))
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    except BaseException as exc:  # the parent says what failed; the other jobs go on
-        import traceback
+    me = f"pid {os.getpid()}"
+    queue.put(("ready", me, os.getpid()))
+    while True:
+        job = inbox.get()
+        if job is None:
+            return
+        name = job["name"]
+        try:
+            _do_job(job, _RemoteProgress(queue, name), lambda s, n=name: queue.put(("step", n, s)))
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
+        except BaseException as exc:  # the parent says what failed; this lane takes the next job
+            import traceback
 
-        msg = str(exc) if isinstance(exc, DistillError) else traceback.format_exc(limit=-3)
-        queue.put(("error", name, msg))
-        raise SystemExit(1) from None
-    queue.put(("done", name, None))
+            msg = str(exc) if isinstance(exc, DistillError) else traceback.format_exc(limit=-3)
+            queue.put(("error", name, msg))
+        else:
+            queue.put(("done", name, None))
+        queue.put(("ready", me, os.getpid()))
 
 
 def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress: Any, overall: Any,
                steps: dict[str, int]) -> dict[str, dict[str, float]]:
-    """Run the jobs ``nlanes`` at a time in spawned processes, showing their bars in ``progress``."""
+    """Run the jobs on ``nlanes`` long-lived spawned processes (:func:`_worker`), each taking the next job in
+    ``order`` when it is free, and show their bars in ``progress``. A job that raises is reported and its lane goes
+    on; a lane whose process dies (killed, out of memory) fails the job it held and is replaced while jobs remain."""
     import multiprocessing as mp
     import queue as queues
 
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or locks
     q = ctx.Queue()
-    pending, running = list(order), {}
+    pending = list(order)
+    waited_for = {j["name"] for j in order}  # jobs that run here: a job after one of them waits for its end
+    done: set[str] = set()
+    workers: dict[int, tuple[Any, Any]] = {}  # pid: (process, inbox)
+    holding: dict[int, str | None] = {}  # pid: the job it runs (None: idle)
+    idle: list[int] = []  # free lanes with nothing they can start yet
     tasks: dict[tuple[str, int], Any] = {}
     errors: dict[str, str] = {}
     timings: dict[str, dict[str, float]] = {}
@@ -349,8 +390,49 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
     before = os.environ.get("OMP_WAIT_POLICY")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+    def spawn() -> None:
+        inbox = ctx.Queue()
+        proc = ctx.Process(target=_worker, args=(threads, inbox, q), name="distill-quickstart-lane")
+        proc.start()
+        workers[proc.pid], holding[proc.pid] = (proc, inbox), None
+
+    def ended(name: str) -> None:
+        timings[name]["end"] = time.time()
+        for key in [k for k in tasks if k[0] == name]:
+            progress.remove_task(tasks.pop(key))
+
+    def startable() -> dict[str, Any] | None:
+        for job in list(pending):
+            dep = job.get("after")
+            if dep in errors:  # what it starts from failed: it cannot run
+                pending.remove(job)
+                errors[job["name"]] = f"not run: it starts from {dep}'s student, and {dep} failed"
+            elif dep is None or dep not in waited_for or dep in done:
+                pending.remove(job)
+                return job
+        return None
+
+    def dispatch(pid: int) -> None:  # a lane is free: give it the next job it can start, or let it go
+        holding[pid] = None
+        job = startable()
+        if job is None and pending:
+            idle.append(pid)  # jobs wait for others still running: keep the lane
+            return
+        workers[pid][1].put(job)
+        if job is not None:
+            holding[pid] = job["name"]
+            timings[job["name"]] = {"pid": pid, "start": time.time()}
+
+    def wake() -> None:  # a job ended: what waited for it may start now
+        for pid in list(idle):
+            idle.remove(pid)
+            dispatch(pid)
+
     def handle(kind: str, name: str, body: Any) -> None:
-        if kind == "add":
+        if kind == "ready":
+            if body in workers:
+                dispatch(body)
+        elif kind == "add":
             i, description, fields = body
             label = name if description in (name, "") else f"{name}: {description}"
             fields.setdefault("info", "")
@@ -364,39 +446,48 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
         elif kind == "step":
             steps[name] = body
             progress.update(overall, completed=sum(steps.values()))
-        elif kind == "error":
-            errors[name] = body
+        elif kind in ("done", "error"):
+            if kind == "error":
+                errors[name] = body
+            else:
+                done.add(name)
+            ended(name)
+            wake()
+
+    def drain() -> None:
+        while True:
+            try:
+                handle(*q.get_nowait())
+            except queues.Empty:
+                return
 
     try:
-        while pending or running:
-            while pending and len(running) < nlanes:
-                job = pending.pop(0)
-                proc = ctx.Process(target=_lane, args=(job, threads, q), name=f"distill-{job['name']}")
-                proc.start()
-                running[job["name"]] = proc
-                timings[job["name"]] = {"pid": proc.pid, "start": time.time()}
-            progress.update(overall, description=f"quickstart: {', '.join(running)}")
+        for _ in range(nlanes):
+            spawn()
+        while workers:
+            busy = [n for n in holding.values() if n is not None]
+            progress.update(overall, description=f"quickstart: {', '.join(busy) or 'starting'}")
             try:
                 handle(*q.get(timeout=0.2))
             except queues.Empty:
                 pass
-            for name, proc in list(running.items()):
+            for pid, (proc, _) in list(workers.items()):
                 if proc.exitcode is None:
                     continue
-                while True:  # what it said before it ended
-                    try:
-                        handle(*q.get_nowait())
-                    except queues.Empty:
-                        break
+                drain()  # what it said before it ended
                 proc.join()
-                del running[name]
-                timings[name]["end"] = time.time()
-                for key in [k for k in tasks if k[0] == name]:
-                    progress.remove_task(tasks.pop(key))
-                if proc.exitcode != 0 and name not in errors:
-                    errors[name] = f"its process ended with exit code {proc.exitcode}"
+                lost = holding.pop(pid, None)
+                del workers[pid]
+                if pid in idle:
+                    idle.remove(pid)
+                if lost is not None and lost not in errors and "end" not in timings[lost]:
+                    errors[lost] = f"its process ended with exit code {proc.exitcode}"
+                    ended(lost)
+                    wake()
+                if pending and len(workers) < nlanes:
+                    spawn()  # a lane died with jobs left: a fresh one takes them
     finally:
-        for proc in running.values():  # interrupted: stop the children (their checkpoints stay for a resume)
+        for proc, _ in workers.values():  # interrupted: stop the children (their checkpoints stay for a resume)
             proc.terminate()
             proc.join()
         if before is None:

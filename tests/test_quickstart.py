@@ -231,35 +231,47 @@ def test_quickstart_lanes_split_the_cores_and_pick_one_lane_on_a_gpu():
 
 
 def test_quickstart_runs_its_jobs_at_once_in_their_own_processes(tmp_path):
-    """With two lanes the teacher's baselines and two students run in child processes, two at a time, and reach
-    one leaderboard; the parent's display gets their bars."""
+    """With two lanes the teacher's baselines and three students run in two long-lived child processes, two jobs at
+    a time, and reach one leaderboard; a student that starts from another's model waits for it; the parent's display
+    gets their bars."""
     import io
 
+    import yaml
     from rich.console import Console
 
     from distill.quickstart import run_quickstart
 
-    bench = _tiny_bench({"consistency": CONSISTENCY, "kd": KD})
+    bench = _tiny_bench({"consistency": CONSISTENCY, "kd": KD, "refine": CONSISTENCY})
+    bench = type(bench)(**{**bench.__dict__, "starts_from": {"refine": "consistency"}})
     console = Console(file=io.StringIO(), width=200)
     out = run_quickstart(tmp_path / "qs", fast=True, console=console, bench=bench, jobs=2)
-    assert out["lanes"] == 2 and set(out["jobs"]) == {"teacher", "consistency", "kd"}
-    pids = {j["pid"] for j in out["jobs"].values()}
-    assert os.getpid() not in pids and len(pids) == 3  # each job in a process of its own
-    first, second = sorted(out["jobs"].values(), key=lambda j: j["start"])[:2]
+    jobs = out["jobs"]
+    assert out["lanes"] == 2 and set(jobs) == {"teacher", "consistency", "kd", "refine"}
+    assert os.getpid() not in {j["pid"] for j in jobs.values()}
+    assert len({j["pid"] for j in jobs.values()}) == 2  # one process per lane, not per job
+    first, second = sorted(jobs.values(), key=lambda j: j["start"])[:2]
     assert second["start"] < first["end"]  # the first two ran at the same time
-    for name in ("consistency", "kd"):
+    for a in jobs.values():  # a lane runs one job at a time
+        assert all(b is a or b["pid"] != a["pid"] or b["start"] >= a["end"] or a["start"] >= b["end"]
+                   for b in jobs.values())
+    assert jobs["refine"]["start"] >= jobs["consistency"]["end"]  # it starts from consistency's student
+    cfg = yaml.safe_load((tmp_path / "qs" / "runs" / "refine" / "config.yaml").read_text())
+    assert cfg["student"]["init"] == str(tmp_path / "qs" / "runs" / "consistency" / "model")
+    for name in ("consistency", "kd", "refine"):
         assert (tmp_path / "qs" / "runs" / name / ".quickstart-done").is_file()
         assert (tmp_path / "qs" / "runs" / name / "results.jsonl").is_file()
     md = (tmp_path / "qs" / "LEADERBOARD.md").read_text()
     assert re.search(r"2 jobs at once with \d+ torch threads? each", md)  # what trained, not the parent's threads
-    assert "kd · ddim" in md and "consistency · consistency" in md
+    assert "kd · ddim" in md and "consistency · consistency" in md and "refine · consistency" in md
     said = console.file.getvalue()
     assert "consistency" in said and "kd" in said  # the children's lines reached the parent's console
 
 
-def test_a_failed_quickstart_job_names_itself_and_the_others_are_kept(tmp_path):
-    """A job that raises in its child process: the quickstart says which and why, after the job beside it
-    finished and kept its output."""
+def test_failed_quickstart_jobs_name_themselves_and_the_others_finish(tmp_path):
+    """A job that raises in its child process, and one that kills its process (as the out-of-memory killer would):
+    the quickstart says which failed and why, after the other jobs finished and kept their output. The lane whose job
+    raised goes on with the next job; the dead lane's share goes to a fresh process. A student that would start from
+    the dead job's student is not run."""
     import io
 
     from rich.console import Console
@@ -267,22 +279,35 @@ def test_a_failed_quickstart_job_names_itself_and_the_others_are_kept(tmp_path):
     from distill.errors import DistillError
     from distill.quickstart import run_quickstart
 
-    broken = tmp_path / "broken.py"
-    broken.write_text(
-        "import importlib.util\nimport sys\n"
+    failing = tmp_path / "failing.py"
+    failing.write_text(
+        "import importlib.util\nimport os\nimport sys\n"
         f"spec = importlib.util.spec_from_file_location('kd_example', {str(ROOT / 'examples' / 'custom_method.py')!r})\n"
         "kd = importlib.util.module_from_spec(spec)\n"
         "sys.modules['kd_example'] = kd  # its dataclasses look their module up\n"
         "spec.loader.exec_module(kd)\n\n\n"
         "class Broken(kd.OneStepKD):\n"
         "    def loss(self, role, batch, step):\n"
-        "        raise RuntimeError('boom in the loss')\n")
-    bench = _tiny_bench({"broken": (KD[0], [*KD[1], f"method.name={broken}:Broken"])})
+        "        raise RuntimeError('boom in the loss')\n\n\n"
+        "class Dying(kd.OneStepKD):\n"
+        "    def loss(self, role, batch, step):\n"
+        "        os._exit(7)\n")
+    bench = _tiny_bench({"broken": (KD[0], [*KD[1], f"method.name={failing}:Broken"]),
+                         "dying": (KD[0], [*KD[1], f"method.name={failing}:Dying"]), "kd": KD, "orphan": KD})
+    # the two failing jobs start first, one per lane (the longest first); kd and the baselines follow
+    bench = type(bench)(**{**bench.__dict__, "fast_minutes": {"dying": 3.0, "broken": 2.5, "kd": 2.0, "teacher": 1},
+                           "starts_from": {"orphan": "dying"}})
     console = Console(file=io.StringIO(), width=200)
-    with pytest.raises(DistillError, match=r"(?s)quickstart jobs failed: broken.*boom in the loss"):
+    with pytest.raises(DistillError, match=r"(?s)quickstart jobs failed: .*boom in the loss") as err:
         run_quickstart(tmp_path / "qs", fast=True, console=console, bench=bench, jobs=2)
-    assert (tmp_path / "qs" / "results" / "teacher.jsonl").is_file()  # the baselines, beside it, finished
+    said = str(err.value)
+    assert set(said.split(" (")[0].split(": ")[1].split(", ")) == {"broken", "dying", "orphan"}
+    assert "dying: its process ended with exit code 7" in said
+    assert "orphan: not run: it starts from dying's student, and dying failed" in said
+    assert not (tmp_path / "qs" / "runs" / "orphan" / "config.yaml").exists()
     assert not (tmp_path / "qs" / "runs" / "broken" / ".quickstart-done").exists()
+    assert (tmp_path / "qs" / "runs" / "kd" / ".quickstart-done").is_file()
+    assert (tmp_path / "qs" / "results" / "teacher.jsonl").is_file()
 
 
 def test_one_lane_runs_the_jobs_in_this_process(tmp_path):

@@ -69,6 +69,11 @@ def test_an_init_of_another_architecture_is_refused_with_the_difference(tmp_path
         _dmd(tmp_path / "run2", tiny_teacher, f"student.init={eps}")
 
 
+def test_a_missing_init_says_what_to_run_first(tmp_path, tiny_teacher, one_thread):
+    with pytest.raises(DistillError, match=r"student.init: runs/nothing/model does not exist.*run that recipe first"):
+        _dmd(tmp_path, tiny_teacher, "student.init=runs/nothing/model")
+
+
 def test_init_with_lora_or_without_a_student_is_refused_in_the_config():
     with pytest.raises(ConfigError, match="student.init: method 'teacher' has no student"):
         load_recipe(RECIPES / "teacher.yaml", ["student.init=somewhere"])

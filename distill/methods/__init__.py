@@ -367,8 +367,14 @@ def started_from(teacher: nn.Module, source: str) -> nn.Module:
     a pipeline folder with the same network class and config, and the same noise schedule and prediction type (a
     student of this teacher, such as a consistency student's ``DIR/model``). Refused, with the difference, otherwise.
     """
+    from pathlib import Path
+
     from distill.pipelines import load_pipeline
 
+    if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+        raise DistillError(f"student.init: {source} does not exist. It is the pipeline folder of the student this one "
+                           "starts from (another run's DIR/model): run that recipe first (the recipe's header says "
+                           "which), or set student.init to your own student's folder.")
     pipeline = load_pipeline(source)
     net = pipeline.load_network()
     mine = teacher.net
