@@ -230,6 +230,20 @@ def test_quickstart_lanes_split_the_cores_and_pick_one_lane_on_a_gpu():
         lanes(0, 5, cores=2, cuda=False)
 
 
+def test_the_job_order_ends_first_and_a_job_waits_for_what_it_starts_from():
+    from distill.quickstart import makespan, schedule
+
+    jobs = [{"name": n} for n in "ABCDE"]
+    minutes = {"A": 3, "B": 3, "C": 2, "D": 2, "E": 2}
+    assert makespan(jobs, minutes, 2) == 7  # the longest first: A | B, then C | D, then E alone
+    order = schedule(jobs, minutes, 2)
+    assert makespan(order, minutes, 2) == 6  # A then B on one lane, C, D, E on the other
+    assert sorted(j["name"] for j in order) == list("ABCDE")
+    waiting = [{"name": "X", "after": "Y"}, {"name": "Y"}, {"name": "Z"}]
+    assert makespan(waiting, {"X": 1, "Y": 5, "Z": 5}, 2) == 6  # X cannot start before Y ends
+    assert makespan(schedule(waiting, {"X": 1, "Y": 5, "Z": 5}, 2), {"X": 1, "Y": 5, "Z": 5}, 2) == 6
+
+
 def test_quickstart_runs_its_jobs_at_once_in_their_own_processes(tmp_path):
     """With two lanes the teacher's baselines and three students run in two long-lived child processes, two jobs at
     a time, and reach one leaderboard; a student that starts from another's model waits for it; the parent's display
