@@ -82,8 +82,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         },
         fast_n=300,
         measured="about 16 minutes on 2 CPU cores",
-        minutes={"teacher": 3.15, "progressive": 6.4, "consistency": 5.6, "adversarial": 2.4,  # 1 thread each
-                 "distribution_matching": 9.9},
+        minutes={"teacher": 2.7, "progressive": 7.45, "consistency": 6.25, "adversarial": 2.17,  # 1 thread each
+                 "distribution_matching": 11.5},
         fast_minutes={"teacher": 1.03, "progressive": 0.6, "consistency": 0.77, "adversarial": 0.72,
                       "distribution_matching": 0.75},
     ),
@@ -381,7 +381,7 @@ def _worker(threads: int, inbox: Any, queue: Any) -> None:
     """A lane's long-lived child process (spawned: a fresh interpreter with ``threads`` torch threads): it runs the
     jobs the parent sends to ``inbox`` one after another until it gets ``None``, and reports to ``queue``. One
     process per lane rather than per job: the interpreter, the imports and torch's start-up are paid once per lane
-    (about 15 s of a ``--fast`` job's 30 s on the 2-core machine, ``docs/speed.md``)."""
+    (6 to 18 s a process on the 2-core machine, where a ``--fast`` job's work is 30 to 60 s; ``docs/speed.md``)."""
     import torch
 
     torch.set_num_threads(threads)
