@@ -11,7 +11,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "distill" / "assets"
 
 
 @pytest.mark.parametrize("name", ["text-digits-sd", "text-digits-sd3"])
-def test_stock_pipeline_draws_the_asked_digit_and_color(name, one_thread):
+def test_stock_pipeline_draws_the_asked_digit_and_color(name):
     """DiffusionPipeline.from_pretrained(folder) alone (no distill code), 25 steps of its own scheduler at guidance
     3, 32x32 by default: the shipped classifier reads the asked digit and color at least 90% of the time (70 prompts,
     every digit x color, in the held-out phrasings)."""
