@@ -422,6 +422,8 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
     workers: dict[int, tuple[Any, Any]] = {}  # pid: (process, inbox)
     holding: dict[int, str | None] = {}  # pid: the job it runs (None: idle)
     idle: list[int] = []  # free lanes with nothing they can start yet
+    started: set[int] = set()  # lanes that came up (said "ready" once)
+    failed_start: int | None = None  # the exit code of a lane that died before it came up
     tasks: dict[tuple[str, int], Any] = {}
     errors: dict[str, str] = {}
     timings: dict[str, dict[str, float]] = {}
@@ -470,6 +472,7 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
 
     def handle(kind: str, name: str, body: Any) -> None:
         if kind == "ready":
+            started.add(body)
             if body in workers:
                 dispatch(body)
         elif kind == "add":
@@ -504,7 +507,7 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
     try:
         for _ in range(nlanes):
             spawn()
-        while workers:
+        while workers and failed_start is None:
             busy = [n for n in holding.values() if n is not None]
             progress.update(overall, description=f"quickstart: {', '.join(busy) or 'starting'}")
             try:
@@ -518,6 +521,9 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
                 proc.join()
                 lost = holding.pop(pid, None)
                 del workers[pid]
+                if pid not in started:  # it could not even start: a fresh one would not either
+                    failed_start = proc.exitcode
+                    break
                 if pid in idle:
                     idle.remove(pid)
                 if lost is not None and lost not in errors and "end" not in timings[lost]:
@@ -532,6 +538,15 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
             proc.join()
         if before is None:
             os.environ.pop("OMP_WAIT_POLICY", None)
+    if failed_start is not None:
+        import sys
+
+        main = getattr(sys.modules.get("__main__"), "__file__", None)
+        why = (f"spawned processes re-import the script that started them, and {main!r} is not a file (Python read "
+               "from stdin?)" if main is not None and not Path(main).is_file() else "see the error printed above")
+        raise DistillError(f"a quickstart job process ended with exit code {failed_start} before it started: {why}. "
+                           "Run `distill quickstart`, call run_quickstart from a script saved to a file, or run the "
+                           "jobs in this process with --jobs 1 (jobs=1).")
     if errors:
         said = "\n".join(f"{name}: {msg.strip()}" for name, msg in errors.items())
         raise DistillError(f"quickstart jobs failed: {', '.join(errors)} (the others finished and are kept; run the "

@@ -324,6 +324,22 @@ def test_failed_quickstart_jobs_name_themselves_and_the_others_finish(tmp_path):
     assert (tmp_path / "qs" / "results" / "teacher.jsonl").is_file()
 
 
+def test_lanes_that_cannot_start_stop_the_quickstart_with_the_fix(tmp_path):
+    """Spawned processes re-import the script that started them; a script read from stdin has no file, so each lane
+    dies before it starts. The quickstart stops with what to do instead of starting lane after lane."""
+    script = ("import io, sys\n"
+              f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+              "from rich.console import Console\n"
+              "from test_quickstart import _tiny_bench, KD\n"
+              "from distill.quickstart import run_quickstart\n"
+              f"run_quickstart({str(tmp_path / 'qs')!r}, fast=True, console=Console(file=io.StringIO()), "
+              "bench=_tiny_bench({'kd': KD}), jobs=2)\n")
+    r = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=180, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode != 0
+    assert "ended with exit code 1 before it started" in r.stderr and "--jobs 1" in r.stderr, r.stderr[-2000:]
+
+
 def test_one_lane_runs_the_jobs_in_this_process(tmp_path):
     """--jobs 1 (the default with a GPU): every job runs in the quickstart's own process, one after another, onto
     the same leaderboard."""
