@@ -30,7 +30,10 @@ def publish(run: Path) -> Path:
             rel = Path(*Path(r["grid_png"]).parts[-2:])  # <model>/<sampler>-<steps>.png under the run's grids/
             dest = ROOT / "evals" / "grids" / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(run / "grids" / rel, dest)
+            # the run's own grids are in RUN/grids/; `distill eval --out RUN/results.jsonl` puts its grids beside
+            # that file (RUN/results-grids/), and the row names where
+            src_png = Path(r["grid_png"])
+            shutil.copyfile(src_png if src_png.is_file() else run / "grids" / rel, dest)
             r["grid_png"] = str(Path("evals") / "grids" / rel)
     proto = rows[0]["protocol"]["name"]
     out = ROOT / "evals" / "results" / f"{proto}-{run.name}.jsonl"
