@@ -176,6 +176,8 @@ class GuidanceConfig:
     range: list[float] | None = None  # [w_min, w_max]: a w-conditioned student (guidance embedding); each sample
     # draws w uniformly from the range, for the teacher's targets and as the student's input
     embedding_dim: int = 256  # width of the student's guidance embedding (UNet: time_cond_proj_dim)
+    embedding_lr_scale: float = 1.0  # the guidance embedding's learning rate as a multiple of its role's: a
+    # w-student learns its response to w through these new layers alone (docs/teachers.md)
 
     @property
     def active(self) -> bool:
@@ -190,6 +192,8 @@ class GuidanceConfig:
                 errs.append(f"range must be [w_min, w_max] with 0 <= w_min <= w_max, got {self.range}")
         if self.embedding_dim < 2 or self.embedding_dim % 2:
             errs.append(f"embedding_dim must be an even number >= 2, got {self.embedding_dim}")
+        if not self.embedding_lr_scale > 0:
+            errs.append(f"embedding_lr_scale must be > 0, got {self.embedding_lr_scale}")
         return errs
 
 

@@ -64,13 +64,23 @@ def ema_update(ema: nn.Module, source: nn.Module, decay: float, when: torch.Tens
             be.copy_(bs)
 
 
-def make_optimizer(module: nn.Module, cfg: OptimizerConfig, fused: bool = False) -> torch.optim.Optimizer:
+# the layers a guidance-embedded student adds (distill.guidance.add_guidance_input, distill.lora.lora_student)
+GUIDANCE_LAYERS = ("guidance_embedder.", "time_embedding.cond_proj.")
+
+
+def make_optimizer(module: nn.Module, cfg: OptimizerConfig, fused: bool = False,
+                   embedding_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """AdamW over ``module``'s trainable parameters; ``fused``: the single-kernel AdamW, which skips an update on the
-    device when its ``found_inf`` flag is set (the device-side non-finite guard)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
+    device when its ``found_inf`` flag is set (the device-side non-finite guard). With ``embedding_lr_scale`` other
+    than 1 a guidance embedding's parameters form a second group whose ``lr_scale`` multiplies the role's rate."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not named:
         raise DistillError(f"{type(module).__name__} has no trainable parameters to optimise.")
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps,
+    emb = [p for n, p in named if any(k in n for k in GUIDANCE_LAYERS)] if embedding_lr_scale != 1 else []
+    emb_ids = {id(p) for p in emb}
+    rest = [p for _, p in named if id(p) not in emb_ids]
+    groups = [{"params": ps, "lr_scale": scale} for ps, scale in ((rest, 1.0), (emb, embedding_lr_scale)) if ps]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps,
                              fused=fused or None)
 
 
@@ -149,12 +159,15 @@ class Trainer:
         self.device_guard = self._device_guard()
         self._pending: list[list[torch.Tensor]] = []  # device_guard: each unread step's "skipped" flags, per update
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        emb_scale = self.config.guidance.embedding_lr_scale
         for role, spec in self.roles.items():
             net = getattr(self.method, role)
             if self.sharded:  # FSDP2 reduces the gradients itself: only the optimizer goes through accelerate
-                module, opt = net, self.accelerator.prepare(make_optimizer(net, spec.optimizer))
+                module, opt = net, self.accelerator.prepare(make_optimizer(net, spec.optimizer,
+                                                                           embedding_lr_scale=emb_scale))
             else:
-                module, opt = self.accelerator.prepare(net, make_optimizer(net, spec.optimizer, self.device_guard))
+                module, opt = self.accelerator.prepare(net, make_optimizer(net, spec.optimizer, self.device_guard,
+                                                                           emb_scale))
             setattr(self.method, role, module)
             self.optimizers[role] = opt
         self._live = None  # the rich progress display while the loop runs
@@ -463,7 +476,7 @@ class Trainer:
         logs[f"{role}/grad_norm"] = gnorm
         lr = role_lr(self.roles[role], self.step, self.schedule_steps)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         logs[f"{role}/lr"] = lr
         if self.accelerator.scaler is not None:
             # fp16: the grad scaler skips an overflowing step itself and lowers its scale; pre-empting it

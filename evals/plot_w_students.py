@@ -31,6 +31,8 @@ STUDENTS = [
      "progressive, phase one 800 steps, 4 steps"),
     ("text-digits-progressive-sd-w1-2.jsonl", "progressive-sd-w1-2", 4, "progressive, phase one 200 steps, 4 steps"),
     ("text-digits-consistency-sd-w1-2.jsonl", "consistency-sd-w1-2", 4, "LCM over [1, 2], 4 steps"),
+    ("text-digits-consistency-sd-w1-2-emb10.jsonl", "consistency-sd-w1-2-emb10", 4,
+     "LCM over [1, 2], embedding at 10x the rate, 4 steps"),
 ]
 
 

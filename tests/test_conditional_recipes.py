@@ -130,6 +130,28 @@ def test_guidance_embedded_student_serves_a_range_of_w(tiny_pipelines, caption_d
         assert diff <= 1e-4, (k, diff)
 
 
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_guidance_embedding_learns_at_its_own_rate(tiny_pipelines, caption_data, tmp_path, kind, one_thread):
+    from distill.errors import DistillError
+
+    t, before, after = train("consistency", tiny_pipelines[kind], caption_data, tmp_path / "run",
+                             "guidance.range=[1, 6]", "guidance.embedding_dim=32", "guidance.embedding_lr_scale=10")
+    groups = t.optimizers["student"].param_groups
+    assert [g["lr_scale"] for g in groups] == [1.0, 10.0]
+    names = {id(q): n for n, q in t.method.student.named_parameters()}
+    layer = "time_embedding.cond_proj." if kind == "sd" else "guidance_embedder."
+    new = [n for n, q in t.method.student.named_parameters() if layer in n]
+    assert new and sorted(names[id(q)] for q in groups[1]["params"]) == sorted(new)
+    assert groups[0]["lr"] > 0 and groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    assert all(not torch.equal(before[n], after[n]) for n in before if layer in n)
+    # the default keeps one group, and a rate scale must be positive
+    plain = train("consistency", tiny_pipelines[kind], caption_data, tmp_path / "plain", "guidance.range=[1, 6]",
+                  "guidance.embedding_dim=32", "method.iters=1")[0]
+    assert len(plain.optimizers["student"].param_groups) == 1
+    with pytest.raises(DistillError, match="embedding_lr_scale must be > 0"):
+        load_recipe(recipe_path("consistency"), ["guidance.range=[1, 6]", "guidance.embedding_lr_scale=0"])
+
+
 @pytest.mark.parametrize("kind", ["sdxl", "dit"])
 def test_consistency_on_sdxl_and_class_conditional_dit(tiny_pipelines, caption_data, tmp_path, kind, one_thread):
     """SDXL's pooled and size conditioning, and DiT's class labels (data.label_column), reach every network call."""
