@@ -377,14 +377,33 @@ class _RemoteProgress:
         self.queue.put(("print", self.name, " ".join(map(str, parts))))
 
 
-def _worker(threads: int, inbox: Any, queue: Any) -> None:
+class _Outbox:
+    """A lane's end of its own pipe to the parent, with ``put`` like a queue's. One channel per lane, written
+    synchronously: a lane that dies mid-message (killed, out of memory, ``os._exit``) garbles only its own channel,
+    which the parent then reads to its end. A ``multiprocessing.Queue`` shared by the lanes is not safe so: its
+    writers share one lock and one pipe, and a process killed while its feeder thread held them left every other
+    lane's reports stuck and the parent waiting for them forever."""
+
+    def __init__(self, conn: Any) -> None:
+        import threading
+
+        self.conn, self.lock = conn, threading.Lock()
+
+    def put(self, message: Any) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+
+def _worker(threads: int, inbox: Any, conn: Any) -> None:
     """A lane's long-lived child process (spawned: a fresh interpreter with ``threads`` torch threads): it runs the
-    jobs the parent sends to ``inbox`` one after another until it gets ``None``, and reports to ``queue``. One
-    process per lane rather than per job: the interpreter, the imports and torch's start-up are paid once per lane
-    (6 to 18 s a process on the 2-core machine, where a ``--fast`` job's work is 30 to 60 s; ``docs/speed.md``)."""
+    jobs the parent sends to ``inbox`` one after another until it gets ``None``, and reports through its own pipe
+    ``conn`` (:class:`_Outbox`). One process per lane rather than per job: the interpreter, the imports and torch's
+    start-up are paid once per lane (6 to 18 s a process on the 2-core machine, where a ``--fast`` job's work is 30
+    to 60 s; ``docs/speed.md``)."""
     import torch
 
     torch.set_num_threads(threads)
+    queue = _Outbox(conn)
     me = f"pid {os.getpid()}"
     queue.put(("ready", me, os.getpid()))
     while True:
@@ -412,10 +431,10 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
     ``order`` when it is free, and show their bars in ``progress``. A job that raises is reported and its lane goes
     on; a lane whose process dies (killed, out of memory) fails the job it held and is replaced while jobs remain."""
     import multiprocessing as mp
-    import queue as queues
+    from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or locks
-    q = ctx.Queue()
+    channels: dict[int, Any] = {}  # pid: the reading end of that lane's own pipe (_Outbox)
     pending = list(order)
     waited_for = {j["name"] for j in order}  # jobs that run here: a job after one of them waits for its end
     done: set[str] = set()
@@ -434,9 +453,12 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
 
     def spawn() -> None:
         inbox = ctx.Queue()
-        proc = ctx.Process(target=_worker, args=(threads, inbox, q), name="distill-quickstart-lane")
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, args=(threads, inbox, writer), name="distill-quickstart-lane")
         proc.start()
+        writer.close()  # the lane holds the only writing end: when it ends, its channel reads to an end
         workers[proc.pid], holding[proc.pid] = (proc, inbox), None
+        channels[proc.pid] = reader
 
     def ended(name: str) -> None:
         timings[name]["end"] = time.time()
@@ -497,12 +519,16 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
             ended(name)
             wake()
 
-    def drain() -> None:
-        while True:
+    def receive(pid: int) -> None:  # everything the lane has said so far; its channel closes when the lane is gone
+        conn = channels.get(pid)
+        while conn is not None and conn.poll():
             try:
-                handle(*q.get_nowait())
-            except queues.Empty:
+                message = conn.recv()
+            except Exception:  # EOF: the lane ended, perhaps mid-message (the rest of that message is lost)
+                conn.close()
+                del channels[pid]
                 return
+            handle(*message)
 
     try:
         for _ in range(nlanes):
@@ -510,14 +536,12 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
         while workers and failed_start is None:
             busy = [n for n in holding.values() if n is not None]
             progress.update(overall, description=f"quickstart: {', '.join(busy) or 'starting'}")
-            try:
-                handle(*q.get(timeout=0.2))
-            except queues.Empty:
-                pass
+            for conn in wait(list(channels.values()), timeout=0.2):
+                receive(next(pid for pid, c in channels.items() if c is conn))
             for pid, (proc, _) in list(workers.items()):
                 if proc.exitcode is None:
                     continue
-                drain()  # what it said before it ended
+                receive(pid)  # what it said before it ended
                 proc.join()
                 lost = holding.pop(pid, None)
                 del workers[pid]
@@ -536,6 +560,8 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
         for proc, _ in workers.values():  # interrupted: stop the children (their checkpoints stay for a resume)
             proc.terminate()
             proc.join()
+        for conn in channels.values():
+            conn.close()
         if before is None:
             os.environ.pop("OMP_WAIT_POLICY", None)
     if failed_start is not None:

@@ -282,8 +282,9 @@ def test_quickstart_runs_its_jobs_at_once_in_their_own_processes(tmp_path):
 
 
 def test_failed_quickstart_jobs_name_themselves_and_the_others_finish(tmp_path):
-    """A job that raises in its child process, and one that kills its process (as the out-of-memory killer would):
-    the quickstart says which failed and why, after the other jobs finished and kept their output. The lane whose job
+    """A job that raises in its child process, and one that kills its process (as the out-of-memory killer would)
+    halfway through a message to the parent: the quickstart says which failed and why, after the other jobs finished
+    and kept their output (a garbled message must not stall the other lanes' reports). The lane whose job
     raised goes on with the next job; the dead lane's share goes to a fresh process. A student that would start from
     the dead job's student is not run."""
     import io
@@ -305,6 +306,9 @@ def test_failed_quickstart_jobs_name_themselves_and_the_others_finish(tmp_path):
         "        raise RuntimeError('boom in the loss')\n\n\n"
         "class Dying(kd.OneStepKD):\n"
         "    def loss(self, role, batch, step):\n"
+        "        import gc, struct\n"
+        "        box = next(o for o in gc.get_objects() if type(o).__name__ == '_Outbox')\n"
+        "        os.write(box.conn.fileno(), struct.pack('!i', 1 << 20) + b'half a message')  # dies mid-message\n"
         "        os._exit(7)\n")
     bench = _tiny_bench({"broken": (KD[0], [*KD[1], f"method.name={failing}:Broken"]),
                          "dying": (KD[0], [*KD[1], f"method.name={failing}:Dying"]), "kd": KD, "orphan": KD})
