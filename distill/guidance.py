@@ -32,6 +32,15 @@ from torch import nn
 from distill.errors import DistillError
 from distill.tensors import per_row
 
+# the parameter-name parts of the layers a guidance input adds (add_guidance_input; distill.lora.lora_student): a
+# UNet's time_embedding.cond_proj, a transformer's guidance_embedder
+GUIDANCE_LAYERS = ("guidance_embedder.", "time_embedding.cond_proj.")
+
+
+def is_guidance_layer(name: str) -> bool:
+    """Whether parameter ``name`` belongs to a guidance embedding that distill added."""
+    return any(k in name for k in GUIDANCE_LAYERS)
+
 
 def guidance_scale_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Sinusoidal embedding (B, dim) of ``w`` (B,), scaled by 1000, as diffusers' ``get_guidance_scale_embedding``

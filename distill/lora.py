@@ -157,7 +157,7 @@ def lora_student(teacher: nn.Module, settings: Any, guidance_dim: int | None = N
     from peft import inject_adapter_in_model
 
     from distill.denoisers import DiffusersDenoiser
-    from distill.guidance import GuidanceEmbedder, timestep_embedders
+    from distill.guidance import GuidanceEmbedder, is_guidance_layer, timestep_embedders
 
     if not isinstance(teacher, DiffusersDenoiser):
         raise DistillError(f"student.lora adapts a diffusers teacher network, got {type(teacher).__name__}.")
@@ -186,8 +186,7 @@ def lora_student(teacher: nn.Module, settings: Any, guidance_dim: int | None = N
     except (ValueError, TypeError) as exc:
         raise DistillError(f"student.lora: peft cannot adapt the {kind} with target_modules {targets}: {exc}") from exc
     for name, p in student.named_parameters():
-        new = ".lora_" in name or name.startswith("guidance_embedder.") or "time_embedding.cond_proj." in name
-        p.requires_grad_(new)
+        p.requires_grad_(".lora_" in name or is_guidance_layer(name))
     return student.train()
 
 

@@ -536,8 +536,9 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
         while workers and failed_start is None:
             busy = [n for n in holding.values() if n is not None]
             progress.update(overall, description=f"quickstart: {', '.join(busy) or 'starting'}")
-            for conn in wait(list(channels.values()), timeout=0.2):
-                receive(next(pid for pid, c in channels.items() if c is conn))
+            readable = wait(list(channels.values()), timeout=0.2)
+            for pid in [p for p, c in channels.items() if c in readable]:
+                receive(pid)
             for pid, (proc, _) in list(workers.items()):
                 if proc.exitcode is None:
                     continue

@@ -29,6 +29,7 @@ from distill.config import OptimizerConfig, RecipeConfig
 from distill.data import ImageBatches, load_dataset
 from distill.errors import DistillError
 from distill.export import save_pipeline, save_student
+from distill.guidance import is_guidance_layer
 from distill.methods import Context, Method, Milestone, Role, StepEvents, resolve_method
 
 
@@ -64,10 +65,6 @@ def ema_update(ema: nn.Module, source: nn.Module, decay: float, when: torch.Tens
             be.copy_(bs)
 
 
-# the layers a guidance-embedded student adds (distill.guidance.add_guidance_input, distill.lora.lora_student)
-GUIDANCE_LAYERS = ("guidance_embedder.", "time_embedding.cond_proj.")
-
-
 def make_optimizer(module: nn.Module, cfg: OptimizerConfig, fused: bool = False,
                    embedding_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """AdamW over ``module``'s trainable parameters; ``fused``: the single-kernel AdamW, which skips an update on the
@@ -76,7 +73,7 @@ def make_optimizer(module: nn.Module, cfg: OptimizerConfig, fused: bool = False,
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not named:
         raise DistillError(f"{type(module).__name__} has no trainable parameters to optimise.")
-    emb = [p for n, p in named if any(k in n for k in GUIDANCE_LAYERS)] if embedding_lr_scale != 1 else []
+    emb = [p for n, p in named if is_guidance_layer(n)] if embedding_lr_scale != 1 else []
     emb_ids = {id(p) for p in emb}
     rest = [p for _, p in named if id(p) not in emb_ids]
     groups = [{"params": ps, "lr_scale": scale} for ps, scale in ((rest, 1.0), (emb, embedding_lr_scale)) if ps]
