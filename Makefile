@@ -26,12 +26,16 @@ demo-text: $(STAMP)
 	$(VENV)/bin/distill quickstart --benchmark text-digits --out demo-text-out
 
 # `make test`: every test but the slow ones (quality floors, the end-to-end quickstart, multi-process and kill -9
-# runs; pytest -m slow). `make test-all`: all of them; CI (.ci/run) runs this one.
+# runs; pytest -m slow), in one pytest-xdist worker per core (TEST_WORKERS=0: all in pytest's own process).
+# `make test-all`: those, then the slow ones one at a time (they start processes of their own); CI (.ci/run) runs
+# this one.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
+	$(PY) -m pytest -q -m slow
 
 # Benchmarks: slow, not tests. Their outputs are committed under evals/ (each script's docstring says what it
 # measures and writes). bench-text adds the text-to-image teachers' training-free baselines (an hour or more on

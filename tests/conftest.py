@@ -15,9 +15,11 @@ import torch
 
 @pytest.fixture(autouse=True, scope="session")
 def two_threads():
-    """The suite runs on the machine's 2 cores (set for the session, not at import, and restored after)."""
+    """The suite runs on the machine's 2 cores (set for the session, not at import, and restored after). `make test`
+    runs it in several pytest-xdist workers, which share the cores: one thread each when they are 2 or more."""
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, 2 // workers))
     yield
     torch.set_num_threads(old)
 

@@ -273,14 +273,18 @@ def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, 
         correct = judge(extractor, b[:n], {c: v[:n] for c, v in b_columns.items()})
         floor_accuracy, floor_accuracy_ci = float(correct.float().mean()), bootstrap_mean(correct)
     cache_dir().mkdir(parents=True, exist_ok=True)
-    tmp = tensor_path.with_suffix(".tmp")
+    # each process writes its own temporary files and renames them into place, so two processes filling the same
+    # entry at once (the quickstart's lanes, parallel tests) never leave a torn or mixed entry
+    tmp = tensor_path.with_name(f"{tensor_path.name}.{os.getpid()}.tmp")
     save_file({"mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)}, str(tmp))
     os.replace(tmp, tensor_path)
     meta = {**expected, "protocol": to_plain(protocol), "floor": floor, "n": n, "n_ref": len(a),
             "fingerprint": fingerprint, "shape": list(images.shape[1:]), "sha256": _sha256(tensor_path),
             "floor_ci": list(floor_ci), "floor_accuracy": floor_accuracy,
             "floor_accuracy_ci": list(floor_accuracy_ci) if floor_accuracy_ci else None}
-    meta_path.write_text(json.dumps(meta, indent=1))
+    tmp_meta = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, meta_path)
     return Reference(protocol, extractor, stats, floor, n, len(a), fingerprint, tuple(images.shape[1:]), floor_ci,
                      floor_accuracy, floor_accuracy_ci)
 
