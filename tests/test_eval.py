@@ -142,6 +142,22 @@ def test_reference_cache_is_used_and_a_mismatched_one_is_refused(tmp_path, monke
     assert calls["n"] == 3 and fifth.floor_ci == fourth.floor_ci and fifth.floor_ci[0] <= fifth.floor <= fifth.floor_ci[1]
 
 
+def test_reference_entries_are_renamed_into_place_from_files_of_this_process(monkeypatch):
+    """Processes that fill the same cache entry at once (the quickstart's lanes, make test's workers) write under
+    names of their own and rename: no shared temporary file, and the JSON is never half-written in place."""
+    import os
+
+    import distill.eval.protocol as P
+
+    moves = []
+    real = os.replace
+    monkeypatch.setattr(P.os, "replace", lambda a, b: (moves.append((Path(a), Path(b))), real(a, b))[1])
+    reference(small())
+    assert sorted(b.suffix for _, b in moves) == [".json", ".safetensors"]
+    assert all(a.name == f"{b.name}.{os.getpid()}.tmp" for a, b in moves)
+    assert not list(P.cache_dir().glob("*.tmp"))
+
+
 def test_leaderboard_outputs(tmp_path):
     rows = evaluate(TEACHER, small(), steps=[1, 2], samplers=["ddim", "euler"], progress=False, grids=tmp_path / "g")
     f = tmp_path / "r.jsonl"
