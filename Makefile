@@ -6,8 +6,8 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 # Python's bytecode cache stays on for what make runs, even where the environment sets PYTHONDONTWRITEBYTECODE:
 # the quickstart's lanes and many tests start Python processes of their own, and without the cache each one
-# compiles torch's and diffusers' sources again (about 10 s, against 4 s, to start a training job; docs/speed.md).
-# The cache goes into .venv and into the ignored __pycache__ folders of this checkout.
+# compiles torch's and diffusers' sources again (14 s, against 6 s, to import the trainer and start a job;
+# docs/speed.md). The cache goes into .venv and into the ignored __pycache__ folders of this checkout.
 unexport PYTHONDONTWRITEBYTECODE
 # The tests start several processes at once (CPU ranks, subprocess runs): there torch's idle OpenMP threads must
 # sleep, not spin, or they starve each other on a few cores (docs/speed.md). `make demo` is one process alone and
