@@ -138,4 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from distill.errors import DistillError
+
+    try:
+        raise SystemExit(main())
+    except DistillError as exc:  # a model folder that does not load, a protocol that does not fit: say which
+        raise SystemExit(f"error: {exc}") from None
