@@ -122,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         d = r["draws"]
         spread = f"{np.mean(d):.2f} ({min(d):.2f}-{max(d):.2f})" if d else "-"
-        pooled = f"{r['pooled_fd']:.2f}" if "pooled_fd" in r else "-"
+        pooled_cell = f"{r['pooled_fd']:.2f}" if "pooled_fd" in r else "-"
         short = f" (only {r['fewest']} of one class)" if r.get("fewest", m) < m else ""
         lines.append(f"| {r['model']} | {r['steps'] or '-'} | {r['sampler'] or '-'} | {r['protocol_fd']:.2f} | "
                      f"{spread} | {100 * r['class_min']:.1f}% / {100 * r['class_max']:.1f}% | {r['class_tv']:.3f} | "
-                     f"{r['balanced_fd']:.2f}{short} | {pooled} |")
+                     f"{r['balanced_fd']:.2f}{short} | {pooled_cell} |")
     md = head + "\n" + "\n".join(lines) + "\n"
     print(md)
     if args.out:
