@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from distill.eval.digits_net import load_digits_net
     from distill.eval.harness import _draw, git_rev, machine, open_model
-    from distill.eval.protocol import _dataset_images, load_protocol, reference
+    from distill.eval.protocol import halves, load_protocol, reference
     from distill.eval.sweep import generate
 
     proto = load_protocol("digits", **({"n": args.n} if args.n else {}))
@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             return net(images.clamp(-1, 1)).argmax(-1)
 
-    images, _, _ = _dataset_images(proto)
-    perm = np.random.default_rng(proto.split_seed).permutation(len(images))
-    half_b = images[perm[len(images) // 2 : 2 * (len(images) // 2)]][: ref.n]
+    half_b = halves(proto)[1][: ref.n]  # the floor's real images
     b_labels = classify(half_b)
     b_shares = class_shares(b_labels)
     m = int(torch.bincount(b_labels, minlength=10).min())

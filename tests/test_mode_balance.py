@@ -49,5 +49,8 @@ def test_protocol_draw_is_the_harness_number(mode_balance, tmp_path):
     assert teacher["protocol_fd"] == pytest.approx(harness[1]["value"], rel=1e-6)
     assert len(teacher["draws"]) == 2 and teacher["protocol_fd"] not in teacher["draws"]
     assert teacher["pooled_n"] == 300
-    assert 0 < teacher["class_min"] <= 0.1 <= teacher["class_max"] < 1 and 0 <= teacher["class_tv"] <= 1
+    assert 0 < teacher["class_min"] < teacher["class_max"] < 1 and 0 < teacher["class_tv"] <= 1
+    # the real row balances half B to m of each digit; the model's subset has m of each unless a digit is short
+    assert real["balanced_n"] % 10 == 0 and teacher["balanced_n"] <= real["balanced_n"]
+    assert (teacher["balanced_n"] == real["balanced_n"]) == (teacher["fewest"] == real["balanced_n"] // 10)
     assert "| digits-teacher | 2 | ddim |" in (tmp_path / "mode_balance.md").read_text()

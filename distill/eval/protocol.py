@@ -208,6 +208,16 @@ def _dataset_images(protocol: Protocol) -> tuple[torch.Tensor, str, dict[str, to
     return images, str(fingerprint), columns
 
 
+def halves(protocol: Protocol) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], str]:
+    """The protocol's random split of its dataset: (half A, the reference; half B, the floor's samples; half B's
+    judged columns; the images' fingerprint). Every evaluation of the protocol uses this one split."""
+    images, fingerprint, columns = _dataset_images(protocol)
+    perm = np.random.default_rng(protocol.split_seed).permutation(len(images))
+    half = len(images) // 2
+    b_rows = perm[half : 2 * half]
+    return images[perm[:half]], images[b_rows], {c: v[b_rows] for c, v in columns.items()}, fingerprint
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -247,11 +257,7 @@ def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, 
                              _pair(meta.get("floor_accuracy_ci")))
         warnings.warn(f"refusing cached reference statistics {tensor_path}: {problem}; recomputing.", stacklevel=2)
 
-    images, fingerprint, columns = _dataset_images(protocol)
-    perm = np.random.default_rng(protocol.split_seed).permutation(len(images))
-    half = len(images) // 2
-    a, b = images[perm[:half]], images[perm[half : 2 * half]]
-    b_columns = {c: v[perm[half : 2 * half]] for c, v in columns.items()}
+    a, b, b_columns, fingerprint = halves(protocol)
     n = protocol.n or len(b)
     if n > len(b):
         raise DistillError(
@@ -279,13 +285,13 @@ def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, 
     save_file({"mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)}, str(tmp))
     os.replace(tmp, tensor_path)
     meta = {**expected, "protocol": to_plain(protocol), "floor": floor, "n": n, "n_ref": len(a),
-            "fingerprint": fingerprint, "shape": list(images.shape[1:]), "sha256": _sha256(tensor_path),
+            "fingerprint": fingerprint, "shape": list(a.shape[1:]), "sha256": _sha256(tensor_path),
             "floor_ci": list(floor_ci), "floor_accuracy": floor_accuracy,
             "floor_accuracy_ci": list(floor_accuracy_ci) if floor_accuracy_ci else None}
     tmp_meta = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
     tmp_meta.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_meta, meta_path)
-    return Reference(protocol, extractor, stats, floor, n, len(a), fingerprint, tuple(images.shape[1:]), floor_ci,
+    return Reference(protocol, extractor, stats, floor, n, len(a), fingerprint, tuple(a.shape[1:]), floor_ci,
                      floor_accuracy, floor_accuracy_ci)
 
 
