@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) evals/bench_sampling.py
 	$(PY) evals/bench_trainer.py
 	$(PY) evals/bench_step.py --omp
+	$(PY) evals/bench_precision.py
 
 bench-text: $(STAMP)
 	$(PY) evals/baselines.py --teacher text-digits-sd

@@ -31,6 +31,7 @@ from distill.errors import DistillError
 from distill.export import save_pipeline, save_student
 from distill.guidance import is_guidance_layer
 from distill.methods import Context, Method, Milestone, Role, StepEvents, resolve_method
+from distill.precision import short_attention_fp32
 
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.jsonl", "students", "grids", "model")
@@ -152,6 +153,8 @@ class Trainer:
             if not isinstance(getattr(self.method, role, None), nn.Module):
                 raise DistillError(f"{method_cls.__name__}.roles() names {role!r}, which is not a module attribute.")
         self._speed_options()
+        # bf16 on a CPU: short attention in fp32, where torch's bf16 kernel is slow (distill.precision)
+        self.attention_mode = short_attention_fp32(self.device, self.tc.mixed_precision)
         self.sharded = self._shard()
         self.device_guard = self._device_guard()
         self._pending: list[list[torch.Tensor]] = []  # device_guard: each unread step's "skipped" flags, per update
@@ -454,7 +457,8 @@ class Trainer:
         for i, mb in enumerate(micro):
             sync = i == len(micro) - 1
             self.method.micro = i
-            with (nullcontext() if sync else self.accelerator.no_sync(module)), self.accelerator.autocast():
+            with (nullcontext() if sync else self.accelerator.no_sync(module)), self.accelerator.autocast(), \
+                    self.attention_mode:
                 loss, extra = self.method.loss(role, mb, self.step)
             self.accelerator.backward(loss / len(micro))
             total = total + loss.detach().float() / len(micro)

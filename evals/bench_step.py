@@ -10,7 +10,9 @@ variant is timed as the median over ``--repeats`` blocks of ``--steps`` steps af
 * ``fp32``: the plain step (the trainer's default);
 * ``channels_last``: the network and its input in ``torch.channels_last`` memory format (oneDNN's preferred
   layout for convolutions);
-* ``bf16``: the forward under ``torch.autocast("cpu", torch.bfloat16)`` (``trainer.mixed_precision: bf16``);
+* ``bf16``: the forward under ``torch.autocast("cpu", torch.bfloat16)``, attention included;
+* ``bf16-attn32``: the same with attention over short sequences in fp32 (``distill.precision``), which is how the
+  trainer runs ``trainer.mixed_precision: bf16`` on a CPU;
 * ``compile``: ``torch.compile(unet)`` with the inductor backend (``trainer.compile: inductor``), its compile time
   reported apart and outside the timed blocks.
 
@@ -18,6 +20,10 @@ With ``--omp`` it also times the OpenMP wait policy: the ``fp32`` step at 2 thre
 jobs on one machine, or the 2 ranks of a gloo run) and in one process alone, with ``OMP_WAIT_POLICY`` unset (GNU
 OpenMP's default: idle threads spin for a while after each parallel region, then sleep), ``ACTIVE`` (they keep
 spinning) and ``PASSIVE`` (they sleep at once; what the ``distill`` command and the Makefile set by default).
+
+With ``--attention`` it also times attention alone (``F.scaled_dot_product_attention``, forward and backward) in
+fp32 and bf16 at a few sequence lengths, from the digits UNet's 16 tokens up: torch's bf16 kernel is much slower
+than its fp32 one on short sequences on a CPU, which is why ``bf16-attn32`` exists.
 
 For the ``fp32`` step at the largest thread count it also writes the ten most expensive operators (self CPU time,
 from ``torch.profiler``). The CPU's flags that decide which kernels run (AVX-512, AMX, AVX512-BF16) and torch's
@@ -45,8 +51,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from distill.precision import ShortAttentionFP32  # noqa: E402
+
 TEACHER = ROOT / "distill" / "assets" / "digits-teacher"
-VARIANTS = ("fp32", "channels_last", "bf16", "compile")
+VARIANTS = ("fp32", "channels_last", "bf16", "bf16-attn32", "compile")
 
 
 def cpu_flags() -> str:
@@ -86,6 +94,9 @@ def make_step(variant: str) -> tuple[Callable[[], torch.Tensor], float]:
         if variant == "bf16":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = net(x, t).sample
+        elif variant == "bf16-attn32":
+            with torch.autocast("cpu", dtype=torch.bfloat16), ShortAttentionFP32():
+                out = net(x, t).sample
         else:
             out = net(x, t).sample
         loss = torch.nn.functional.mse_loss(out.float(), target)
@@ -115,6 +126,34 @@ def time_variant(variant: str, threads: int, steps: int, repeats: int, warmup: i
     med = statistics.median(times)
     return {"variant": variant, "threads": threads, "s_per_step": med, "steps_per_s": 1 / med,
             "spread": [min(times), max(times)], "build_s": build_s if variant == "compile" else None}
+
+
+ATTENTION_SHAPES = ((128, 2, 16, 32), (128, 2, 64, 32), (32, 4, 256, 64), (8, 8, 1024, 64))  # (B, heads, L, d)
+
+
+def time_attention(threads: int, repeats: int = 5) -> list[dict[str, Any]]:
+    """Attention's forward and backward, ms per call (median of ``repeats``), fp32 against bf16 inputs."""
+    torch.set_num_threads(threads)
+    rows = []
+    for shape in ATTENTION_SHAPES:
+        row: dict[str, Any] = {"shape": list(shape), "threads": threads}
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            gen = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(*shape, generator=gen).to(dtype).requires_grad_(True) for _ in range(3))
+
+            def call() -> None:
+                torch.nn.functional.scaled_dot_product_attention(q, k, v).float().sum().backward()
+
+            for _ in range(2):
+                call()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+            row[f"{name}_ms"] = 1e3 * statistics.median(times)
+        rows.append(row)
+    return rows
 
 
 def top_ops(threads: int, n: int = 10) -> list[dict[str, Any]]:
@@ -166,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported (default 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--omp", action="store_true", help="also time OMP_WAIT_POLICY ACTIVE against PASSIVE")
+    parser.add_argument("--attention", action="store_true", help="also time attention alone, fp32 against bf16")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="folder for bench_step.{md,json} (default evals/)")
     args = parser.parse_args(argv)
@@ -183,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"timing {v} at {th} thread(s)...", file=sys.stderr, flush=True)
             rows.append(time_variant(v, th, args.steps, args.repeats, args.warmup))
     omp = omp_policy(args.steps, args.repeats) if args.omp else []
+    attention = time_attention(max(threads)) if args.attention else []
     ops = top_ops(max(threads))
     torch.set_num_threads(max(threads))
     command = "python evals/bench_step.py " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -214,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
                   "| OMP_WAIT_POLICY | processes | steps/s of each |", "|---|---:|---|"]
         lines += [f"| {r['policy']} | {r['processes']} | {', '.join(f'{v:.2f}' for v in r['steps_per_s'])} |"
                   for r in omp]
+    if attention:
+        lines += ["", f"Attention alone (`F.scaled_dot_product_attention`, forward and backward, torch's default CPU "
+                  f"kernel) at {max(threads)} thread(s), ms per call:", "",
+                  "| batch, heads, tokens, head dim | fp32 | bf16 | bf16 against fp32 |", "|---|---:|---:|---:|"]
+        lines += [f"| {', '.join(map(str, r['shape']))} | {r['fp32_ms']:.2f} | {r['bf16_ms']:.2f} | "
+                  f"{r['bf16_ms'] / r['fp32_ms']:.2f}x |" for r in attention]
     lines += ["", f"Where the fp32 step spends its time at {max(threads)} thread(s) (torch.profiler, self CPU time):", "",
               "| operator | ms per step | share |", "|---|---:|---:|"]
     lines += [f"| `{o['op']}` | {o['self_ms_per_step']:.1f} | {100 * o['share']:.1f}% |" for o in ops]
@@ -221,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_step.md").write_text("\n".join(lines) + "\n")
     (out / "bench_step.json").write_text(json.dumps({"command": command, "machine": machine(), "rows": rows,
-                                                      "top_ops": ops, "omp": omp,
+                                                      "top_ops": ops, "omp": omp, "attention": attention,
                                                       "cpu_flags": cpu_flags()}, indent=1))
     print("\n".join(lines))
     return 0

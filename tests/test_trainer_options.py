@@ -1,4 +1,5 @@
-"""Trainer options for speed and scale: trackers, a half-precision teacher, torch.compile, gradient checkpointing."""
+"""Trainer options for speed and scale: trackers, a half-precision teacher, bf16 on a CPU, torch.compile, gradient
+checkpointing."""
 
 from __future__ import annotations
 
@@ -58,6 +59,21 @@ def test_half_precision_teacher_and_its_cpu_warning(tmp_path, tiny_teacher, one_
     assert next(t.method.student.parameters()).dtype == torch.float32
     result = t.fit()
     assert all(v == v for v in result["last"].values())  # finite losses from a bf16 teacher's targets
+
+
+def test_cpu_bf16_steps_run_short_attention_in_fp32(tmp_path, tiny_teacher, one_thread, monkeypatch):
+    import distill.trainer
+    from distill.precision import ShortAttentionFP32
+
+    monkeypatch.setattr(distill.trainer, "cpu_has_native", lambda dtype: True)
+    t = _trainer(tmp_path, tiny_teacher, "trainer.mixed_precision=bf16")
+    assert isinstance(t.attention_mode, ShortAttentionFP32)
+    result = t.fit()
+    # the tiny UNet attends over its 4x4 map (16 tokens) in each of the student's, the target's and the
+    # teacher's forwards: every one went through the fp32 path, in each of the 3 steps
+    assert t.attention_mode.calls >= 3 * 3
+    assert all(v == v for v in result["last"].values())
+    assert not isinstance(_trainer(tmp_path / "fp32", tiny_teacher).attention_mode, ShortAttentionFP32)
 
 
 def test_compile_and_gradient_checkpointing_train_like_the_plain_loop(tmp_path, tiny_teacher, one_thread):

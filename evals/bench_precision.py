@@ -1,0 +1,113 @@
+"""Benchmark: each digits recipe's training speed in fp32 and under ``trainer.mixed_precision: bf16`` on this CPU.
+
+    python evals/bench_precision.py                                   (every recipe; about 6 minutes on 2 cores)
+    python evals/bench_precision.py --recipes consistency --out /tmp/bench   (one recipe)
+
+For each recipe it starts two ``distill run`` processes at once, one in fp32 and one in bf16, each with one torch
+thread (``trainer.threads=1``) and ``OMP_WAIT_POLICY=PASSIVE``, so that the two see the same load on a 2-core
+machine. Each trains a short budget (below) without evaluation. The figure is the median of the steps/s that the
+run logs every 10 steps, leaving out the first row (start-up). bf16 runs attention over short sequences in fp32
+(``distill.precision``); without that, the bf16 step was slower than fp32's on a CPU with AMX
+(``evals/bench_step_intel/bench_step.md``).
+
+This measures speed only. Whether a recipe trains as well in bf16 is a quality question, answered by training it
+at its full budget with the override and scoring it (docs/speed.md).
+
+Writes ``evals/bench_precision.md`` and ``.json`` (or ``--out DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# short budgets: enough logged rows (every 10 steps) for a stable median
+BUDGETS = {
+    "teacher": ["trainer.max_steps=120"],
+    "progressive": ["method.iters_per_phase=[20,20,20,20,20,20]"],
+    "consistency": ["method.iters=120"],
+    "adversarial": ["method.iters=100"],
+    "distribution_matching": ["method.iters=80"],
+}
+
+
+def run_pair(recipe: str, work: Path) -> dict[str, Any]:
+    """Train ``recipe`` in fp32 and in bf16 at once; their median steps/s."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    common = ["trainer.threads=1", "eval.protocol=null", "trainer.log_every=10", "trainer.checkpoint_every=0",
+              "trainer.progress=false", *BUDGETS[recipe]]
+    procs = {}
+    for precision in ("fp32", "bf16"):
+        out = work / f"{recipe}-{precision}"
+        extra = ["trainer.mixed_precision=bf16"] if precision == "bf16" else []
+        cmd = [sys.executable, "-m", "distill.cli", "run", str(ROOT / "recipes" / "digits" / f"{recipe}.yaml"),
+               "--out", str(out), *common, *extra]
+        log = open(work / f"{recipe}-{precision}.log", "w")
+        procs[precision] = (subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), out, log)
+    row: dict[str, Any] = {"recipe": recipe, "budget": BUDGETS[recipe]}
+    for precision, (proc, out, log) in procs.items():
+        rc = proc.wait()
+        log.close()
+        if rc != 0:
+            tail = (work / f"{recipe}-{precision}.log").read_text().strip().splitlines()[-3:]
+            row[precision] = None
+            row[f"{precision}_error"] = " / ".join(tail)[:300]
+            continue
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rates = [r["steps_per_s"] for r in rows if "steps_per_s" in r][1:]
+        row[precision] = statistics.median(rates)
+        row[f"{precision}_rows"] = len(rates)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distill.eval.harness import machine
+
+    parser = argparse.ArgumentParser(description="each digits recipe's steps/s in fp32 and in bf16 on this CPU")
+    parser.add_argument("--recipes", default=",".join(BUDGETS), help=f"comma-separated, of {', '.join(BUDGETS)}")
+    parser.add_argument("--out", type=Path, default=None, help="folder for bench_precision.{md,json} (default evals/)")
+    args = parser.parse_args(argv)
+    recipes = [r for r in args.recipes.split(",") if r]
+    bad = [r for r in recipes if r not in BUDGETS]
+    if bad:
+        parser.error(f"unknown recipe(s) {', '.join(bad)}; choose from {', '.join(BUDGETS)}")
+    from evals.bench_step import cpu_flags
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
+        for recipe in recipes:
+            print(f"training {recipe} in fp32 and bf16 at once...", file=sys.stderr, flush=True)
+            rows.append(run_pair(recipe, Path(tmp)))
+    command = "python evals/bench_precision.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    lines = ["# Speed: the digits recipes in fp32 and in bf16 on this CPU", "",
+             f"Measured by `{command.strip()}` on {machine()}; CPU flags: {cpu_flags()}.", "",
+             "Each recipe trained twice at once (fp32 and `trainer.mixed_precision=bf16`), one torch thread each, "
+             "`OMP_WAIT_POLICY=PASSIVE`, no evaluation; steps/s is the median of the rows logged every 10 steps "
+             "after the first.", "",
+             "| recipe | budget | fp32 steps/s | bf16 steps/s | bf16 against fp32 |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        cells = [f"{r[p]:.2f}" if r.get(p) else f"failed: {r.get(p + '_error', '')}" for p in ("fp32", "bf16")]
+        ratio = f"{r['bf16'] / r['fp32']:.2f}x" if r.get("fp32") and r.get("bf16") else "—"
+        lines.append(f"| {r['recipe']} | `{' '.join(r['budget'])}` | {cells[0]} | {cells[1]} | {ratio} |")
+    out = args.out or ROOT / "evals"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_precision.md").write_text("\n".join(lines) + "\n")
+    (out / "bench_precision.json").write_text(json.dumps({"command": command, "machine": machine(),
+                                                          "cpu_flags": cpu_flags(), "rows": rows}, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
