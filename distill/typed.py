@@ -15,6 +15,8 @@ import types
 import typing
 from typing import Any, Literal, Mapping, Sequence
 
+import yaml
+
 from distill.errors import ConfigError
 
 def to_plain(obj: Any) -> Any:
@@ -54,6 +56,12 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
+        if isinstance(value, bool):
+            # YAML reads an unquoted no / off / yes / on as a boolean (mixed_precision=no arrives as False): take
+            # the one choice that is spelled that way
+            spelled = [a for a in typing.get_args(tp) if isinstance(a, str) and yaml.safe_load(a) is value]
+            if len(spelled) == 1:
+                return spelled[0]
         errors.append(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in typing.get_args(tp))}")
         return INVALID
     if origin in (typing.Union, types.UnionType):

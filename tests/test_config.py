@@ -46,6 +46,20 @@ def test_overrides_are_typed():
         parse_override("trainer.max_steps")
 
 
+def test_a_choice_that_yaml_reads_as_a_boolean():
+    # unquoted, YAML reads `no` as False: mixed_precision=no must still mean "no", in overrides and in files
+    assert load_recipe(TEACHER, ["trainer.mixed_precision=no"]).trainer.mixed_precision == "no"
+    assert recipe_from_dict({**_teacher_dict(), "trainer": {"mixed_precision": False}}).trainer.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="True is not one of 'no', 'fp16', 'bf16'"):
+        load_recipe(TEACHER, ["trainer.mixed_precision=yes"])
+
+
+def _teacher_dict():
+    import yaml
+
+    return yaml.safe_load(TEACHER.read_text())
+
+
 def test_all_problems_reported_at_once():
     data = {
         "method": {"name": "teacher", "ema_decay": 1.5, "optimizer": {"lr": -1.0}},
