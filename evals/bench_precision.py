@@ -1,6 +1,7 @@
-"""Benchmark: each digits recipe's training speed in fp32 and under ``trainer.mixed_precision: bf16`` on this CPU.
+"""Benchmark: training speed in fp32 and under ``trainer.mixed_precision: bf16`` on this CPU, for each digits
+recipe and two text-to-image ones (consistency on the SD- and SD3-shaped teachers).
 
-    python evals/bench_precision.py                                   (every recipe; about 6 minutes on 2 cores)
+    python evals/bench_precision.py                                   (every recipe; about 9 minutes on 2 cores)
     python evals/bench_precision.py --recipes consistency --out /tmp/bench   (one recipe)
 
 For each recipe it starts two ``distill run`` processes at once, one in fp32 and one in bf16, each with one torch
@@ -39,6 +40,9 @@ BUDGETS = {
     "consistency": ["method.iters=120"],
     "adversarial": ["method.iters=100"],
     "distribution_matching": ["method.iters=80"],
+    # the SD-shaped text-to-image teacher: self-attention over the latent's tokens and cross-attention to the prompt
+    "text-digits/consistency-sd": ["method.iters=60"],
+    "text-digits/consistency-sd3": ["method.iters=60"],
 }
 
 
@@ -49,18 +53,19 @@ def run_pair(recipe: str, work: Path) -> dict[str, Any]:
               "trainer.progress=false", *BUDGETS[recipe]]
     procs = {}
     for precision in ("fp32", "bf16"):
-        out = work / f"{recipe}-{precision}"
+        out = work / f"{recipe.replace('/', '-')}-{precision}"
         extra = ["trainer.mixed_precision=bf16"] if precision == "bf16" else []
-        cmd = [sys.executable, "-m", "distill.cli", "run", str(ROOT / "recipes" / "digits" / f"{recipe}.yaml"),
+        path = ROOT / "recipes" / (recipe if "/" in recipe else f"digits/{recipe}")
+        cmd = [sys.executable, "-m", "distill.cli", "run", str(path.with_suffix(".yaml")),
                "--out", str(out), *common, *extra]
-        log = open(work / f"{recipe}-{precision}.log", "w")
+        log = open(out.with_suffix(".log"), "w")
         procs[precision] = (subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), out, log)
     row: dict[str, Any] = {"recipe": recipe, "budget": BUDGETS[recipe]}
     for precision, (proc, out, log) in procs.items():
         rc = proc.wait()
         log.close()
         if rc != 0:
-            tail = (work / f"{recipe}-{precision}.log").read_text().strip().splitlines()[-3:]
+            tail = out.with_suffix(".log").read_text().strip().splitlines()[-3:]
             row[precision] = None
             row[f"{precision}_error"] = " / ".join(tail)[:300]
             continue
@@ -74,7 +79,7 @@ def run_pair(recipe: str, work: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from distill.eval.harness import machine
 
-    parser = argparse.ArgumentParser(description="each digits recipe's steps/s in fp32 and in bf16 on this CPU")
+    parser = argparse.ArgumentParser(description="each recipe's steps/s in fp32 and in bf16 on this CPU")
     parser.add_argument("--recipes", default=",".join(BUDGETS), help=f"comma-separated, of {', '.join(BUDGETS)}")
     parser.add_argument("--out", type=Path, default=None, help="folder for bench_precision.{md,json} (default evals/)")
     args = parser.parse_args(argv)
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"training {recipe} in fp32 and bf16 at once...", file=sys.stderr, flush=True)
             rows.append(run_pair(recipe, Path(tmp)))
     command = "python evals/bench_precision.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    lines = ["# Speed: the digits recipes in fp32 and in bf16 on this CPU", "",
+    lines = ["# Speed: the recipes in fp32 and in bf16 on this CPU", "",
              f"Measured by `{command.strip()}` on {machine()}; CPU flags: {cpu_flags()}.", "",
              "Each recipe trained twice at once (fp32 and `trainer.mixed_precision=bf16`), one torch thread each, "
              "`OMP_WAIT_POLICY=PASSIVE`, no evaluation; steps/s is the median of the rows logged every 10 steps "
