@@ -5,9 +5,10 @@ pass is many times slower than the fp32 kernel's on short sequences. The digits 
 4x4 feature map), and there one attention forward and backward at batch 128 took 16.7 ms in bf16 against 2.1 ms
 in fp32 on an Intel Xeon with AMX (``evals/bench_step_intel/bench_step.md``). That made the whole bf16 training
 step slower than fp32's there (0.90x), although its convolutions ran 1.6-2.3x faster. At 256 tokens the two
-kernels are about as fast, and beyond that bf16 wins. ``evals/bench_step.py --attention`` measures both. So inside ``short_attention_fp32()``, attention whose query
-and key lengths are both at most ``SHORT_ATTENTION`` runs in fp32 with autocast off, and longer attention keeps
-autocast's bf16. fp32 attention is also the more accurate of the two.
+kernels are about as fast, and beyond that bf16 wins (``evals/bench_step.py --attention`` measures both). So
+inside a ``ShortAttentionFP32`` mode, attention whose query and key lengths are both at most ``SHORT_ATTENTION``
+runs in fp32 with autocast off, and longer attention keeps autocast's bf16. fp32 attention is also the more
+accurate of the two.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-SHORT_ATTENTION = 128  # tokens: up to here fp32 attention is the faster one on CPUs (evals/bench_step.md)
+SHORT_ATTENTION = 128  # tokens: up to here fp32 attention is the faster one on CPUs (evals/bench_step_intel/)
 
 _SDPA = F.scaled_dot_product_attention
 _NAMES = ("query", "key", "value")
