@@ -62,7 +62,10 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             spelled = [a for a in typing.get_args(tp) if isinstance(a, str) and yaml.safe_load(a) is value]
             if len(spelled) == 1:
                 return spelled[0]
-        errors.append(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in typing.get_args(tp))}")
+        hint = ""
+        if isinstance(value, bool):
+            hint = " (YAML reads an unquoted yes / no / on / off as a boolean; quote the value)"
+        errors.append(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in typing.get_args(tp))}{hint}")
         return INVALID
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

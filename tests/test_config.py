@@ -50,8 +50,9 @@ def test_a_choice_that_yaml_reads_as_a_boolean():
     # unquoted, YAML reads `no` as False: mixed_precision=no must still mean "no", in overrides and in files
     assert load_recipe(TEACHER, ["trainer.mixed_precision=no"]).trainer.mixed_precision == "no"
     assert recipe_from_dict({**_teacher_dict(), "trainer": {"mixed_precision": False}}).trainer.mixed_precision == "no"
-    with pytest.raises(ConfigError, match="True is not one of 'no', 'fp16', 'bf16'"):
+    with pytest.raises(ConfigError, match="True is not one of 'no', 'fp16', 'bf16'") as info:
         load_recipe(TEACHER, ["trainer.mixed_precision=yes"])
+    assert "quote the value" in str(info.value)
 
 
 def _teacher_dict():
