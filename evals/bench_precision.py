@@ -87,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in recipes if r not in BUDGETS]
     if bad:
         parser.error(f"unknown recipe(s) {', '.join(bad)}; choose from {', '.join(BUDGETS)}")
+    import torch
+
     from evals.bench_step import cpu_flags
+
+    torch.set_num_threads(1)  # what each training process runs with, and what machine() below reports
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
