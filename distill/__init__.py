@@ -15,7 +15,7 @@ def __getattr__(name: str) -> Any:
 
         return evaluate
     if name == "load_denoiser":
-        from distill.denoisers import load_denoiser
+        from distill.pipelines import load_denoiser
 
         return load_denoiser
     if name == "train":

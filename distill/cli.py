@@ -16,12 +16,10 @@ from distill.errors import ConfigError, DistillError
 console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs: do not wrap tables at 80
 err_console = Console(stderr=True)
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DIGITS_TEACHER = ASSETS / "digits-teacher"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from distill.config import load_recipe
+    from distill.recipe import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
     console.print(f"[green]ok[/green] {args.recipe}: method [bold]{cfg.method_name}[/bold], "
@@ -30,7 +28,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace, require_method: str | None = None) -> int:
-    from distill.config import load_recipe
+    from distill.recipe import load_recipe
     from distill.trainer import Trainer
 
     cfg = load_recipe(args.recipe, args.overrides)
@@ -54,7 +52,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from distill.eval.grid import save_grid
-    from distill.eval.harness import open_model
+    from distill.models import open_model
     from distill.eval.sweep import denoiser_draw, generate, sigma_grid
 
     if args.n < 1 or args.steps < 1 or args.batch_size < 1:
@@ -195,7 +193,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   "baseline every recipe must beat). `distill quickstart` (what `make demo` runs) distills it with "
                   "every recipe too.")
     out = Path(args.out)
-    rows = evaluate(DIGITS_TEACHER, "digits", [1, 2, 4, 8, 16, 32], ["ddim"], name="digits-teacher",
+    from distill.quickstart import benchmark
+
+    digits = benchmark("digits")
+    rows = evaluate(digits.teacher, digits.protocol, [1, 2, 4, 8, 16, 32], ["ddim"], name="digits-teacher",
                     grids=out / "grids")
     (out / "results.jsonl").unlink(missing_ok=True)  # this run's rows only
     write_rows(rows, out / "results.jsonl")
@@ -217,14 +218,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     console.print(f"[bold]distill quickstart --benchmark {b.name}[/bold]: the shipped {b.name} teacher "
                   f"({b.teacher.name}) distilled into {students} at {what}, every student scored on protocol "
                   f"{b.protocol} against the teacher's best training-free sampler at the same steps; output in {out}/")
-    run_quickstart(out, fast=args.fast, console=console, bench=b.name, jobs=args.jobs)
+    run_quickstart(out, fast=args.fast, console=console, bench=args.benchmark, jobs=args.jobs)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     import json
 
-    from distill.config import load_recipe
+    from distill.recipe import load_recipe
     from distill.export import LORA_FOLDER, parity
     from distill.trainer import Trainer
 
@@ -271,7 +272,7 @@ def cmd_scaffold(args: argparse.Namespace) -> int:
 def cmd_recipes(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from distill.config import load_recipe
+    from distill.recipe import load_recipe
     from distill.methods import METHODS, describe_methods
 
     t = Table(title="methods (name in a recipe's method.name)", title_justify="left")
@@ -381,9 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("quickstart", help="distill a shipped teacher with every recipe, score all on one "
                         "leaderboard (what `make demo` runs)")
-    sp.add_argument("--benchmark", default="digits", choices=["digits", "text-digits"],
-                    help="digits (the pixel teacher; make demo) or text-digits (the SD-shaped text-to-image teacher, "
-                    "with a LoRA student; make demo-text)")
+    sp.add_argument("--benchmark", default="digits",
+                    help="digits (the pixel teacher; make demo), text-digits (the SD-shaped text-to-image teacher, "
+                    "with a LoRA student; make demo-text), another installed benchmark, or your own as a dotted path "
+                    "package.module:BENCHMARK (docs/benchmarks.md)")
     sp.add_argument("--out", default=None, help="output folder (default quickstart/ or quickstart-<benchmark>/, with "
                     "-fast appended under --fast)")
     sp.add_argument("--fast", action="store_true", help="tiny budgets for a first look; not the leaderboard's numbers")

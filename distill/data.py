@@ -1,4 +1,5 @@
-"""Training data as Hugging Face ``datasets``: the embedded digits set, local folders, or a hub dataset.
+"""Training data as Hugging Face ``datasets``: a benchmark's dataset (the embedded digits), local folders, or a hub
+dataset.
 
 Everything is served as float images in [-1, 1] of shape (C, H, W) under ``image`` and an int ``label`` when
 the dataset has one. ``ImageBatches`` turns a dataset into deterministic, resumable batches: the order of
@@ -26,31 +27,16 @@ from distill.hub import hub_offline
 from distill.tensors import append_dims
 
 
-def digits_dataset():
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, classes 0-9) as a ``datasets.Dataset``.
-
-    ``image``: float32 (1, 8, 8) in [-1, 1] (``pixel / 8 - 1``, pixels are 0..16); ``label``: int64.
-    """
-    import datasets
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = (d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
-    ds = datasets.Dataset.from_dict({"image": images, "label": d.target.astype(np.int64)})
-    return ds.with_format("torch")
-
-
 def load_dataset(cfg: DataConfig):
-    """The ``datasets.Dataset`` named by ``cfg``: ``digits``, a local folder, or a hub name (online only)."""
+    """The ``datasets.Dataset`` named by ``cfg``: a benchmark's dataset (``digits``, ``text-digits``, or a registered
+    benchmark's; :mod:`distill.registry`), a local folder, or a hub name (online only)."""
     import datasets
 
-    if cfg.name == "digits":
-        return digits_dataset()
-    if cfg.name == "text-digits":  # the embedded colored digits with captions (distill.text_digits)
-        from distill.text_digits import text_digits_dataset
+    from distill.registry import dataset_loader
 
-        split = cfg.split if cfg.split in ("train", "test", "all") else "train"
-        return text_digits_dataset(split=split)
+    loader = dataset_loader(cfg.name)
+    if loader is not None:
+        return loader(cfg.split)
     path = Path(cfg.name).expanduser()
     try:
         if path.is_dir():

@@ -22,6 +22,7 @@ the timestep in its ``encoder_hidden_states`` slot.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,28 @@ def _cast(kw: Any, dtype: torch.dtype) -> Any:
     return kw
 
 
+def guidance_scale_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sinusoidal embedding (B, dim) of ``w`` (B,), scaled by 1000, as diffusers' ``get_guidance_scale_embedding``
+    (Stable Diffusion and LCM pipelines, which pass ``guidance_scale - 1``)."""
+    w = torch.as_tensor(w).reshape(-1) * 1000.0
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=dtype, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    emb = w.to(dtype)[:, None] * freq[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def timestep_embedders(net: nn.Module) -> list[nn.Module]:
+    """The modules whose output is a transformer's timestep embedding: SD3's ``time_text_embed.timestep_embedder``;
+    in a DiT each block's ``norm1.emb.timestep_embedder`` and the output norm's."""
+    from diffusers.models.embeddings import TimestepEmbedding
+
+    found = [m for name, m in net.named_modules() if isinstance(m, TimestepEmbedding) and "timestep_embedder" in name]
+    if not found:
+        raise DistillError(f"{type(net).__name__} has no timestep embedder to add a guidance embedding to.")
+    return found
+
+
 class DiffusersDenoiser(nn.Module):
     """A diffusers network (UNet or transformer) + its noise schedule as ``D(x, sigma, **cond) -> x0_hat``.
 
@@ -224,8 +247,6 @@ class DiffusersDenoiser(nn.Module):
             w = w.expand(x.shape[0]) if w.ndim == 0 else w
             dim = getattr(self.net.config, "time_cond_proj_dim", None)
             if dim is not None:
-                from distill.guidance import guidance_scale_embedding
-
                 kw["timestep_cond"] = guidance_scale_embedding(w - 1, dim).to(x.dtype)
             else:
                 self._guidance_vec = self.guidance_embedder(w)
@@ -263,14 +284,10 @@ class DiffusersDenoiser(nn.Module):
         return output + vec.to(output.dtype)
 
     def attach_guidance_hooks(self) -> None:
-        from distill.guidance import timestep_embedders
-
         for m in timestep_embedders(self.net):
             m.register_forward_hook(self._add_guidance)
 
     def remove_guidance_input(self) -> None:
-        from distill.guidance import timestep_embedders
-
         for m in timestep_embedders(self.net):
             for key, hook in list(m._forward_hooks.items()):
                 if getattr(hook, "__self__", None) is self:
@@ -459,13 +476,3 @@ def load_network(folder: Path, what: str = "network") -> nn.Module:
 def load_unet(folder: Path) -> nn.Module:
     """Back-compatible name of :func:`load_network`."""
     return load_network(folder, "UNet")
-
-
-def load_denoiser(name_or_path: str | os.PathLike) -> DiffusersDenoiser | ConsistencyDenoiser:
-    """Load a teacher or student (a pipeline folder or hub id) as a :class:`DiffusersDenoiser`; a
-    :class:`ConsistencyDenoiser` around one when the folder's scheduler is ``LCMScheduler`` or
-    ``FlowMatchLCMScheduler`` (a consistency student). See :func:`distill.pipelines.load_pipeline`."""
-    from distill.pipelines import load_pipeline
-
-    return load_pipeline(name_or_path).load_denoiser()
-

@@ -18,7 +18,7 @@ of the network) as the folder above, and as ``lora/`` inside it: ``pytorch_lora_
 Two things diffusers 0.42 needs for an SD3 folder without T5, both handled here or documented: its VAE config must
 set ``shift_factor`` (the pipeline adds it when decoding; a null fails), which an export sets to 0 where null; and
 such a folder loads only with ``from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``
-(:func:`load_kwargs`).
+(:func:`distill.pipelines.load_kwargs`).
 """
 
 from __future__ import annotations
@@ -34,20 +34,9 @@ from torch import nn
 
 from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser
 from distill.errors import DistillError
+from distill.pipelines import NETWORK_FOLDERS, load_kwargs
 
-NETWORK_FOLDERS = ("unet", "transformer")
 LORA_FOLDER = "lora"  # a LoRA student's adapters, inside its fused pipeline folder
-
-
-def load_kwargs(folder: str | Path) -> dict[str, Any]:
-    """Extra ``from_pretrained`` kwargs a stock pipeline folder needs: ``text_encoder_3=None, tokenizer_3=None``
-    for an SD3 folder saved without T5 (diffusers 0.42 refuses it otherwise)."""
-    index_path = Path(folder) / "model_index.json"
-    if not index_path.is_file():
-        return {}
-    index = json.loads(index_path.read_text())
-    return {k: None for k in ("text_encoder_3", "tokenizer_3")
-            if k in index and (not isinstance(index[k], list) or index[k][0] is None)}
 
 
 def stock_scheduler(denoiser: DiffusersDenoiser, consistency: bool, sampler: str | None,
@@ -197,13 +186,14 @@ def parity(folder: str | Path, steps: list[int] | None = None, n: int = 4, seed:
     """
     from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
-    from distill.eval.harness import open_model
+    from distill.models import open_model
     from distill.eval.sweep import sigma_grid
     from distill.guidance import CFGDenoiser
     from distill.samplers import get_sampler
     from distill.schedules import scale_noise
 
-    from distill.lora import is_lora_folder, lora_model, stock_lora_pipeline
+    from distill.lora import is_lora_folder
+    from distill.models import lora_model, stock_lora_pipeline
 
     if is_lora_folder(folder):
         m, pipe = lora_model(folder, teacher), stock_lora_pipeline(folder, teacher)

@@ -23,12 +23,12 @@ Guidance embeddings (Meng et al. 2023; LCM, Luo et al. 2023):
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from distill.denoisers import DiffusersDenoiser, guidance_scale_embedding, timestep_embedders
 from distill.errors import DistillError
 from distill.tensors import per_row
 
@@ -40,17 +40,6 @@ GUIDANCE_LAYERS = ("guidance_embedder.", "time_embedding.cond_proj.")
 def is_guidance_layer(name: str) -> bool:
     """Whether parameter ``name`` belongs to a guidance embedding that distill added."""
     return any(k in name for k in GUIDANCE_LAYERS)
-
-
-def guidance_scale_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sinusoidal embedding (B, dim) of ``w`` (B,), scaled by 1000, as diffusers' ``get_guidance_scale_embedding``
-    (Stable Diffusion and LCM pipelines, which pass ``guidance_scale - 1``)."""
-    w = torch.as_tensor(w).reshape(-1) * 1000.0
-    half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=dtype, device=w.device) * -(math.log(10000.0) / (half - 1)))
-    emb = w.to(dtype)[:, None] * freq[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 def as_scale(w: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -134,17 +123,6 @@ class GuidanceEmbedder(nn.Module):
         return self.linear_2(self.act(self.linear_1(emb)))
 
 
-def timestep_embedders(net: nn.Module) -> list[nn.Module]:
-    """The modules whose output is a transformer's timestep embedding: SD3's ``time_text_embed.timestep_embedder``;
-    in a DiT each block's ``norm1.emb.timestep_embedder`` and the output norm's."""
-    from diffusers.models.embeddings import TimestepEmbedding
-
-    found = [m for name, m in net.named_modules() if isinstance(m, TimestepEmbedding) and "timestep_embedder" in name]
-    if not found:
-        raise DistillError(f"{type(net).__name__} has no timestep embedder to add a guidance embedding to.")
-    return found
-
-
 def add_guidance_input(denoiser: nn.Module, dim: int = 256) -> nn.Module:
     """A copy of ``denoiser`` (a :class:`~distill.denoisers.DiffusersDenoiser`) that takes ``guidance=w`` as a
     network input; its outputs equal the original's for every ``w`` until it is trained.
@@ -154,8 +132,6 @@ def add_guidance_input(denoiser: nn.Module, dim: int = 256) -> nn.Module:
     hooked onto every timestep embedder.
     """
     import copy
-
-    from distill.denoisers import DiffusersDenoiser
 
     if not isinstance(denoiser, DiffusersDenoiser):
         raise DistillError(f"a guidance input is added to a diffusers denoiser, got {type(denoiser).__name__}.")

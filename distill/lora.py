@@ -19,7 +19,7 @@ Export (:func:`save_lora`) writes, beside the fused pipeline folder (adapters me
 :func:`merged`), ``lora/``: ``pytorch_lora_weights.safetensors`` in the layout ``pipe.load_lora_weights(dir)``
 reads (peft's state dict through the pipeline's own ``save_lora_weights``, with the adapter config as metadata so
 ``alpha`` survives), ``scheduler_config.json`` (the stock scheduler to swap in, as for LCM-LoRA) and
-``distill.json``. :func:`lora_model` loads such a folder on distill's side for the parity check.
+``distill.json``. :func:`distill.models.lora_model` loads such a folder on distill's side for the parity check.
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ def lora_student(teacher: nn.Module, settings: Any, guidance_dim: int | None = N
     from peft import inject_adapter_in_model
 
     from distill.denoisers import DiffusersDenoiser
-    from distill.guidance import GuidanceEmbedder, is_guidance_layer, timestep_embedders
+    from distill.denoisers import timestep_embedders
+    from distill.guidance import GuidanceEmbedder, is_guidance_layer
 
     if not isinstance(teacher, DiffusersDenoiser):
         raise DistillError(f"student.lora adapts a diffusers teacher network, got {type(teacher).__name__}.")
@@ -233,7 +234,7 @@ def trainable_count(module: nn.Module) -> tuple[int, int]:
 
 
 def _network_folder(source: Path) -> tuple[str, dict[str, Any]]:
-    from distill.export import NETWORK_FOLDERS
+    from distill.pipelines import NETWORK_FOLDERS
 
     index = json.loads((source / "model_index.json").read_text())
     name = next((k for k in NETWORK_FOLDERS if isinstance(index.get(k), list) and index[k][0] is not None), None)
@@ -302,68 +303,8 @@ def is_lora_folder(folder: str | Path) -> bool:
     return (folder / WEIGHTS_NAME).is_file() and not (folder / "model_index.json").is_file()
 
 
-def _folder_meta(folder: Path) -> dict[str, Any]:
+def folder_meta(folder: Path) -> dict[str, Any]:
     path = folder / "distill.json"
     if not path.is_file():
         raise DistillError(f"{folder} has no distill.json: it was not written by distill's LoRA export.")
     return json.loads(path.read_text())
-
-
-def stock_lora_pipeline(folder: str | Path, teacher: str | Path | None = None) -> Any:
-    """The stock pipeline a user builds from a LoRA folder, as an LCM-LoRA is used: the teacher's pipeline
-    (``teacher``, default the one distill.json names), ``load_lora_weights(folder)``, and the scheduler of
-    ``folder/scheduler_config.json``."""
-    import diffusers
-    from diffusers import DiffusionPipeline
-
-    from distill.export import load_kwargs
-
-    folder = Path(folder)
-    meta = _folder_meta(folder)
-    teacher = teacher or meta["teacher"]
-    if not meta["lora"].get("stock_loader", True):
-        raise DistillError(f"{meta['pipeline']} has no LoRA loader in diffusers (load_lora_weights); load the fused "
-                           "pipeline folder instead, or apply the file with distill.lora.lora_model.")
-    pipe = DiffusionPipeline.from_pretrained(teacher, **load_kwargs(teacher))
-    pipe.load_lora_weights(folder)
-    sched_cfg = json.loads((folder / "scheduler_config.json").read_text())
-    pipe.scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_pretrained(folder)
-    return pipe
-
-
-def lora_model(folder: str | Path, teacher: str | Path | None = None) -> Any:
-    """A LoRA folder on distill's side, for the harness and the parity check: the teacher's denoiser with the
-    folder's adapters injected by peft (not by diffusers' loader) under the folder's scheduler, as a
-    :class:`~distill.eval.harness.Model`."""
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from distill.config import LoraConfig
-    from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser
-    from distill.eval.harness import Model
-    from distill.pipelines import CONSISTENCY_SCHEDULERS, load_pipeline
-
-    folder = Path(folder)
-    meta = _folder_meta(folder)
-    pipeline = load_pipeline(teacher or meta["teacher"])
-    net = pipeline.load_network()
-    lora = meta["lora"]
-    settings = LoraConfig(rank=lora["rank"], alpha=lora["alpha"], target_modules=lora["target_modules"])
-    inject_adapter_in_model(peft_config(settings, settings.target_modules), net, adapter_name=ADAPTER)
-    prefix = meta["network"] + "."
-    state = {k[len(prefix):]: v for k, v in load_file(str(folder / lora["weights"])).items() if k.startswith(prefix)}
-    result = set_peft_model_state_dict(net, state, adapter_name=ADAPTER)
-    missing = [k for k in result.missing_keys if ".lora_" in k]
-    if result.unexpected_keys or missing or not state:
-        raise DistillError(f"{folder / lora['weights']} does not fit the teacher's {type(net).__name__} (unexpected "
-                           f"{result.unexpected_keys[:3]}, missing {missing[:3]}).")
-    net.eval().requires_grad_(False)
-    sched = json.loads((folder / "scheduler_config.json").read_text())
-    D: nn.Module = DiffusersDenoiser(net, sched, source=pipeline.folder)
-    if sched.get("_class_name") in CONSISTENCY_SCHEDULERS:
-        D = ConsistencyDenoiser(D, sched.get("timestep_scaling", 10.0))
-    return Model(name=meta.get("name") or folder.name, method=meta.get("method", "student"), recipe=meta.get("recipe"),
-                 denoiser=D, samplers=(meta.get("sampler", "ddim"),),
-                 steps=tuple(int(s) for s in meta["steps"]) if meta.get("steps") else None,
-                 sigmas={int(k): v for k, v in (meta.get("sigmas") or {}).items()}, pipeline=pipeline,
-                 guidance=meta.get("guidance"))

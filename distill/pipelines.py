@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from distill.denoisers import (ConsistencyDenoiser, DiffusersDenoiser, check_scheduler_config, load_network,
+                               sample_size)
 from distill.errors import DistillError
 from distill.hub import resolve_model_path
 
@@ -58,6 +61,7 @@ PIPELINES: dict[str, PipelineSpec] = {
     "DiTPipeline": PipelineSpec("transformer", "class", True),
 }
 CONSISTENCY_SCHEDULERS = ("LCMScheduler", "FlowMatchLCMScheduler", "TCDScheduler")
+NETWORK_FOLDERS = ("unet", "transformer")  # where a pipeline folder keeps its denoising network
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -111,8 +115,6 @@ class TeacherPipeline:
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, H, W) the network denoises (latents for a latent teacher)."""
-        from distill.denoisers import sample_size
-
         hw = sample_size(self.network_config)
         if hw is None:
             raise DistillError(f"{self.folder / self.spec.network / 'config.json'} has no sample_size; set it.")
@@ -144,14 +146,10 @@ class TeacherPipeline:
     # ------------------------------------------------------------------------------------------ weights
 
     def load_network(self) -> nn.Module:
-        from distill.denoisers import load_network
-
         return load_network(self.folder / self.spec.network, self.spec.network)
 
     def load_denoiser(self) -> nn.Module:
         """The network and schedule as a denoiser (a ``ConsistencyDenoiser`` for a consistency student)."""
-        from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser
-
         denoiser = DiffusersDenoiser(self.load_network(), self.scheduler_config, source=self.folder)
         if self.scheduler_config.get("_class_name") in CONSISTENCY_SCHEDULERS:
             # a consistency student: the stock scheduler applies the boundary scalings, so distill does too
@@ -375,7 +373,23 @@ def load_pipeline(name_or_path: str | Path) -> TeacherPipeline:
         if lc is not None and nc is not None and int(lc) != int(nc):
             raise DistillError(f"{root}: the VAE makes {lc}-channel latents but the {spec.network} takes {nc} "
                                "channels; the pipeline's parts do not fit together.")
-    from distill.denoisers import check_scheduler_config
-
     check_scheduler_config(pipe.scheduler_config)
     return pipe
+
+
+def load_denoiser(name_or_path: str | os.PathLike) -> DiffusersDenoiser | ConsistencyDenoiser:
+    """Load a teacher or student (a pipeline folder or hub id) as a :class:`DiffusersDenoiser`; a
+    :class:`ConsistencyDenoiser` around one when the folder's scheduler is ``LCMScheduler`` or
+    ``FlowMatchLCMScheduler`` (a consistency student). See :func:`load_pipeline`."""
+    return load_pipeline(name_or_path).load_denoiser()
+
+
+def load_kwargs(folder: str | Path) -> dict[str, Any]:
+    """Extra ``from_pretrained`` kwargs a stock pipeline folder needs: ``text_encoder_3=None, tokenizer_3=None``
+    for an SD3 folder saved without T5 (diffusers 0.42 refuses it otherwise)."""
+    index_path = Path(folder) / "model_index.json"
+    if not index_path.is_file():
+        return {}
+    index = json.loads(index_path.read_text())
+    return {k: None for k in ("text_encoder_3", "tokenizer_3")
+            if k in index and (not isinstance(index[k], list) or index[k][0] is None)}

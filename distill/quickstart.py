@@ -31,12 +31,16 @@ from typing import Any
 from distill.errors import DistillError
 
 ROOT = Path(__file__).resolve().parent.parent
-ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+CKPT0 = "trainer.checkpoint_every=0"  # --fast runs write no checkpoint
 
 
 @dataclass(frozen=True)
-class Benchmark:
-    """What the quickstart runs on one benchmark: a teacher, its baselines, and one plan per student."""
+class Quickstart:
+    """What the quickstart runs on one benchmark: a teacher, its baselines, and one plan per student. Each benchmark
+    keeps its own (``distill.registry.Benchmark.quickstart``); recipe paths are relative to the repository root
+    or absolute."""
 
     name: str
     teacher: Path
@@ -58,78 +62,6 @@ class Benchmark:
     starts_from: dict[str, str] = field(default_factory=dict)
 
 
-_CKPT0 = "trainer.checkpoint_every=0"
-BENCHMARKS: dict[str, Benchmark] = {
-    "digits": Benchmark(
-        name="digits",
-        teacher=ASSETS / "digits-teacher",
-        protocol="digits",
-        recipes={"progressive": ("recipes/digits/progressive.yaml", []),
-                 "consistency": ("recipes/digits/consistency.yaml", []),
-                 # ADD refining the consistency student: from the teacher, 700 steps left its 1-step map at 21.6
-                 "adversarial": ("recipes/digits/adversarial-from-consistency.yaml", []),
-                 "distribution_matching": ("recipes/digits/distribution_matching.yaml", [])},
-        starts_from={"adversarial": "consistency"},
-        steps=[1, 2, 4, 8],
-        teacher_steps=[1, 2, 4, 8, 16, 32],
-        teacher_samplers=["ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras", "unipc"],
-        fast={
-            "progressive": ["method.start_steps=8", "method.iters_per_phase=[20, 30, 40]", _CKPT0],
-            "consistency": ["method.iters=120", "method.optimizer.warmup_steps=20", _CKPT0],
-            "adversarial": ["method.iters=80", "method.student_optimizer.warmup_steps=20", "method.ema_decay=0.9",
-                            _CKPT0],
-            "distribution_matching": ["method.iters=60", _CKPT0],
-        },
-        fast_n=300,
-        measured="about 16 minutes on 2 CPU cores",
-        minutes={"teacher": 2.7, "progressive": 7.45, "consistency": 6.25, "adversarial": 2.17,  # 1 thread each
-                 "distribution_matching": 11.5},
-        fast_minutes={"teacher": 1.03, "progressive": 0.6, "consistency": 0.77, "adversarial": 0.72,
-                      "distribution_matching": 0.75},
-    ),
-    # The SD-shaped teacher: the recipes of recipes/text-digits/ at budgets cut towards the quickstart's 15 minutes
-    # (the recipes' own budgets are their committed runs'), scored at n = 700 (5 samples per prompt; the protocol's
-    # 1,400 doubles every evaluation). Guidance 1.5 is the teacher's best FD; unguided (w = 1, one network
-    # evaluation a step) it sets the bar at 1 and 2 NFE. DDIM stands for Euler too (identical on this teacher).
-    # Progressive and consistency distil the teacher at the fixed w = 1.5 (guidance.range=null): a fixed-w student
-    # has one target to fit in a budget of 200 steps (the w-conditioned recipe's committed run takes 1,500), and the
-    # LoRA student, whose adapters must load onto the teacher without a guidance embedding, is fixed-w anyway, so the
-    # two consistency students compare like for like.
-    "text-digits": Benchmark(
-        name="text-digits",
-        teacher=ASSETS / "text-digits-sd",
-        protocol="text-digits",
-        recipes={
-            "progressive": ("recipes/text-digits/progressive-sd.yaml",
-                            ["method.start_steps=8", "method.iters_per_phase=[60, 80, 100]", "guidance.range=null"]),
-            "consistency": ("recipes/text-digits/consistency-sd.yaml",
-                            ["method.iters=200", "method.optimizer.warmup_steps=20", "guidance.range=null"]),
-            "consistency-lora": ("recipes/text-digits/consistency-sd.yaml",
-                                 ["method.iters=200", "method.optimizer.warmup_steps=20", "guidance.range=null",
-                                  "student.lora.rank=16", "method.optimizer.lr=0.001"]),
-            "adversarial": ("recipes/text-digits/adversarial-sd.yaml",
-                            ["method.iters=150", "method.student_optimizer.warmup_steps=20"]),
-            "distribution_matching": ("recipes/text-digits/distribution_matching-sd.yaml", ["method.iters=150"]),
-        },
-        steps=[1, 2, 4],
-        teacher_steps=[1, 2, 4, 8],
-        teacher_samplers=["ddim", "dpmpp_2m", "unipc"],
-        teacher_guidance=[1.0, 1.5],
-        n=700,
-        fast={
-            "progressive": ["method.start_steps=4", "method.iters_per_phase=[10, 10]", _CKPT0],
-            "consistency": ["method.iters=20", "method.optimizer.warmup_steps=5", _CKPT0],
-            "consistency-lora": ["method.iters=20", "method.optimizer.warmup_steps=5", _CKPT0],
-            "adversarial": ["method.iters=20", "method.student_optimizer.warmup_steps=5", _CKPT0],
-            "distribution_matching": ["method.iters=10", _CKPT0],
-        },
-        fast_n=280,
-        measured="about 14 minutes on 2 CPU cores",
-        minutes={"teacher": 6.0, "progressive": 3.7, "consistency": 3.4, "consistency-lora": 3.4, "adversarial": 3.2,
-                 "distribution_matching": 3.5},  # 1 thread each
-    ),
-}
-RECIPES = tuple(BENCHMARKS["digits"].recipes)  # the digits quickstart's students
 DONE = ".quickstart-done"
 
 
@@ -140,16 +72,24 @@ class Plan:
     overrides: list[str] = field(default_factory=list)
 
 
-def benchmark(name: str) -> Benchmark:
-    if name not in BENCHMARKS:
-        raise DistillError(f"unknown quickstart benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}.")
-    return BENCHMARKS[name]
+def benchmark(name: str | Quickstart) -> Quickstart:
+    """The quickstart of the benchmark called ``name`` (or named by a dotted path ``package.module:BENCHMARK``)."""
+    from distill import registry
+
+    if isinstance(name, Quickstart):
+        return name
+    b = registry.benchmark(name)
+    if not isinstance(b.quickstart, Quickstart):
+        with_one = [n for n in registry.names() if isinstance(registry.benchmark(n).quickstart, Quickstart)]
+        raise DistillError(f"benchmark {b.name!r} has no quickstart (its `quickstart` is {b.quickstart!r}); choose one "
+                           f"of {', '.join(with_one)}, or give it a distill.quickstart.Quickstart.")
+    return b.quickstart
 
 
-def plans(fast: bool = False, bench: str | Benchmark = "digits", out: str | Path = ".") -> list[Plan]:
-    """Each student's recipe and overrides; a student that starts from another (``Benchmark.starts_from``) gets
+def plans(fast: bool = False, bench: str | Quickstart = "digits", out: str | Path = ".") -> list[Plan]:
+    """Each student's recipe and overrides; a student that starts from another (``Quickstart.starts_from``) gets
     ``student.init=OUT/runs/<that student>/model``."""
-    b = bench if isinstance(bench, Benchmark) else benchmark(bench)
+    b = benchmark(bench)
     result = []
     for name, (recipe, budget) in b.recipes.items():
         path = ROOT / recipe
@@ -173,7 +113,7 @@ def plans(fast: bool = False, bench: str | Benchmark = "digits", out: str | Path
 
 
 def run_quickstart(out: str | Path, fast: bool = False, console: Any = None,
-                   bench: str | Benchmark = "digits", jobs: int | None = None) -> dict[str, Any]:
+                   bench: str | Quickstart = "digits", jobs: int | None = None) -> dict[str, Any]:
     """Run the quickstart of benchmark ``bench`` into ``out``; returns ``{"rows": [...], "verdict": {...},
     "wall_s": ..., "lanes": ..., "jobs": {name: {"pid", "start", "end"}}}``.
 
@@ -186,14 +126,14 @@ def run_quickstart(out: str | Path, fast: bool = False, console: Any = None,
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    from distill.config import load_recipe
+    from distill.recipe import load_recipe
     from distill.eval.protocol import load_protocol
 
     console = console or Console()
     out = Path(out)
     t0 = time.perf_counter()
     # every recipe is validated before any work starts
-    b = bench if isinstance(bench, Benchmark) else benchmark(bench)
+    b = benchmark(bench)
     chosen = plans(fast, b, out)
     configs = {p.name: load_recipe(p.recipe, p.overrides) for p in chosen}
     out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +161,10 @@ def run_quickstart(out: str | Path, fast: bool = False, console: Any = None,
         rerun.add(p.name)
         todo.append({"name": p.name, "kind": "recipe", "recipe": str(p.recipe), "overrides": p.overrides,
                      "run": str(run), "resume": same, "restart": (run / "config.yaml").is_file() and not same,
-                     "recipe_name": str(p.recipe.relative_to(ROOT)), "after": dep if dep in rerun else None})
+                     "recipe_name": _shown(p.recipe), "after": dep if dep in rerun else None})
+    if isinstance(bench, str) and ":" in bench:  # the lanes register a benchmark given by dotted path themselves
+        for job in todo:
+            job["plugin"] = bench
     nlanes, threads = lanes(jobs, len(todo))
     total = sum(c.trainer.max_steps for c in configs.values())
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -285,7 +228,7 @@ def makespan(order: list[dict[str, Any]], minutes: dict[str, float], nlanes: int
 def schedule(todo: list[dict[str, Any]], minutes: dict[str, float], nlanes: int) -> list[dict[str, Any]]:
     """The order to hand ``todo`` to ``nlanes`` lanes: of every order of up to 7 jobs, the one that ends first by
     :func:`makespan` (ties: the longest jobs first); more jobs, the longest first, a job that others wait for
-    counting their minutes too. The minutes are the last measured run's (``Benchmark.minutes``)."""
+    counting their minutes too. The minutes are the last measured run's (``Quickstart.minutes``)."""
     import itertools
 
     def chain(job: dict[str, Any]) -> float:
@@ -328,11 +271,15 @@ def lanes(jobs: int | None, pending: int, cores: int | None = None, cuda: bool |
 
 def _do_job(job: dict[str, Any], progress: Any, on_step: Any) -> None:
     """One quickstart job in this process: the teacher's baselines, or one recipe's training and scoring."""
+    if job.get("plugin"):  # a benchmark named by dotted path: register it here too (a lane is a fresh process)
+        from distill import registry
+
+        registry.benchmark(job["plugin"])
     if job["kind"] == "baselines":
         from distill.eval.harness import evaluate, write_rows
         from distill.eval.protocol import load_protocol
 
-        b: Benchmark = job["bench"]
+        b: Quickstart = job["bench"]
         teacher_rows = Path(job["out"]) / "results" / "teacher.jsonl"
         task = progress.add_task("teacher baselines: training-free samplers", total=None,
                                  info=f"{len(b.teacher_samplers)} samplers x {len(b.teacher_steps)} step counts"
@@ -343,7 +290,7 @@ def _do_job(job: dict[str, Any], progress: Any, on_step: Any) -> None:
         teacher_rows.with_suffix(".tmp").replace(teacher_rows)
         progress.remove_task(task)
         return
-    from distill.config import load_recipe
+    from distill.recipe import load_recipe
     from distill.trainer import Trainer
 
     run = Path(job["run"])
@@ -581,6 +528,14 @@ def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress:
     return timings
 
 
+def _shown(path: Path) -> str:
+    """A recipe path as result rows record it: relative to the repository when it lies there."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def _protocol_key(path: Path) -> str | None:
     """The protocol key of the result rows in ``path`` (None if unreadable)."""
     try:
@@ -597,12 +552,12 @@ def _points(path: Path) -> tuple[set[str], set[float | None]]:
     return {r["sampler"] for r in rows}, {r.get("guidance") for r in rows}
 
 
-def _scales(b: Benchmark) -> set[float | None]:
+def _scales(b: Quickstart) -> set[float | None]:
     return {float(w) for w in b.teacher_guidance} if b.teacher_guidance else {None}
 
 
 def verdict(rows: list[dict[str, Any]], steps: tuple[int, ...] = (1, 2, 4),
-            names: tuple[str, ...] = RECIPES) -> dict[str, dict[int, tuple]]:
+            names: tuple[str, ...] = ()) -> dict[str, dict[int, tuple]]:
     """For each student: ``{steps: (its value, the best training-free row at that NFE or fewer, beats, tied)}``.
 
     The bar is the lowest FD any of the teacher's training-free samplers reaches with at most as many network
@@ -625,7 +580,7 @@ def verdict(rows: list[dict[str, Any]], steps: tuple[int, ...] = (1, 2, 4),
     return out
 
 
-def report(out: Path, fast: bool, console: Any, wall_s: float, bench: Benchmark | None = None,
+def report(out: Path, fast: bool, console: Any, wall_s: float, bench: Quickstart | None = None,
            lanes: tuple[int, int] | None = None) -> dict[str, Any]:
     """Print the rich leaderboard, write LEADERBOARD.md and the plot; say which students beat the teacher's best
     training-free sampler at their NFE."""
@@ -634,7 +589,7 @@ def report(out: Path, fast: bool, console: Any, wall_s: float, bench: Benchmark 
     from distill.eval.harness import machine
     from distill.eval.leaderboard import load_rows, markdown, plot, relink_grids, rich_tables
 
-    b = bench or BENCHMARKS["digits"]
+    b = benchmark("digits" if bench is None else bench)
     names = tuple(b.recipes)
     files = [out / "results" / "teacher.jsonl", *[out / "runs" / n / "results.jsonl" for n in names]]
     missing = [str(f) for f in files if not f.is_file()]

@@ -12,14 +12,14 @@ network: {_class_name: UNet2DConditionModel, sample_size: 8, ...}   # diffusers 
 scheduler: {_class_name: DDPMScheduler, beta_schedule: scaled_linear, prediction_type: v_prediction, ...}
 vae: distill/assets/text-digits-vae        # a saved AutoencoderKL (trained), copied in
 tokenizer: {path: distill/assets/text-digits-clip/tokenizer}   # a saved CLIP tokenizer folder, or
-# tokenizer: {words: distill.text_digits:VOCABULARY, model_max_length: 16}   # an offline one built from words
+# tokenizer: {words: distill.benchmarks.text_digits.data:VOCABULARY, model_max_length: 16}   # an offline one built from words
 text_encoders:                             # CLIP text encoders: saved ones (trained), or new ones from a config
   - {_class_name: CLIPTextModel, path: distill/assets/text-digits-clip/sd}
 # - {_class_name: CLIPTextModel, seed: 0, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4}
 ```
 
 Text encoders are frozen by every distill command; a new one stays at its seeded random initialisation, which
-serves the prompts it was trained on but not new phrasings of them (``distill.text_digits_clip`` says why and
+serves the prompts it was trained on but not new phrasings of them (``distill.benchmarks.text_digits.text_encoder`` says why and
 trains the small encoders the text-digits teachers use).
 
 Every part is saved as safetensors; the folder loads in stock diffusers (an SD3 folder without T5 with
@@ -53,7 +53,7 @@ class TokenizerSpec:
     (``distill.text.build_clip_tokenizer``)."""
 
     path: str | None = None  # a saved tokenizer folder; when given, words and model_max_length are not used
-    words: str | list[str] = "distill.text_digits:VOCABULARY"  # a list, or package.module:attr naming one
+    words: str | list[str] = "distill.benchmarks.text_digits.data:VOCABULARY"  # a list, or package.module:attr naming one
     model_max_length: int = 77
 
     def check(self) -> list[str]:

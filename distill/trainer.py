@@ -25,7 +25,8 @@ import yaml
 from torch import nn
 
 from distill.checkpoint import list_checkpoints, load_checkpoint, load_module_state, save_checkpoint
-from distill.config import OptimizerConfig, RecipeConfig
+from distill.config import OptimizerConfig
+from distill.recipe import RecipeConfig
 from distill.data import ImageBatches, load_dataset
 from distill.errors import DistillError
 from distill.export import save_pipeline, save_student

@@ -7,7 +7,7 @@
 At each batch size B this times
 
 * distill: ``distill.samplers.sample_ddim`` (or ``--sampler consistency``) for one step on the teacher's trailing
-  grid, on ``distill.denoisers.load_denoiser(teacher)``, from ``sigma_max * randn`` (the noise draw is timed too);
+  grid, on ``distill.pipelines.load_denoiser(teacher)``, from ``sigma_max * randn`` (the noise draw is timed too);
 * pipeline: the stock diffusers pipeline of the teacher exported by ``distill.export.save_pipeline(D, folder,
   sampler="ddim")`` (a ``DDPMPipeline`` with a trailing ``DDIMScheduler``), loaded with
   ``diffusers.DiffusionPipeline.from_pretrained`` and called as ``pipe(batch_size=B, num_inference_steps=1,
@@ -56,7 +56,7 @@ def build(device: torch.device, sampler: str, folder: Path) -> tuple[dict[str, C
     """The three callables ``fn(batch_size)``, and the parity of the exported pipeline with distill's sampler."""
     from diffusers import DiffusionPipeline, UNet2DModel
 
-    from distill.denoisers import load_denoiser
+    from distill.pipelines import load_denoiser
     from distill.export import parity, save_pipeline
     from distill.samplers import get_sampler
     from distill.schedules import scale_noise

@@ -58,7 +58,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distill.config import OptimizerConfig, RecipeConfig, load_recipe  # noqa: E402
+from distill.config import OptimizerConfig  # noqa: E402
+from distill.recipe import RecipeConfig, load_recipe  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
 
 RECIPES = {

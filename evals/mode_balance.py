@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from distill.eval.digits_net import load_digits_net
-    from distill.eval.harness import _draw, git_rev, machine, open_model
+    from distill.benchmarks.digits.judge import load_digits_net
+    from distill.eval.harness import _draw, git_rev, machine
+    from distill.models import open_model
     from distill.eval.protocol import halves, load_protocol, reference
     from distill.eval.sweep import generate
 

@@ -1,8 +1,8 @@
 """Can a frozen, randomly initialised small CLIP text encoder serve held-out phrasings of the colored-digits prompts?
 
 A text-to-image teacher reads a caption through cross-attention over the text encoder's token states. Trained only
-on :data:`distill.text_digits.TRAIN_TEMPLATES`, it must still read the digit and the color out of the held-out
-phrasings (:data:`~distill.text_digits.HELDOUT_TEMPLATES`) of the evaluation prompts. This script measures that
+on :data:`distill.benchmarks.text_digits.data.TRAIN_TEMPLATES`, it must still read the digit and the color out of the held-out
+phrasings (:data:`~distill.benchmarks.text_digits.data.HELDOUT_TEMPLATES`) of the evaluation prompts. This script measures that
 cheaply with a probe in place of the denoiser:
 
 * every caption (70 digit x color pairs per template) is tokenized with ``build_clip_tokenizer`` (the templates'
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.text import build_clip_tokenizer, tiny_clip_text_config
-from distill.text_digits import COLORS, DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption
+from distill.benchmarks.text_digits.data import COLORS, DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption
 
 # More training phrasings, to test whether template diversity lets a frozen encoder's reader generalise: none is
 # a held-out template, and none uses the held-out templates' new words ("image", "written").

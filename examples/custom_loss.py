@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-eval", action="store_true", help="skip scoring the student")
     args = p.parse_args(argv)
 
-    from distill.config import load_recipe
+    from distill.recipe import load_recipe
     from distill.trainer import Trainer
 
     overrides = [f"method.distance={Path(__file__).resolve()}:charbonnier", f"method.iters={args.steps}",

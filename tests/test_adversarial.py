@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.config import load_recipe
-from distill.denoisers import ConsistencyDenoiser, load_denoiser
+from distill.recipe import load_recipe
+from distill.denoisers import ConsistencyDenoiser
+from distill.pipelines import load_denoiser
 from distill.errors import ConfigError, DistillError
 from distill.trainer import Trainer
 
@@ -71,15 +72,15 @@ def test_r1_is_zero_for_a_constant_discriminator(tmp_path, tiny_teacher, one_thr
 
 def test_the_evaluation_network_is_refused_as_backbone(tmp_path, tiny_teacher, monkeypatch):
     with pytest.raises(ConfigError, match="evaluation feature network"):
-        load_recipe(RECIPE, ["method.backbone=distill.eval.digits_net:load_digits_net"])
+        load_recipe(RECIPE, ["method.backbone=distill.benchmarks.digits.judge:load_digits_net"])
     # a disguised factory that returns the evaluation net is caught when the method is built
     (tmp_path / "sneaky_backbones.py").write_text(
         "def features():\n"
-        "    from distill.eval import digits_net\n"
+        "    from distill.benchmarks.digits import judge as digits_net\n"
         "    return digits_net.load_digits_net()\n"
         "def copied():\n"
         "    import torch\n"
-        "    from distill.eval import digits_net\n"
+        "    from distill.benchmarks.digits import judge as digits_net\n"
         "    net = digits_net.load_digits_net()\n"
         "    seq = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1))\n"
         "    seq[0].load_state_dict({'weight': net.state_dict()['conv1.weight'], 'bias': net.state_dict()['conv1.bias']})\n"

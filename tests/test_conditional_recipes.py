@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.config import load_recipe
+from distill.recipe import load_recipe
 from distill.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,8 @@ def train(name: str, teacher: Path, data: Path, out: Path, *extra: str) -> tuple
 def test_recipe_on_a_text_to_image_teacher(tiny_pipelines, caption_data, tmp_path, kind, name, one_thread):
     from diffusers import DiffusionPipeline
 
-    from distill.export import load_kwargs, parity
+    from distill.export import parity
+    from distill.pipelines import load_kwargs
 
     teacher = tiny_pipelines[kind]
     t, before, after = train(name, teacher, caption_data, tmp_path / "run", "guidance.scale=3")
@@ -99,7 +100,7 @@ def test_recipe_on_a_text_to_image_teacher(tiny_pipelines, caption_data, tmp_pat
 
 @pytest.mark.parametrize("kind", ["sd", "sd3"])
 def test_guidance_embedded_student_serves_a_range_of_w(tiny_pipelines, caption_data, tmp_path, kind, one_thread):
-    from distill.denoisers import load_denoiser
+    from distill.pipelines import load_denoiser
     from distill.export import parity
     from distill.pipelines import load_pipeline
 
@@ -173,7 +174,7 @@ def test_scaffold_then_teacher_training_with_caption_dropout(tiny_pipelines, cap
     from diffusers import DiffusionPipeline
 
     from distill import cli
-    from distill.export import load_kwargs
+    from distill.pipelines import load_kwargs
     from distill.pipelines import load_pipeline
 
     spec = tmp_path / "spec.yaml"

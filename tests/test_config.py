@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import load_recipe, parse_override, recipe_from_dict
+from distill.config import parse_override
+from distill.recipe import load_recipe, recipe_from_dict
 from distill.errors import ConfigError, DistillError
 
 TEACHER = Path(__file__).resolve().parent.parent / "recipes" / "digits" / "teacher.yaml"

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.config import load_recipe
-from distill.denoisers import ConsistencyDenoiser, load_denoiser
+from distill.recipe import load_recipe
+from distill.denoisers import ConsistencyDenoiser
+from distill.pipelines import load_denoiser
 from distill.errors import ConfigError, DistillError
 from distill.samplers import sample_consistency, sample_ddim, sample_euler, sample_heun
 from distill.schedules import vp_alpha

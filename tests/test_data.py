@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from distill.config import DataConfig
-from distill.data import ImageBatches, digits_dataset, load_dataset
+from distill.benchmarks.digits.data import digits_dataset
+from distill.data import ImageBatches, load_dataset
 from distill.errors import DistillError
 
 
@@ -69,7 +70,7 @@ def test_batches_are_deterministic_and_resumable():
 def test_lazily_read_data_with_workers_gives_the_same_batches_and_resumes_exactly(tmp_path, tiny_teacher):
     """Data read batch by batch by 2 worker processes: the same batches as in memory, and a run stopped half-way
     and resumed ends bitwise where an uninterrupted one does."""
-    from distill.config import load_recipe
+    from distill.recipe import load_recipe
     from distill.trainer import Trainer
 
     folder = tmp_path / "digits"

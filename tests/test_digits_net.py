@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill.errors import DistillError
-from distill.eval.digits_net import (
+from distill.benchmarks.digits.judge import (
     DEFAULT_FOLDER,
     DigitsNet,
     accuracy,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.config import load_recipe
+from distill.recipe import load_recipe
 from distill.methods.distribution_matching import distribution_matching_loss
 from distill.trainer import Trainer
 

@@ -15,7 +15,7 @@ from distill.eval.harness import evaluate
 from distill.eval.leaderboard import load_rows, markdown, plot, rich_tables
 from distill.eval.protocol import Protocol, load_protocol, reference
 from distill.eval.sweep import denoiser_draw, generate, sigma_grid
-from distill.denoisers import load_denoiser
+from distill.pipelines import load_denoiser
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = ROOT / "distill" / "assets" / "digits-teacher"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from distill.checkpoint import list_checkpoints, load_checkpoint
-from distill.config import load_recipe
+from distill.recipe import load_recipe
 from distill.methods import METHODS
 from distill.trainer import Trainer
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from distill import cli
-from distill.config import load_recipe
+from distill.recipe import load_recipe
 from distill.errors import DistillError
 from distill.export import parity
 from distill.trainer import Trainer

@@ -25,10 +25,10 @@ from torch import nn
 from distill.errors import DistillError
 from distill.eval import extractors as ex
 from distill.eval import inception as inc
-from distill.eval.digits_net import DEFAULT_FOLDER, digits_array
+from distill.benchmarks.digits.judge import DEFAULT_FOLDER, digits_array
+from distill.benchmarks.digits.extractor import DigitsExtractor
 from distill.eval.extractors import (
     CleanFIDInception,
-    DigitsExtractor,
     FeatureExtractor,
     ModuleExtractor,
     TorchmetricsInception,
@@ -460,28 +460,33 @@ def test_get_extractor_file_path(tmp_path):
 
 
 def test_reexports_are_the_defining_modules_objects():
-    from distill.eval import digits_extractor
+    from distill.eval import features
 
-    assert ex.DigitsExtractor is digits_extractor.DigitsExtractor is DigitsExtractor
+    assert ex.FeatureExtractor is features.FeatureExtractor and ex.ModuleExtractor is features.ModuleExtractor
     assert ex.CleanFIDInception is inc.CleanFIDInception and ex.TorchmetricsInception is inc.TorchmetricsInception
     assert (ex.WEIGHTS_ENV, ex.WEIGHTS_FLAG) == (inc.WEIGHTS_ENV, inc.WEIGHTS_FLAG)
-    from distill.eval.text_digits_extractor import TextDigitsExtractor
+    from distill.benchmarks.text_digits.extractor import TextDigitsExtractor
 
-    assert ex.EXTRACTORS == {"digits": DigitsExtractor, "text-digits": TextDigitsExtractor,
-                             "clean-fid": CleanFIDInception, "torchmetrics": TorchmetricsInception}
+    # the core's own, then each benchmark's, found through the registry
+    assert ex.EXTRACTORS == {"clean-fid": CleanFIDInception, "torchmetrics": TorchmetricsInception}
+    assert ex.available() == {"clean-fid": CleanFIDInception, "torchmetrics": TorchmetricsInception,
+                              "digits": DigitsExtractor, "text-digits": TextDigitsExtractor}
+    assert type(get_extractor("digits-net")) is DigitsExtractor  # a row's recorded name finds it again
     assert set(ex.__all__) <= set(dir(ex))
     with pytest.raises(AttributeError):
         _ = ex.no_such_name
 
 
-@pytest.mark.parametrize("first", ["distill.eval.inception", "distill.eval.digits_extractor",
-                                   "distill.eval.text_digits_extractor"])
+@pytest.mark.parametrize("first", ["distill.eval.inception", "distill.benchmarks.digits.extractor",
+                                   "distill.benchmarks.text_digits.extractor"])
 def test_each_extractor_module_can_be_imported_first(first):
     """No import cycle: a concrete extractor's module imported first, in a fresh interpreter, still works."""
     code = (f"import {first}\n"
-            "from distill.eval.extractors import EXTRACTORS, CleanFIDInception, DigitsExtractor\n"
-            "assert list(EXTRACTORS) == ['digits', 'text-digits', 'clean-fid', 'torchmetrics'], EXTRACTORS\n"
-            "assert EXTRACTORS['clean-fid'] is CleanFIDInception and EXTRACTORS['digits'] is DigitsExtractor\n")
+            "from distill.benchmarks.digits.extractor import DigitsExtractor\n"
+            "from distill.eval.extractors import CleanFIDInception, available\n"
+            "found = available()\n"
+            "assert list(found) == ['clean-fid', 'torchmetrics', 'digits', 'text-digits'], found\n"
+            "assert found['clean-fid'] is CleanFIDInception and found['digits'] is DigitsExtractor\n")
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -140,7 +140,7 @@ def test_sharded_progressive_exports_every_phase(tmp_path, tiny_teacher):
 
 
 def test_fsdp_refuses_lora_students_and_warns_on_one_process(tmp_path, tiny_teacher):
-    from distill.config import load_recipe
+    from distill.recipe import load_recipe
     from distill.errors import DistillError
     from distill.trainer import Trainer
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.config import load_recipe
+from distill.recipe import load_recipe
 from distill.errors import ConfigError, DistillError
 from distill.trainer import Trainer
 from test_conditional_recipes import dead_parameters
@@ -170,8 +170,9 @@ def test_fused_and_lora_exports_load_in_stock_diffusers(tiny_pipelines, caption_
     import diffusers
     from diffusers import DiffusionPipeline
 
-    from distill.export import load_kwargs, parity
-    from distill.lora import lora_model
+    from distill.export import parity
+    from distill.pipelines import load_kwargs
+    from distill.models import lora_model
     from distill.pipelines import load_pipeline
 
     teacher = tiny_pipelines[kind]
@@ -226,7 +227,7 @@ def test_digits_unet_lora_student(tiny_teacher, tmp_path, one_thread):
     LoRA file is written (DDPMPipeline has no LoRA loader in diffusers, which the folder says) and reads back as the
     trained student."""
     from distill.export import parity
-    from distill.lora import lora_model
+    from distill.models import lora_model
 
     t = make("consistency", tiny_teacher, None, tmp_path / "run", *RANK, "trainer.batch_size=8")
     names = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, q in t.method.student.named_parameters() if q.requires_grad}

@@ -31,7 +31,7 @@ def close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> bool:
 def _stock(folder, scheduler_cls, **scheduler_kwargs):
     from diffusers import DiffusionPipeline
 
-    from distill.export import load_kwargs
+    from distill.pipelines import load_kwargs
 
     pipe = DiffusionPipeline.from_pretrained(folder, **load_kwargs(folder))
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **scheduler_kwargs)
@@ -179,7 +179,8 @@ def test_export_round_trip_keeps_the_pipeline_class(tiny_pipelines, tmp_path, ki
     diffusers, sampling (DDIM / flow Euler, guidance 3 where conditional) as distill does."""
     from diffusers import DiffusionPipeline
 
-    from distill.export import load_kwargs, parity, save_pipeline
+    from distill.export import parity, save_pipeline
+    from distill.pipelines import load_kwargs
 
     p = load_pipeline(tiny_pipelines[kind])
     out = save_pipeline(p.load_denoiser(), tmp_path / "export")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_teacher
-from distill.config import load_recipe
+from distill.recipe import load_recipe
 from distill.errors import ConfigError, DistillError
 from distill.samplers import sample_ddim
 from distill.trainer import Trainer

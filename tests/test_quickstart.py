@@ -90,7 +90,9 @@ def test_recipes_lists_methods_and_every_shipped_recipe(capsys):
 
 def test_verdict_compares_students_with_the_best_training_free_sampler_at_their_nfe():
     """A student that beats DDIM but not DPM-Solver++ at the same NFE does not pass; more NFE never counts."""
-    from distill.quickstart import RECIPES, verdict
+    from distill.quickstart import benchmark, verdict
+
+    RECIPES = tuple(benchmark("digits").recipes)
 
     def row(model, sampler, steps, value, method=None):
         return {"model": model, "method": method or model, "sampler": sampler, "steps": steps, "nfe": steps,
@@ -99,7 +101,7 @@ def test_verdict_compares_students_with_the_best_training_free_sampler_at_their_
     rows = [row("teacher", "ddim", k, v) for k, v in ((1, 280.0), (2, 40.0), (4, 12.0), (8, 3.0))]
     rows += [row("teacher", "dpmpp_2m", k, v) for k, v in ((1, 280.0), (2, 20.0), (4, 5.0), (8, 1.5))]
     rows += [row(name, "consistency", k, v) for name in RECIPES for k, v in ((1, 4.0), (2, 30.0), (4, 2.0))]
-    v = verdict(rows)
+    v = verdict(rows, names=RECIPES)
     for name in RECIPES:
         assert v[name][1][2] and v[name][4][2]  # beats both at 1 step (280) and 4 steps (best 5.0, not 1.5 at 8)
         assert v[name][4][1]["value"] == 5.0 and v[name][4][1]["sampler"] == "dpmpp_2m"
@@ -112,10 +114,10 @@ TEXT_STUDENTS = {"progressive", "consistency", "consistency-lora", "adversarial"
 def test_text_digits_quickstart_plans_validate_with_one_lora_student():
     """Every plan of `distill quickstart --benchmark text-digits` builds a valid config on the SD-shaped teacher;
     exactly one student is LoRA, at a fixed w so that its adapters load onto the teacher; --fast only shrinks."""
-    from distill.config import load_recipe
-    from distill.quickstart import BENCHMARKS, plans
+    from distill.recipe import load_recipe
+    from distill.quickstart import benchmark, plans
 
-    bench = BENCHMARKS["text-digits"]
+    bench = benchmark("text-digits")
     full = {p.name: load_recipe(p.recipe, p.overrides) for p in plans(False, "text-digits")}
     fast = {p.name: load_recipe(p.recipe, p.overrides) for p in plans(True, "text-digits")}
     assert set(full) == set(fast) == TEXT_STUDENTS
@@ -136,7 +138,7 @@ def test_quickstart_refuses_an_unknown_benchmark():
     from distill.errors import DistillError
     from distill.quickstart import benchmark, plans
 
-    with pytest.raises(DistillError, match="unknown quickstart benchmark 'text'.*digits, text-digits"):
+    with pytest.raises(DistillError, match="unknown benchmark 'text'.*digits, text-digits"):
         plans(False, "text")
     assert benchmark("digits").teacher.name == "digits-teacher"
 
@@ -205,9 +207,9 @@ def test_text_digits_quickstart_fast_end_to_end(tmp_path):
 
 def _tiny_bench(students: dict[str, tuple[str, list[str]]]):
     """A digits quickstart of a few training steps per student, scored at 1 step on 100 samples (with --fast)."""
-    from distill.quickstart import ASSETS, Benchmark
+    from distill.quickstart import Quickstart, benchmark
 
-    return Benchmark(name="digits", teacher=ASSETS / "digits-teacher", protocol="digits", recipes=students,
+    return Quickstart(name="digits", teacher=benchmark("digits").teacher, protocol="digits", recipes=students,
                      steps=[1], teacher_steps=[1], teacher_samplers=["ddim"],
                      fast={name: ["trainer.checkpoint_every=0"] for name in students}, fast_n=100,
                      minutes={"teacher": 0.1, **{name: 1.0 for name in students}})

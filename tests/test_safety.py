@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from distill.checkpoint import _sha256, list_checkpoints, load_checkpoint
-from distill.config import load_recipe
-from distill.denoisers import load_denoiser
+from distill.recipe import load_recipe
+from distill.pipelines import load_denoiser
 from distill.errors import DistillError
 from distill.trainer import Trainer
 

@@ -81,10 +81,10 @@ def test_stock_solvers_step_through_coinciding_timesteps(steps, one_thread):
     """Karras sigmas on the digits teacher's 1000-step grid round to the same integer timestep twice at the top
     (998, 998, ...). A solver that looks its place up by timestep then skips a step and indexes past its grid; the
     driver steps by position instead: one call a step, ending on the data."""
-    from distill.denoisers import load_denoiser
-    from distill.quickstart import BENCHMARKS
+    from distill.pipelines import load_denoiser
+    from distill.quickstart import benchmark
 
-    D = load_denoiser(BENCHMARKS["digits"].teacher)
+    D = load_denoiser(benchmark("digits").teacher)
     sigmas = scheduler_sigmas(D, "dpmpp_2m_karras", steps)
     calls = []
     x = randn((2, 1, 8, 8), [torch.Generator().manual_seed(i) for i in range(2)]) * float(sigmas[0])

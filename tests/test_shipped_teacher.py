@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.denoisers import load_denoiser
-from distill.eval.digits_net import load_digits_net
+from distill.pipelines import load_denoiser
+from distill.benchmarks.digits.judge import load_digits_net
 from distill.samplers import sample_ddim
 from distill.schedules import vp_alpha
 

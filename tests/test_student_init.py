@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.config import ConfigError, load_recipe
+from distill.errors import ConfigError
+from distill.recipe import load_recipe
 from distill.errors import DistillError
 from distill.trainer import Trainer
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.eval.digits_net import digits_array, digits_split
-from distill.text_digits import (
+from distill.benchmarks.digits.judge import digits_array, digits_split
+from distill.benchmarks.text_digits.data import (
     COLOR_RGB,
     COLORS,
     DIGIT_WORDS,
@@ -134,7 +134,7 @@ def test_every_caption_tokenizes_into_whole_words(tmp_path) -> None:
 
 
 def _classifier():
-    from distill.eval.text_digits_net import DEFAULT_FOLDER, load_text_digits_net
+    from distill.benchmarks.text_digits.judge import DEFAULT_FOLDER, load_text_digits_net
 
     if not (DEFAULT_FOLDER / "model.safetensors").is_file():
         pytest.skip("distill/assets/text-digits-features is not built")
@@ -142,7 +142,7 @@ def _classifier():
 
 
 def test_shipped_classifier_reads_heldout_digits_and_colors() -> None:
-    from distill.eval.text_digits_net import accuracy, load_text_digits_config, weights_hash
+    from distill.benchmarks.text_digits.judge import accuracy, load_text_digits_config, weights_hash
 
     net = _classifier()
     config = load_text_digits_config()
@@ -158,7 +158,7 @@ def test_shipped_classifier_reads_heldout_digits_and_colors() -> None:
 
 
 def test_shipped_vae_loads_offline_and_round_trips() -> None:
-    from distill.vae_train import DEFAULT_FOLDER
+    from distill.benchmarks.text_digits.vae import DEFAULT_FOLDER
 
     if not (DEFAULT_FOLDER / "diffusion_pytorch_model.safetensors").is_file():
         pytest.skip("distill/assets/text-digits-vae is not built")
@@ -177,7 +177,7 @@ def test_shipped_vae_loads_offline_and_round_trips() -> None:
         z = vae.encode(x).latent_dist.mean
         assert z.shape == (140, 4, 8, 8)
         rec = vae.decode(z).sample.clamp(-1, 1)
-    from distill.eval.text_digits_net import accuracy
+    from distill.benchmarks.text_digits.judge import accuracy
 
     acc = accuracy(net, rec, data["digit"][pick], data["color"][pick])
     assert acc["joint"] >= 0.95, acc
@@ -188,8 +188,8 @@ def _probe_heldout_joint(model, tokenizer, which: str, steps: int = 300) -> floa
     """Train a fresh reader on the frozen encoder's states of the training captions; its held-out joint accuracy."""
     import torch.nn.functional as F
 
-    from distill.text_digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
-    from distill.text_digits_clip import MAX_LENGTH, Reader, _accuracy, _captions, _read
+    from distill.benchmarks.text_digits.data import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
+    from distill.benchmarks.text_digits.text_encoder import MAX_LENGTH, Reader, _accuracy, _captions, _read
 
     def states(templates):
         caps, d, c = _captions(templates)
@@ -216,7 +216,7 @@ def test_shipped_text_encoders_carry_heldout_phrasings() -> None:
     which it does not through the same encoder at its random initialisation (why they are trained)."""
     import transformers
 
-    from distill.text_digits_clip import ENCODERS
+    from distill.benchmarks.text_digits.text_encoder import ENCODERS
 
     root = Path(__file__).resolve().parents[1] / "distill" / "assets" / "text-digits-clip"
     tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "tokenizer")
@@ -236,7 +236,7 @@ def test_train_text_encoders_writes_a_loadable_folder_and_refuses_a_full_one(tmp
     import transformers
 
     from distill.errors import DistillError
-    from distill.text_digits_clip import ENCODERS, train_text_encoders
+    from distill.benchmarks.text_digits.text_encoder import ENCODERS, train_text_encoders
 
     report = train_text_encoders(tmp_path / "clip", steps=2)
     assert set(report["encoders"]) == set(ENCODERS)

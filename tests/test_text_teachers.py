@@ -17,8 +17,8 @@ def test_stock_pipeline_draws_the_asked_digit_and_color(name):
     every digit x color, in the held-out phrasings)."""
     from diffusers import DiffusionPipeline
 
-    from distill.eval.text_digits_net import load_text_digits_net
-    from distill.text_digits import prompt_set
+    from distill.benchmarks.text_digits.judge import load_text_digits_net
+    from distill.benchmarks.text_digits.data import prompt_set
 
     folder = ASSETS / name
     if not (folder / "model_index.json").is_file():

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from distill import cli
 from distill.checkpoint import list_checkpoints, load_checkpoint, verify
-from distill.config import load_recipe
+from distill.recipe import load_recipe
 from distill.errors import DistillError
 from distill.trainer import Trainer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.config import load_recipe
+from distill.recipe import load_recipe
 from distill.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,8 @@ def test_compile_and_gradient_checkpointing_train_like_the_plain_loop(tmp_path, 
 
 
 def _untrained(teacher) -> dict[str, torch.Tensor]:
-    from distill.denoisers import ConsistencyDenoiser, load_denoiser
+    from distill.denoisers import ConsistencyDenoiser
+    from distill.pipelines import load_denoiser
 
     return {k: v for k, v in ConsistencyDenoiser(load_denoiser(teacher)).state_dict().items()}
 

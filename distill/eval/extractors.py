@@ -5,7 +5,7 @@ called (``metric``) and which weights produced it (``weights_hash``, which keys 
 
 | ``get_extractor`` name  | class                 | ``name``                   | ``metric`` | D    |
 |-------------------------|-----------------------|----------------------------|------------|------|
-| ``digits``              | DigitsExtractor       | ``digits-net``             | FD-digits  | 64   |
+| ``digits`` (benchmark)  | DigitsExtractor       | ``digits-net``             | FD-digits  | 64   |
 | ``clean-fid``           | CleanFIDInception     | ``inception-clean``        | FID        | 2048 |
 | ``torchmetrics``        | TorchmetricsInception | ``inception-torchmetrics`` | FID        | 2048 |
 | ``pkg.module:callable`` | ModuleExtractor       | (chosen)                   | FD-<name>  | any  |
@@ -18,250 +18,74 @@ ones; a Frechet distance in another network's features is on another scale, so c
 comparisons that do not hold. The two Inception backends do not agree with each other either (see
 ``distill.eval.inception``), so their names differ and result rows record which one was used.
 
-This module holds the interface (``FeatureExtractor``), ``ModuleExtractor``, ``to_uint8``, the registry
-(``EXTRACTORS``) and ``get_extractor``. ``DigitsExtractor`` lives in ``distill.eval.digits_extractor``; the two
-Inception backends, with the lookup and download of their weights, in ``distill.eval.inception``. Those classes
-subclass ``FeatureExtractor`` from here, so this module imports them on first use (a module ``__getattr__``)
-rather than at import time, which would be an import cycle; ``from distill.eval.extractors import
-CleanFIDInception`` and the like work as before.
+The interface (``FeatureExtractor``), ``ModuleExtractor`` and ``to_uint8`` live in :mod:`distill.eval.features`
+(re-exported here); the two Inception backends, with the lookup and download of their weights, in
+:mod:`distill.eval.inception`. This module is the lookup by name (``get_extractor``): the core's own extractors
+(``EXTRACTORS``) and every benchmark's (``digits`` and ``text-digits`` are the shipped benchmarks' judge networks,
+registered through :mod:`distill.registry`, as a user's benchmark registers its own).
 """
 
 from __future__ import annotations
 
-import abc
-import importlib
 import inspect
-import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.eval.digits_net import weights_hash as _state_dict_hash
+from distill.eval.features import FeatureExtractor, ModuleExtractor, to_uint8
+from distill.eval.inception import WEIGHTS_ENV, WEIGHTS_FLAG, CleanFIDInception, TorchmetricsInception
 from distill.plugins import load_object
-
-if TYPE_CHECKING:  # for type checkers only; at run time these come from __getattr__ below
-    from distill.eval.digits_extractor import DigitsExtractor
-    from distill.eval.inception import (
-        WEIGHTS_ENV,
-        WEIGHTS_FLAG,
-        CleanFIDInception,
-        TorchmetricsInception,
-    )
-
-    EXTRACTORS: dict[str, type[FeatureExtractor]]
 
 __all__ = [
     "EXTRACTORS",
     "WEIGHTS_ENV",
     "WEIGHTS_FLAG",
     "CleanFIDInception",
-    "DigitsExtractor",
     "FeatureExtractor",
     "ModuleExtractor",
     "TorchmetricsInception",
+    "available",
     "get_extractor",
     "to_uint8",
 ]
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Quantize images in [-1, 1] to uint8 the way a sample is written to a PNG file.
-
-    ``floor(x * 127.5 + 128)`` clipped to 0..255 (the EDM / StyleGAN convention). Reference images are uint8
-    files, so generated images must go through the same quantization to be compared fairly (Parmar et al.
-    2022); and a uint8 image u mapped to [-1, 1] by ``u / 127.5 - 1`` comes back as exactly u.
-
-    Args:
-        images: (N, C, H, W) float, nominally in [-1, 1]; values outside are clipped.
-
-    Returns:
-        (N, C, H, W) uint8.
-    """
-    return torch.floor(images.float() * 127.5 + 128.0).clamp_(0, 255).to(torch.uint8)
-
-
-class FeatureExtractor(abc.ABC):
-    """Images (N, C, H, W) in [-1, 1] -> features (N, D), processed ``batch_size`` images at a time.
-
-    Attributes:
-        name: identifies the network and its preprocessing (recorded in result rows, keys reference stats).
-        metric: display name of the Frechet distance in this feature space ("FID" only for Inception).
-        batch_size: images per forward pass; features do not depend on it.
-        device: where the network runs; features are returned on the CPU.
-    """
-
-    name: str
-    metric: str
-    batch_size: int
-    device: torch.device
-
-    @property
-    @abc.abstractmethod
-    def dim(self) -> int:
-        """Feature dimension D."""
-
-    @abc.abstractmethod
-    def weights_hash(self) -> str:
-        """Hex sha256 prefix over the network's weights; any weight change changes it."""
-
-    @abc.abstractmethod
-    def _extract(self, images: torch.Tensor) -> torch.Tensor:
-        """One batch: (B, C, H, W) float in [-1, 1] on the CPU -> (B, D) features on any device."""
-
-    def describe(self) -> dict[str, Any]:
-        """What a result row records about the feature space: name, metric, dim and weights hash."""
-        return {"name": self.name, "metric": self.metric, "dim": self.dim, "weights_hash": self.weights_hash()}
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Features of a set of images.
-
-        Args:
-            images: (N, C, H, W) float in [-1, 1], on any device.
-
-        Returns:
-            (N, D) float32 features on the CPU, row i from image i alone.
-        """
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise DistillError(f"{self.name} takes images of shape (N, C, H, W), got {shape}.")
-        if not images.is_floating_point():
-            # A uint8 image in 0..255 would be clipped to [-1, 1] into near-black noise without any error.
-            raise DistillError(f"{self.name} takes float images in [-1, 1], got dtype {images.dtype}; "
-                               "map uint8 images with x / 127.5 - 1 first.")
-        if len(images) == 0:
-            raise DistillError(f"{self.name} got no images (N = 0).")
-        if self.batch_size < 1:
-            raise DistillError(f"batch_size must be >= 1, got {self.batch_size}.")
-        out = []
-        for lo in range(0, len(images), self.batch_size):
-            batch = images[lo : lo + self.batch_size].detach().to("cpu", torch.float32)
-            if not torch.isfinite(batch).all():
-                raise DistillError(f"images {lo}..{lo + len(batch) - 1} contain NaN or inf values; "
-                                   "the sampler or the model diverged.")
-            feats = self._extract(batch)
-            out.append(feats.reshape(len(batch), -1).to("cpu", torch.float32))
-        return torch.cat(out)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, metric={self.metric!r})"
-
-
-class ModuleExtractor(FeatureExtractor):
-    """Any ``torch.nn.Module`` as a feature network: ``module.features(x)`` if it has one, else ``module(x)``.
-
-    The module is put in eval mode. Its output (B, ...) is flattened to (B, D). Note that a module whose
-    ``features`` is a submodule (torchvision's VGG / AlexNet trunks) runs only that submodule.
-
-    Args:
-        module: the network; it sees (B, C, H, W) images in [-1, 1] after ``preprocess``.
-        name: short name of the feature space (keys cached statistics; the metric is ``FD-<name>``).
-        metric: display name; default ``FD-<name>``. "FID" is refused: only Inception features make an FID.
-        preprocess: optional (B, C, H, W) -> tensor applied to each batch before the module (resize, ...).
-        dim: feature dimension, if known; otherwise taken from ``module.num_features`` / ``feature_dim`` or
-            from the first ``features`` call.
-        device: where the module runs (it is moved there).
-        batch_size: images per forward pass.
-    """
-
-    def __init__(self, module: nn.Module, name: str, metric: str | None = None,
-                 preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None, *, dim: int | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 256) -> None:
-        if not isinstance(module, nn.Module):
-            raise DistillError(f"ModuleExtractor needs a torch.nn.Module, got {type(module).__name__}.")
-        if not name or not isinstance(name, str):
-            raise DistillError("ModuleExtractor needs a non-empty name for its feature space (e.g. name='my-net').")
-        metric = metric if metric is not None else f"FD-{name}"
-        if metric.strip().upper().startswith("FID"):
-            raise DistillError(f"metric {metric!r} for feature space {name!r}: only Inception features make an FID; "
-                               f"call it FD-{name} (the default), or use get_extractor('clean-fid') for FID.")
-        self.device = torch.device(device)
-        self.module = module.to(self.device).eval()
-        self.name = name
-        self.metric = metric
-        self.preprocess = preprocess
-        self.batch_size = int(batch_size)
-        self._dim = dim if dim is not None else self._declared_dim(module)
-
-    @staticmethod
-    def _declared_dim(module: nn.Module) -> int | None:
-        for attr in ("num_features", "feature_dim"):
-            value = getattr(module, attr, None)
-            if isinstance(value, int):
-                return value
-        return None
-
-    @property
-    def dim(self) -> int:
-        if self._dim is None:
-            raise DistillError(f"the feature dimension of {self.name!r} is not known before features() has run "
-                               "once; pass dim= to ModuleExtractor.")
-        return self._dim
-
-    def weights_hash(self) -> str:
-        return _state_dict_hash(self.module)
-
-    def _extract(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device)
-        if self.preprocess is not None:
-            x = self.preprocess(x)
-        fn = getattr(self.module, "features", None)
-        out = fn(x) if callable(fn) else self.module(x)
-        if not isinstance(out, torch.Tensor):
-            raise DistillError(f"feature network {self.name!r} returned {type(out).__name__}, not a tensor; "
-                               "wrap it so that it returns a (B, D) tensor.")
-        out = out.reshape(len(images), -1)
-        if self._dim is None:
-            self._dim = int(out.shape[1])
-        return out
-
-
 # --------------------------------------------------------------------------------------------- registry
 
-# Names defined in the concrete extractors' modules and re-exported here, imported on first use (see above).
-_ELSEWHERE = {
-    "DigitsExtractor": "distill.eval.digits_extractor",
-    "TextDigitsExtractor": "distill.eval.text_digits_extractor",
-    "CleanFIDInception": "distill.eval.inception",
-    "TorchmetricsInception": "distill.eval.inception",
-    "WEIGHTS_ENV": "distill.eval.inception",
-    "WEIGHTS_FLAG": "distill.eval.inception",
-}
-# get_extractor name -> class; EXTRACTORS (built on first use from this) maps the same keys to the classes.
-_BUILTINS = {"digits": "DigitsExtractor", "text-digits": "TextDigitsExtractor", "clean-fid": "CleanFIDInception",
-             "torchmetrics": "TorchmetricsInception"}
+# The core's own extractors; benchmarks add theirs through distill.registry (digits, text-digits, a user's).
+EXTRACTORS: dict[str, type[FeatureExtractor]] = {"clean-fid": CleanFIDInception, "torchmetrics": TorchmetricsInception}
 # Each extractor's `name` is accepted too, so a name read back from a result row rebuilds the same extractor.
-_ALIASES = {"digits-net": "digits", "text-digits-net": "text-digits", "inception-clean": "clean-fid",
-            "inception-torchmetrics": "torchmetrics"}
+_ALIASES = {"inception-clean": "clean-fid", "inception-torchmetrics": "torchmetrics"}
 
 _MODULE_EXTRACTOR_KWARGS = ("name", "metric", "preprocess", "dim", "device", "batch_size")
 
 
-def __getattr__(name: str) -> Any:
-    if name == "EXTRACTORS":
-        value: Any = {key: __getattr__(cls) for key, cls in _BUILTINS.items()}
-    elif name in _ELSEWHERE:
-        value = getattr(importlib.import_module(_ELSEWHERE[name]), name)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # later lookups find it directly; EXTRACTORS stays the one dict callers may extend
-    return value
+def available() -> dict[str, type[FeatureExtractor]]:
+    """Every named extractor: the core's (:data:`EXTRACTORS`) and each benchmark's (:mod:`distill.registry`),
+    aliases left out."""
+    from distill.registry import benchmarks
+
+    out = dict(EXTRACTORS)
+    for b in benchmarks():
+        for key, spec in b.extractors.items():
+            out[key] = load_object(spec, f"benchmark {b.name}'s extractor {key!r}")
+    return out
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+def _resolve(name: str) -> type[FeatureExtractor] | None:
+    """The class of the named extractor (an alias or a benchmark's name too); None if no extractor has the name."""
+    from distill.registry import extractor_names
 
-
-def _registry() -> dict[str, type[FeatureExtractor]]:
-    """EXTRACTORS, built on first use."""
-    return sys.modules[__name__].EXTRACTORS
+    key = _ALIASES.get(name, name)
+    if key in EXTRACTORS:
+        return EXTRACTORS[key]
+    spec = extractor_names().get(name)
+    return None if spec is None else load_object(spec, f"feature extractor {name!r}")
 
 
 def _choices() -> str:
-    return (", ".join(repr(k) for k in _registry())
+    return (", ".join(repr(k) for k in available())
             + ", or a dotted path 'package.module:callable' (or 'path/to/file.py:callable')")
 
 
@@ -290,10 +114,9 @@ def get_extractor(name: str, /, **kwargs: Any) -> FeatureExtractor:
     """
     if not isinstance(name, str) or not name.strip():
         raise DistillError(f"feature extractor name must be a non-empty string; choose {_choices()}.")
-    key = _ALIASES.get(name.strip(), name.strip())
-    registry = _registry()
-    if key in registry:
-        cls = registry[key]
+    key = name.strip()
+    cls = _resolve(key)
+    if cls is not None:
         _check_kwargs(cls, kwargs, key)
         return cls(**kwargs)
     if ":" not in key:

@@ -23,9 +23,8 @@ import platform
 import re
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -33,64 +32,10 @@ from distill.errors import DistillError
 from distill.eval.frechet import bootstrap_fd, bootstrap_mean
 from distill.eval.protocol import Protocol, judge, load_protocol, reference
 from distill.eval.sweep import Draw, denoiser_draw, generate, sigma_grid
+from distill.models import Model, open_model
 from distill.samplers import SAMPLERS, SCHEDULER_SAMPLERS, nfe, scheduler_sigmas
 
-STUDENT_META = "distill.json"
-TEACHER_SAMPLERS = ("ddim", "euler", "heun")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Model:
-    """What the harness needs to know about a model under test."""
-
-    name: str
-    method: str = "teacher"
-    recipe: str | None = None
-    denoiser: Any = None  # D(x, sigma) -> x0
-    sampler_fn: Callable[..., torch.Tensor] | None = None  # fn(noise, steps, generators) -> images
-    samplers: tuple[str, ...] = TEACHER_SAMPLERS  # default samplers
-    steps: tuple[int, ...] | None = None  # step counts a student supports; None = any
-    sigmas: dict[int, list[float]] = field(default_factory=dict)  # explicit student grids by step count
-    pipeline: Any = None  # its TeacherPipeline (distill.pipelines) when it is a pipeline folder
-    guidance: float | None = None  # a student's own guidance scale (distill.json), None when it needs none
-
-
-def open_model(model: Any, name: str | None = None) -> Model:
-    """Wrap a folder / hub id, a denoiser module, or a sampler function as a :class:`Model`."""
-    from distill.hub import resolve_model_path
-    from distill.pipelines import load_pipeline
-
-    if isinstance(model, (str, Path)):
-        path = resolve_model_path(model)
-        pipeline = load_pipeline(path)
-        D = pipeline.load_denoiser().eval()
-        meta_path = path / STUDENT_META
-        if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except json.JSONDecodeError as exc:
-                raise DistillError(f"{meta_path} is not valid JSON ({exc}); re-export the student.") from exc
-            sampler = meta.get("sampler", "ddim")
-            return Model(
-                name=name or meta.get("name") or path.name, method=meta.get("method", "student"),
-                recipe=meta.get("recipe"), denoiser=D, samplers=(sampler,),
-                steps=tuple(int(s) for s in meta["steps"]) if meta.get("steps") else None,
-                sigmas={int(k): v for k, v in (meta.get("sigmas") or {}).items()},
-                pipeline=pipeline, guidance=meta.get("guidance"),
-            )
-        return Model(name=name or _model_name(path), denoiser=D, pipeline=pipeline)
-    if isinstance(model, torch.nn.Module) or hasattr(model, "sigma_max"):
-        return Model(name=name or type(model).__name__, denoiser=model)
-    if callable(model):
-        return Model(name=name or getattr(model, "__name__", "sampler"), method="custom", sampler_fn=model,
-                     samplers=("custom",))
-    raise DistillError(f"cannot evaluate a {type(model).__name__}; give a model folder, a denoiser or a sampler function.")
-
-
-def _model_name(path: Path) -> str:
-    # DIR/model of a run is named after the run folder
-    return path.parent.name if path.name == "model" else path.name
 
 
 def slug(text: str) -> str:

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.eval.digits_net import weights_hash as _state_dict_hash
-from distill.eval.extractors import FeatureExtractor, to_uint8
+from distill.tensors import weights_hash as _state_dict_hash
+from distill.eval.features import FeatureExtractor, to_uint8
 from distill.hub import hub_offline
 
 __all__ = [

@@ -136,21 +136,27 @@ class Protocol:
         if self.judge:
             fields["judge"] = self.judge
         folder = Path(self.dataset).expanduser()
-        if self.dataset != "digits" and folder.is_dir():
+        from distill.registry import is_benchmark_dataset
+
+        if not is_benchmark_dataset(self.dataset) and folder.is_dir():
             fields["files"] = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
                                      for p in folder.rglob("*") if p.is_file())
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_protocol(name_or_path: str | Path, **overrides: Any) -> Protocol:
-    """A protocol from a YAML path, or by name from ``evals/protocols/<name>.yaml``."""
+    """A protocol from a YAML path, or by name: ``<name>.yaml`` in ``evals/protocols/`` (of the working directory,
+    then of the repository) or in a benchmark's protocol folder (:func:`distill.registry.protocol_folders`)."""
     import yaml
 
+    from distill.registry import protocol_folders
+
     path = Path(name_or_path)
-    candidates = [path, Path("evals/protocols") / f"{name_or_path}.yaml", REPO_PROTOCOLS / f"{name_or_path}.yaml"]
+    folders = [Path("evals/protocols"), REPO_PROTOCOLS, *protocol_folders()]
+    candidates = [path, *(folder / f"{name_or_path}.yaml" for folder in folders)]
     found = next((p for p in candidates if p.suffix in (".yaml", ".yml") and p.is_file()), None)
     if found is None:
-        known = sorted(p.stem for p in REPO_PROTOCOLS.glob("*.yaml"))
+        known = sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
         raise DistillError(f"protocol {name_or_path!r} not found; give a YAML path or one of {', '.join(known)}.")
     try:
         data = yaml.safe_load(found.read_text()) or {}

@@ -46,7 +46,6 @@ from distill.schedules import add_noise
 
 DISTILL_WEIGHTINGS = ("exponential", "uniform")
 COLLAPSE_CHECK = 25  # steps between reads of the collapse counter (a device sync)
-_EVAL_NETS = ("distill.eval", "digits_net", "digitsnet", "digits-net", "digits-features")
 
 
 @dataclass
@@ -110,9 +109,12 @@ class AdversarialConfig:
 
 
 def refers_to_eval_net(name: str) -> bool:
-    """Whether a backbone name points at distill's evaluation feature network."""
+    """Whether a backbone name points at an evaluation network: distill's evaluation package, or any benchmark's
+    judge (by the words each benchmark lists in ``judge_names``; :mod:`distill.registry`)."""
+    from distill import registry
+
     low = name.lower()
-    return any(tag in low for tag in _EVAL_NETS)
+    return "distill.eval" in low or any(word in low for b in registry.benchmarks() for word in b.judge_names)
 
 
 # ---------------------------------------------------------------------------------------------- discriminator
@@ -244,23 +246,10 @@ def load_backbone(name: str, teacher: DiffusersDenoiser) -> nn.Module:
         raise DistillError(f"cannot build backbone {name!r}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(net, nn.Module):
         raise DistillError(f"backbone {name!r} gave a {type(net).__name__}, not a torch nn.Module.")
-    _refuse_eval_weights(net, name)
+    from distill.registry import refuse_judges
+
+    refuse_judges(net, name)  # every benchmark's judges, by class and by weights
     return net.requires_grad_(False).eval()
-
-
-def _refuse_eval_weights(net: nn.Module, name: str) -> None:
-    from distill.eval.digits_net import DigitsNet, load_digits_net
-
-    if isinstance(net, DigitsNet) or any(isinstance(m, DigitsNet) for m in net.modules()):
-        raise DistillError(f"backbone {name!r} is (or contains) the FD-digits evaluation network; it may never train "
-                           "a model (it would grade its own student).")
-    for folder in (None, "digits-features-b"):  # both shipped evaluation networks
-        ref = {tuple(v.shape): v for v in load_digits_net(folder).state_dict().values()}
-        for p in net.state_dict().values():
-            v = ref.get(tuple(p.shape))
-            if v is not None and p.numel() > 16 and torch.equal(p.detach().cpu().float(), v.float()):
-                raise DistillError(f"backbone {name!r} holds an FD-digits evaluation network's weights; it may "
-                                   "never train a model.")
 
 
 # ---------------------------------------------------------------------------------------------- method

@@ -25,7 +25,7 @@ RECIPES = {m: ROOT / "recipes" / "digits" / f"{m}.yaml" for m in ("teacher", "pr
 
 
 def probe(method: str, steps: int) -> collections.Counter:
-    from distill.config import load_recipe
+    from distill.recipe import load_recipe
     from distill.trainer import Trainer
 
     overrides = ["trainer.progress=false", "eval.protocol=null", "trainer.checkpoint_every=0", "trainer.log_every=100000"]
@@ -64,7 +64,7 @@ def probe(method: str, steps: int) -> collections.Counter:
 
 def probe_sampling(steps: int) -> collections.Counter:
     """The same record around ``steps``-step DDIM sampling of the digits teacher, after one warm-up call."""
-    from distill.denoisers import load_denoiser
+    from distill.pipelines import load_denoiser
     from distill.samplers import sample_ddim
     from distill.schedules import scale_noise
 

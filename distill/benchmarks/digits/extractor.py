@@ -1,6 +1,6 @@
 """FD-digits: the shipped 8x8 digits classifier as a feature extractor (``get_extractor("digits")``).
 
-The network itself (architecture, training, the shipped folders) lives in ``distill.eval.digits_net``; this
+The network itself (architecture, training, the shipped folders) lives in ``distill.benchmarks.digits.judge``; this
 module only adapts it to the ``FeatureExtractor`` interface of ``distill.eval.extractors``.
 """
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from distill.eval.digits_net import DEFAULT_FOLDER, load_digits_net, resolve_folder
-from distill.eval.digits_net import weights_hash as _state_dict_hash
-from distill.eval.extractors import FeatureExtractor
+from distill.benchmarks.digits.judge import DEFAULT_FOLDER, load_digits_net, resolve_folder
+from distill.tensors import weights_hash as _state_dict_hash
+from distill.eval.features import FeatureExtractor
 
 __all__ = ["DigitsExtractor"]
 

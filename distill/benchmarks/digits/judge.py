@@ -4,7 +4,7 @@ FD-digits is the Frechet distance in the 64-dimensional penultimate-layer featur
 It is the embedded benchmark's stand-in for Inception FID (it is not Inception FID, and its numbers are
 not comparable to FID). The network is trained by this file and shipped in ``distill/assets/digits-features``:
 
-    python -m distill.eval.digits_net --out distill/assets/digits-features --seed 0
+    python -m distill.benchmarks.digits.judge --out distill/assets/digits-features --seed 0
 
 The network is an evaluation instrument only: it never feeds a training loss or a discriminator, since a
 metric that also trains a model would grade its own student (the adversarial recipe refuses it as a backbone).
@@ -13,7 +13,6 @@ metric that also trains a model would grade its own student (the adversarial rec
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import time
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import DistillError
+from distill.tensors import weights_hash
 
 __all__ = [
     "DEFAULT_FOLDER",
@@ -41,7 +41,7 @@ __all__ = [
     "weights_hash",
 ]
 
-DEFAULT_FOLDER = Path(__file__).resolve().parent.parent / "assets" / "digits-features"
+DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / "assets" / "digits-features"
 _WEIGHTS_FILE = "model.safetensors"
 _CONFIG_FILE = "config.json"
 
@@ -237,22 +237,6 @@ def train_digits_net(seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: 
     return net, report
 
 
-def weights_hash(net: nn.Module) -> str:
-    """First 16 hex digits of a sha256 over the state dict (names, dtypes, shapes and raw bytes, sorted by name).
-
-    Keys cached reference statistics: any change to any weight changes the hash.
-    """
-    h = hashlib.sha256()
-    for name, t in sorted(net.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        # Reinterpreting as bytes works for every dtype, including bfloat16 which numpy cannot hold.
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def save_digits_net(net: DigitsNet, folder: str | Path, report: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (architecture, training report, versions) to ``folder``."""
     from safetensors.torch import save_file
@@ -296,7 +280,7 @@ def load_digits_config(folder: str | Path | None = None) -> dict[str, Any]:
     path = folder / _CONFIG_FILE
     if not path.is_file():
         raise DistillError(f"no {_CONFIG_FILE} in {folder}; train one with "
-                           f"`python -m distill.eval.digits_net --out {folder}`.")
+                           f"`python -m distill.benchmarks.digits.judge --out {folder}`.")
     return json.loads(path.read_text())
 
 
@@ -308,7 +292,7 @@ def load_digits_net(folder: str | Path | None = None) -> DigitsNet:
     from safetensors.torch import load_file
 
     folder = resolve_folder(folder)
-    fix = f"train one with `python -m distill.eval.digits_net --out {folder}`"
+    fix = f"train one with `python -m distill.benchmarks.digits.judge --out {folder}`"
     if not folder.is_dir():
         raise DistillError(f"digits feature network folder {folder} does not exist; {fix}.")
     weights = folder / _WEIGHTS_FILE
@@ -326,9 +310,14 @@ def load_digits_net(folder: str | Path | None = None) -> DigitsNet:
     return net.eval()
 
 
+def judges() -> list[DigitsNet]:
+    """Both shipped FD-digits networks (``digits-features``, ``digits-features-b``): never a discriminator."""
+    return [load_digits_net(None), load_digits_net("digits-features-b")]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Train, save and report: ``python -m distill.eval.digits_net --out FOLDER [--seed 0] [--epochs 40]``."""
-    parser = argparse.ArgumentParser(prog="python -m distill.eval.digits_net", description=__doc__.split("\n")[0])
+    """Train, save and report: ``python -m distill.benchmarks.digits.judge --out FOLDER [--seed 0] [--epochs 40]``."""
+    parser = argparse.ArgumentParser(prog="python -m distill.benchmarks.digits.judge", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_FOLDER, help="folder to write the net to")
     parser.add_argument("--seed", type=int, default=0, help="init / shuffle / augmentation seed")
     parser.add_argument("--epochs", type=int, default=40)

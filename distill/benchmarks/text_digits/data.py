@@ -18,14 +18,14 @@ Design (why it looks like this):
   learn a spurious link between a writer's hand and a color, every (digit, color) pair has ~144 training images,
   and the caption is the only thing that tells a text-conditional model which color to draw. A one-color-per-image
   assignment would leave ~20 images per (digit, color) pair.
-* The split is the one the FD-digits network uses: ``distill.eval.digits_net.digits_split`` (stratified 80/20 of
+* The split is the one the FD-digits network uses: ``distill.benchmarks.digits.judge.digits_split`` (stratified 80/20 of
   the 1,797 source images, seed 0), so no stroke shape of a held-out image appears in training in any color.
 * Captions come from :data:`TEMPLATES`; :data:`HELDOUT_TEMPLATES` (the last two) never caption a training row and
   phrase the evaluation prompts (:func:`prompt_set`). Each row's template is drawn from a seeded generator over the
   whole 12,579-row table, so a row keeps its caption whichever split it is read in. All caption words are letters
   only ("seven", not "7"), so each is one token of ``distill.text.build_clip_tokenizer(VOCABULARY, folder)``.
 
-Write it for ``data.name`` with ``python -m distill.text_digits --out DIR`` (``datasets.load_from_disk`` format).
+Write it for ``data.name`` with ``python -m distill.benchmarks.text_digits.data --out DIR`` (``datasets.load_from_disk`` format).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ __all__ = [
     "save_text_digits",
     "split_indices",
     "text_digits_arrays",
+    "dataset",
     "text_digits_dataset",
 ]
 
@@ -159,7 +160,7 @@ def colorize(intensity: np.ndarray, colors: np.ndarray) -> np.ndarray:
 
 def split_indices(split: str = "train", split_seed: int = 0, test_fraction: float = 0.2) -> np.ndarray:
     """Source image indices (into the 1,797 digits) of a split: ``digits_split``'s train or test part, or all."""
-    from distill.eval.digits_net import digits_split
+    from distill.benchmarks.digits.judge import digits_split
 
     digits = _digit_labels()
     if split == "all":
@@ -245,6 +246,11 @@ def text_digits_dataset(split: str = "train", captions: str = "train", seed: int
     return ds.with_format("torch")
 
 
+def dataset(split: str = "train") -> Any:
+    """``data.name: text-digits``: the split ``train``, ``test`` or ``all`` (any other name reads ``train``)."""
+    return text_digits_dataset(split=split if split in ("train", "test", "all") else "train")
+
+
 def save_text_digits(folder: str | Path, split: str = "train", captions: str = "train", seed: int = 0) -> Path:
     """Write :func:`text_digits_dataset` to ``folder`` with ``save_to_disk`` (load with ``datasets.load_from_disk``
     or as distill's ``data.name``); returns the folder."""
@@ -262,8 +268,8 @@ def prompt_set() -> list[Prompt]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m distill.text_digits --out DIR [--split train] [--captions train] [--seed 0]``."""
-    parser = argparse.ArgumentParser(prog="python -m distill.text_digits", description=__doc__.split("\n")[0])
+    """``python -m distill.benchmarks.text_digits.data --out DIR [--split train] [--captions train] [--seed 0]``."""
+    parser = argparse.ArgumentParser(prog="python -m distill.benchmarks.text_digits.data", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for datasets.save_to_disk")
     parser.add_argument("--split", default="train", choices=["train", "test", "all"])
     parser.add_argument("--captions", default="train", choices=["train", "heldout", "all"])

@@ -1,7 +1,7 @@
 """FD-text-digits and prompt accuracy: the shipped colored-digits classifier as a feature extractor and judge.
 
 ``get_extractor("text-digits")`` gives FD in the 64-d penultimate features of the classifier of
-:mod:`distill.eval.text_digits_net` (digit and color heads; not Inception), and ``predict(images)`` its reading of
+:mod:`distill.benchmarks.text_digits.judge` (digit and color heads; not Inception), and ``predict(images)`` its reading of
 each image's digit and color, which the harness compares with the prompt's to score prompt accuracy.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from distill.eval.extractors import FeatureExtractor
-from distill.eval.text_digits_net import load_text_digits_net
+from distill.eval.features import FeatureExtractor
+from distill.benchmarks.text_digits.judge import load_text_digits_net
 
 __all__ = ["TextDigitsExtractor"]
 
@@ -40,7 +40,7 @@ class TextDigitsExtractor(FeatureExtractor):
         return self.net.num_features
 
     def weights_hash(self) -> str:
-        from distill.eval.digits_net import weights_hash
+        from distill.tensors import weights_hash
 
         return weights_hash(self.net)
 

@@ -1,12 +1,12 @@
 """The FD-text-digits feature network: a small CNN that reads the digit and the color of a 32x32 colored digit.
 
-It is the colored-digits benchmark's evaluation instrument (:mod:`distill.text_digits`): its two heads say whether
+It is the colored-digits benchmark's evaluation instrument (:mod:`distill.benchmarks.text_digits.data`): its two heads say whether
 a text-to-image model drew the digit and the color a prompt asked for, and its 64-dimensional penultimate layer
 gives FD-text-digits, the Frechet distance between generated and held-out real images in that feature space (a
 stand-in for Inception FID; not comparable to it). It is trained by this file and shipped in
 ``distill/assets/text-digits-features``:
 
-    python -m distill.eval.text_digits_net --out distill/assets/text-digits-features --seed 0
+    python -m distill.benchmarks.text_digits.judge --out distill/assets/text-digits-features --seed 0
 
 Like the FD-digits network it is never part of a training loss: a metric that also trains a model would grade its
 own student.
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import DistillError
-from distill.eval.digits_net import shift_augment, weights_hash
+from distill.benchmarks.digits.judge import shift_augment
+from distill.tensors import weights_hash
 
 __all__ = [
     "DEFAULT_FOLDER",
@@ -42,7 +43,7 @@ __all__ = [
     "weights_hash",
 ]
 
-DEFAULT_FOLDER = Path(__file__).resolve().parent.parent / "assets" / "text-digits-features"
+DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / "assets" / "text-digits-features"
 _WEIGHTS_FILE = "model.safetensors"
 _CONFIG_FILE = "config.json"
 
@@ -58,7 +59,7 @@ class TextDigitsNet(nn.Module):
         -linear-> (B, 10) digit logits, -linear-> (B, 7) color logits    <- forward()
 
     Both heads read the same features, so FD-text-digits sees shape and color. SiLU at the feature layer and no
-    batch norm, as in :class:`distill.eval.digits_net.DigitsNet`: every feature unit varies, and in eval mode a
+    batch norm, as in :class:`distill.benchmarks.digits.judge.DigitsNet`: every feature unit varies, and in eval mode a
     sample's features do not depend on the rest of its batch.
     """
 
@@ -162,7 +163,7 @@ def train_text_digits_net(seed: int = 0, epochs: int = 30, colors_per_epoch: int
         (net in eval mode, report) with heldout_{digit,color,joint}_accuracy (360 test images x 7 colors),
         train_joint_accuracy, sizes, seeds, hyper-parameters and train_seconds.
     """
-    from distill.text_digits import COLOR_RGB, text_digits_arrays
+    from distill.benchmarks.text_digits.data import COLOR_RGB, text_digits_arrays
 
     t0 = time.perf_counter()
     train = text_digits_arrays("train", colors="none")
@@ -209,7 +210,7 @@ def train_text_digits_net(seed: int = 0, epochs: int = 30, colors_per_epoch: int
         "train_joint_accuracy": train_acc["joint"],
         "n_train": len(tr["digit"]),
         "n_test": len(test["digit"]),
-        "data": "distill.text_digits: digits_split(seed=0, test_fraction=0.2) source images, each in all 7 colors",
+        "data": "distill.benchmarks.text_digits.data: digits_split(seed=0, test_fraction=0.2) source images, each in all 7 colors",
         "seed": int(seed),
         "epochs": int(epochs),
         "colors_per_epoch": int(colors_per_epoch),
@@ -232,12 +233,12 @@ def save_text_digits_net(net: TextDigitsNet, folder: str | Path, report: dict[st
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(folder / _WEIGHTS_FILE), metadata={"format": "pt"})
-    from distill.text_digits import COLORS
+    from distill.benchmarks.text_digits.data import COLORS
 
     config = {
         "name": "FD-text-digits feature network (not Inception)",
         "architecture": net.architecture(),
-        "input": "(B, 3, 32, 32) float32 in [-1, 1]; distill.text_digits colored digits",
+        "input": "(B, 3, 32, 32) float32 in [-1, 1]; distill.benchmarks.text_digits.data colored digits",
         "features": f"(B, {net.feature_dim}) penultimate layer after SiLU",
         "outputs": {"digit": "0..9", "color": COLORS},
         "weights_hash": weights_hash(net),
@@ -260,7 +261,7 @@ def load_text_digits_config(folder: str | Path | None = None) -> dict[str, Any]:
     path = folder / _CONFIG_FILE
     if not path.is_file():
         raise DistillError(f"no {_CONFIG_FILE} in {folder}; train one with "
-                           f"`python -m distill.eval.text_digits_net --out {folder}`.")
+                           f"`python -m distill.benchmarks.text_digits.judge --out {folder}`.")
     return json.loads(path.read_text())
 
 
@@ -272,7 +273,7 @@ def load_text_digits_net(folder: str | Path | None = None) -> TextDigitsNet:
     from safetensors.torch import load_file
 
     folder = DEFAULT_FOLDER if folder is None else Path(folder)
-    fix = f"train one with `python -m distill.eval.text_digits_net --out {folder}`"
+    fix = f"train one with `python -m distill.benchmarks.text_digits.judge --out {folder}`"
     if not folder.is_dir():
         raise DistillError(f"text-digits feature network folder {folder} does not exist; {fix}.")
     weights = folder / _WEIGHTS_FILE
@@ -289,9 +290,14 @@ def load_text_digits_net(folder: str | Path | None = None) -> TextDigitsNet:
     return net.eval()
 
 
+def judges() -> list[TextDigitsNet]:
+    """The shipped FD-text-digits classifier (``text-digits-features``): never a discriminator."""
+    return [load_text_digits_net()]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Train, save and report: ``python -m distill.eval.text_digits_net --out FOLDER [--seed 0] [--epochs 30]``."""
-    parser = argparse.ArgumentParser(prog="python -m distill.eval.text_digits_net",
+    """Train, save and report: ``python -m distill.benchmarks.text_digits.judge --out FOLDER [--seed 0] [--epochs 30]``."""
+    parser = argparse.ArgumentParser(prog="python -m distill.benchmarks.text_digits.judge",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_FOLDER, help="folder to write the net to")
     parser.add_argument("--seed", type=int, default=0, help="init / shuffle / augmentation seed")

@@ -2,7 +2,7 @@
 
 Why trained and not frozen at a random initialisation: a text-to-image teacher learns to read its captions through
 cross-attention over the encoder's token states, and it only ever sees the six training phrasings
-(:data:`distill.text_digits.TRAIN_TEMPLATES`). The evaluation prompts use two held-out phrasings. A random encoder
+(:data:`distill.benchmarks.text_digits.data.TRAIN_TEMPLATES`). The evaluation prompts use two held-out phrasings. A random encoder
 maps the same digit word to unrelated states in a new sentence (its states mix every token with every other), and a
 reader trained on the training phrasings then reads 42-82% of the held-out captions right
 (``evals/text_encoder_probe.md``). Real CLIP encoders were trained, on image-text pairs, to put a caption's content
@@ -17,12 +17,12 @@ What each pipeline reads, and so what each encoder is trained on:
 * ``sd3-1``, ``sd3-2``: two ``CLIPTextModelWithProjection``; ``StableDiffusion3Pipeline`` reads ``hidden_states[-2]``
   (the layer before the last) of each and their pooled projections ``text_embeds``.
 
-All share one offline tokenizer of :data:`distill.text_digits.VOCABULARY` (16 tokens long). The folder written::
+All share one offline tokenizer of :data:`distill.benchmarks.text_digits.data.VOCABULARY` (16 tokens long). The folder written::
 
     distill/assets/text-digits-clip/
       tokenizer/  sd/  sd3-1/  sd3-2/  training_report.json
 
-    python -m distill.text_digits_clip --out distill/assets/text-digits-clip     # about a minute on one CPU core
+    python -m distill.benchmarks.text_digits.text_encoder --out distill/assets/text-digits-clip     # about a minute on one CPU core
 
 Scaffold specs name these folders (``tokenizer: {from: ...}``, ``text_encoders: [{from: ...}]``).
 """
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import DistillError
-from distill.text_digits import COLORS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, VOCABULARY, caption
+from distill.benchmarks.text_digits.data import COLORS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, VOCABULARY, caption
 
 MAX_LENGTH = 16
 # name -> (transformers class, states the pipeline reads, uses the pooled projection, init seed)

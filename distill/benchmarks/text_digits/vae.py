@@ -1,8 +1,8 @@
 """Train the colored-digits VAE: a small diffusers ``AutoencoderKL``, 3x32x32 images -> 4x8x8 latents.
 
-    python -m distill.vae_train --out distill/assets/text-digits-vae --steps 3000 --seed 0
+    python -m distill.benchmarks.text_digits.vae --out distill/assets/text-digits-vae --steps 3000 --seed 0
 
-The result is the shared VAE of the colored-digits teachers (:mod:`distill.text_digits`): an SD-shaped
+The result is the shared VAE of the colored-digits teachers (:mod:`distill.benchmarks.text_digits.data`): an SD-shaped
 ``StableDiffusionPipeline`` and an SD3-shaped ``StableDiffusion3Pipeline`` both load it as their ``vae/`` folder.
 
 Recipe (Stable Diffusion's autoencoder loss without its LPIPS and GAN terms):
@@ -56,7 +56,7 @@ __all__ = [
     "vae_loss",
 ]
 
-DEFAULT_FOLDER = Path(__file__).resolve().parent / "assets" / "text-digits-vae"
+DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / "assets" / "text-digits-vae"
 _CHECKPOINT = "checkpoint"
 _REPORT = "training_report.json"
 
@@ -143,10 +143,10 @@ def evaluate_vae(vae: Any, split: str = "test", classifier: Any = None, limit: i
     """Reconstruction quality on a split (all colors): decode the posterior mean, clamp to [-1, 1].
 
     Returns mse and l1 (per pixel, [-1, 1] units), psnr (dB, peak-to-peak 2), n and, with the FD-text-digits
-    ``classifier`` (a :class:`~distill.eval.text_digits_net.TextDigitsNet`), its digit / color / joint accuracy on
+    ``classifier`` (a :class:`~distill.benchmarks.text_digits.judge.TextDigitsNet`), its digit / color / joint accuracy on
     the reconstructions and on the originals.
     """
-    from distill.text_digits import text_digits_arrays
+    from distill.benchmarks.text_digits.data import text_digits_arrays
 
     data = text_digits_arrays(split)
     x = torch.from_numpy(data["image"])
@@ -165,7 +165,7 @@ def evaluate_vae(vae: Any, split: str = "test", classifier: Any = None, limit: i
     out: dict[str, float] = {"n": len(x), "mse": mse, "l1": float((rec - x).abs().mean()),
                              "psnr": float(10 * math.log10(4.0 / max(mse, 1e-12)))}
     if classifier is not None:
-        from distill.eval.text_digits_net import accuracy
+        from distill.benchmarks.text_digits.judge import accuracy
 
         for k, v in accuracy(classifier, rec, digits, colors).items():
             out[f"recon_{k}_accuracy"] = v
@@ -232,8 +232,8 @@ def train_vae(out: str | Path, steps: int = 3000, seed: int = 0, batch_size: int
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from distill.eval.digits_net import shift_augment
-    from distill.text_digits import text_digits_arrays
+    from distill.benchmarks.digits.judge import shift_augment
+    from distill.benchmarks.text_digits.data import text_digits_arrays
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -302,7 +302,7 @@ def train_vae(out: str | Path, steps: int = 3000, seed: int = 0, batch_size: int
 
     classifier = None
     folder = Path(classifier_folder) if classifier_folder is not None else None
-    from distill.eval.text_digits_net import DEFAULT_FOLDER as NET_FOLDER, load_text_digits_net
+    from distill.benchmarks.text_digits.judge import DEFAULT_FOLDER as NET_FOLDER, load_text_digits_net
 
     if (folder or NET_FOLDER).is_dir():
         classifier = load_text_digits_net(folder)
@@ -333,8 +333,8 @@ def train_vae(out: str | Path, steps: int = 3000, seed: int = 0, batch_size: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m distill.vae_train --out DIR --steps N --seed 0``: train, save, report."""
-    parser = argparse.ArgumentParser(prog="python -m distill.vae_train", description=__doc__.split("\n")[0])
+    """``python -m distill.benchmarks.text_digits.vae --out DIR --steps N --seed 0``: train, save, report."""
+    parser = argparse.ArgumentParser(prog="python -m distill.benchmarks.text_digits.vae", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_FOLDER, help="folder for save_pretrained")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
