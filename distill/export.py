@@ -135,18 +135,25 @@ def save_pipeline(denoiser: nn.Module, folder: str | Path, sampler: str | None =
     return folder
 
 
-def save_student(denoiser: nn.Module, folder: str | Path, info: dict) -> Path:
+def save_student(denoiser: nn.Module, folder: str | Path, info: dict, *,
+                 teacher: str | Path | None = None) -> Path:
     """A pipeline folder plus ``distill.json`` (method, sampler, step counts, sigma grids, the ``guidance`` to pass
     as ``guidance_scale``) for the harness and for users; a LoRA student also gets ``folder/lora/``
-    (:func:`distill.lora.save_lora`; ``info["teacher"]`` names the teacher it applies to)."""
+    (:func:`distill.lora.save_lora`; ``info["teacher"]`` names the teacher it applies to). Last, the model card
+    ``README.md`` (:func:`distill.model_card.write_model_card`: the exact stock call, not yet any results);
+    ``teacher`` (the recipe's teacher, hub id or folder) names its ``base_model``, by default ``info["teacher"]``
+    or the folder the student's network was loaded from."""
     from distill.lora import is_lora, save_lora
+    from distill.model_card import write_model_card
 
+    source = getattr(getattr(denoiser, "inner", denoiser), "source", None)
     folder = save_pipeline(denoiser, folder, info.get("sampler"), info.get("original_inference_steps"),
                            guidance=info.get("guidance"))
     (folder / "distill.json").write_text(json.dumps(info, indent=1))
     if is_lora(denoiser):
         save_lora(denoiser, folder / LORA_FOLDER, info, folder / "scheduler" / "scheduler_config.json",
                   info.get("teacher"))
+    write_model_card(folder, info, teacher=teacher or info.get("teacher") or source)
     return folder
 
 

@@ -633,6 +633,7 @@ class Trainer:
         ``DIR/results.jsonl``: every process samples its share and the features are gathered, so no process
         waits in a collective of the training loop while another evaluates."""
         from distill.eval.harness import evaluate, write_rows
+        from distill.model_card import write_model_card
 
         info = {"name": self.out.name, "method": self.config.method_name, "recipe": self.recipe_name, **m.info}
         if self.config.guidance.active and "guidance" not in info:
@@ -643,7 +644,7 @@ class Trainer:
             info["teacher"] = str(Path(teacher).resolve()) if Path(teacher).is_dir() else teacher
         main = self.accelerator.is_main_process
         if main:
-            save_student(m.denoiser, folder, info)
+            save_student(m.denoiser, folder, info, teacher=self.config.teacher)
         proto = self.config.eval.protocol
         if proto is None or not m.evaluate:
             return
@@ -673,6 +674,7 @@ class Trainer:
         if not main:
             return
         write_rows(rows, self.out / "results.jsonl")
+        write_model_card(folder, info, rows, teacher=self.config.teacher)  # the card, now with these rows
         for r in rows[1:]:
             say(f"{self.out.name} {m.name}: {r['metric']} {r['value']:.2f} at {r['steps']} step(s) ({r['sampler']}); "
                 f"floor {r['floor']:.2f}")
