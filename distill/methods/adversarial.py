@@ -41,7 +41,9 @@ from distill.config import OptimizerConfig
 from distill.denoisers import (ConsistencyDenoiser, DiffusersDenoiser, consistency_scheduler_sigmas, consistency_sigmas,
                                consistency_timesteps)
 from distill.errors import DistillError
-from distill.methods import Context, Method, Role, load_teacher
+from distill.methods.base import Context, Method, Role
+from distill.methods.builders import load_teacher
+from distill.methods.common import Head, StopForward, feature_points, head_kind
 from distill.schedules import add_noise
 
 DISTILL_WEIGHTINGS = ("exponential", "uniform")
@@ -120,43 +122,17 @@ def refers_to_eval_net(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------- discriminator
 
 
-class _Stop(Exception):
-    """Raised by the last feature hook: the rest of the network's forward is not needed."""
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _second(out: Any) -> torch.Tensor:
-    return out[1]  # SD3's joint blocks return (text tokens, image tokens)
-
-
-def _feature_points(net: nn.Module) -> list[tuple[nn.Module, Any]]:
-    """(module, output picker) of the blocks whose outputs are the discriminator's features."""
-    kind = type(net).__name__
-    if kind in ("UNet2DModel", "UNet2DConditionModel"):
-        points = [(net.conv_in, _first)] + [(b, _first) for b in net.down_blocks]
-        return points + ([(net.mid_block, _first)] if net.mid_block is not None else [])
-    if kind == "SD3Transformer2DModel":
-        return [(b, _second) for b in net.transformer_blocks]
-    if kind in ("Transformer2DModel", "DiTTransformer2DModel"):
-        return [(b, _first) for b in net.transformer_blocks]
-    raise DistillError(f"the teacher-feature discriminator does not know {kind}'s blocks; name a backbone module "
-                       "instead (backbone: package.module:factory).")
-
-
 class TeacherFeatures(nn.Module):
     """The frozen teacher network as a feature network: ``forward(x, sigma, **cond)`` runs the teacher's own
     forward on VE input ``x`` at noise level ``sigma`` (B,) and returns the outputs of its encoder-side public
-    blocks (see :func:`_feature_points`), collected by forward hooks; the forward stops after the last one, except
+    blocks (see :func:`feature_points`), collected by forward hooks; the forward stops after the last one, except
     on a sharded teacher (``trainer.fsdp``), whose network must finish its forward to free its gathered weights and
     set up its backward."""
 
     def __init__(self, teacher: DiffusersDenoiser) -> None:
         super().__init__()
         self.teacher = teacher
-        self.points = _feature_points(teacher.net)
+        self.points = feature_points(teacher.net)
         self._stop: bool | None = None  # whether to stop after the last feature (decided at the first call)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> list[torch.Tensor]:
@@ -171,47 +147,19 @@ class TeacherFeatures(nn.Module):
             def fn(module: nn.Module, inputs: Any, out: Any) -> None:
                 feats.append(pick(out))
                 if i == last:
-                    raise _Stop
+                    raise StopForward
 
             return fn
 
         handles = [m.register_forward_hook(hook(i, pick)) for i, (m, pick) in enumerate(self.points)]
         try:
             self.teacher(x, sigma, **cond)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             for h in handles:
                 h.remove()
         return feats
-
-
-class Head(nn.Module):
-    """A small trainable head: a feature map (B, C, H, W), tokens (B, N, C) or a vector (B, C) -> one logit per
-    sample (B,), the mean over positions."""
-
-    def __init__(self, channels: int, hidden: int, kind: str) -> None:
-        super().__init__()
-        # no bias on the logit: an offset shared by real and fake gets no gradient from the hinge loss while
-        # every sample lies inside the margin, so it would only drift
-        self.kind = kind
-        if kind == "spatial":
-            self.net = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU(),
-                                     nn.Conv2d(hidden, 1, 1, bias=False))
-        else:  # tokens or vector: per position
-            self.net = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1, bias=False))
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.net(f).flatten(1).mean(1)
-
-
-def _head_kind(f: torch.Tensor) -> tuple[int, str]:
-    """(channels, kind) of a feature: (B, C, H, W) spatial, (B, N, C) tokens, (B, C) vector."""
-    if f.ndim == 4:
-        return f.shape[1], "spatial"
-    if f.ndim == 3:
-        return f.shape[2], "tokens"
-    return f.shape[1], "vector"
 
 
 class Heads(nn.ModuleList):
@@ -280,7 +228,7 @@ class AdversarialDistillation(Method):
                 if ctx.pipeline is not None and ctx.pipeline.conditioning is not None and self.uses_teacher_backbone:
                     cond = {k: v.expand(2, *v.shape[1:]) for k, v in ctx.pipeline.unconditional().items()}
                 feats = _as_list(self._features(probe, torch.ones(2, dtype=torch.float64), cond))
-            self.disc = Heads([Head(ch, config.head_channels, kind) for ch, kind in map(_head_kind, feats)])
+            self.disc = Heads([Head(ch, config.head_channels, kind) for ch, kind in map(head_kind, feats)])
         if config.ema_decay > 0:
             self.student_ema = self.copy_net(self.student).requires_grad_(False).eval()
             self.ema = {"student_ema": ("student", config.ema_decay)}

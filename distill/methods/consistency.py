@@ -29,21 +29,21 @@ solver step and target use its own ``w``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from distill import losses
 from distill.config import OptimizerConfig
 from distill.denoisers import ConsistencyDenoiser, consistency_scheduler_sigmas, consistency_sigmas, consistency_timesteps
 from distill.errors import DistillError
-from distill.methods import Context, Method, Role, load_teacher
+from distill.methods.base import Context, Method, Role
+from distill.methods.builders import load_teacher
+from distill.methods.common import DISTANCES, resolve_distance
 from distill.schedules import add_noise, karras_sigmas
 from distill.tensors import append_dims, per_row
 
 SOLVERS = ("ddim", "euler", "heun")
-DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")
 CD_WEIGHTINGS = (*losses.WEIGHTINGS, "ict")  # ict: 1 / (s_{n+1} - s_n), Song & Dhariwal 2023
 
 
@@ -102,57 +102,6 @@ class ConsistencyConfig:
             errs.append(f"sample_steps {self.sample_steps} go beyond the N = {self.stages()[-1]} grid the student "
                         "samples on; raise num_steps or drop the larger step counts")
         return errs
-
-
-# ---------------------------------------------------------------------------------------------- distances
-
-
-class LPIPSDistance:
-    """LPIPS (Zhang et al. 2018) through the ``lpips`` package; images are upsampled to 224 as in Song et al."""
-
-    def __init__(self, net: str = "vgg") -> None:
-        try:
-            import lpips
-        except ImportError as exc:
-            raise DistillError(
-                "distance: lpips needs the `lpips` package and its network weights (pip install lpips; the VGG "
-                "weights download on first use, so fetch them on a connected machine). Or use l2 / pseudo_huber."
-            ) from exc
-        try:
-            self.net = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
-        except Exception as exc:  # weights missing offline, most likely
-            raise DistillError(f"cannot load the LPIPS {net} weights ({type(exc).__name__}: {exc}); place them in "
-                               "the torch hub cache on this machine, or use distance l2 / pseudo_huber.") from exc
-
-    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        self.net.to(pred.device)
-
-        def prep(x: torch.Tensor) -> torch.Tensor:
-            x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
-            return F.interpolate(x, size=224, mode="bilinear", align_corners=False)
-
-        return self.net(prep(pred), prep(target)).flatten()
-
-
-def resolve_distance(name: str, huber_c: float = 0.00054) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``d(pred, target) -> (B,)`` for a built-in name, a dotted path ``package.module:function`` or a file
-    ``path/to/file.py:function`` (a class there is instantiated without arguments)."""
-    if name == "l2":
-        return losses.l2
-    if name == "l1":
-        return losses.l1
-    if name == "pseudo_huber":
-        return lambda pred, target: losses.pseudo_huber(pred, target, c=huber_c)
-    if name == "lpips":
-        return LPIPSDistance()
-    from distill.plugins import load_object
-
-    fn = load_object(name, "distance")
-    if isinstance(fn, type):
-        fn = fn()
-    if not callable(fn):
-        raise DistillError(f"distance {name!r} is not callable; give a function (pred, target) -> (B,) tensor.")
-    return fn
 
 
 # ---------------------------------------------------------------------------------------------- method

@@ -39,7 +39,9 @@ from distill import losses
 from distill.config import OptimizerConfig
 from distill.denoisers import ConsistencyDenoiser, consistency_scheduler_sigmas, consistency_sigmas
 from distill.errors import DistillError
-from distill.methods import Context, Method, Role, load_teacher
+from distill.methods.base import Context, Method, Role
+from distill.methods.builders import load_teacher
+from distill.methods.common import Head, StopForward, feature_points, head_kind
 from distill.schedules import add_noise, scale_noise
 from distill.tensors import per_row
 
@@ -120,31 +122,27 @@ class FakeScore(nn.Module):
 
     def __init__(self, denoiser: nn.Module, channels: int | None = None, shape: tuple[int, ...] = ()) -> None:
         super().__init__()
-        from distill.methods.adversarial import Head, _feature_points, _head_kind
-
         self.denoiser = denoiser
         self.head: nn.Module | None = None
         if channels is not None:
-            self._point = _feature_points(denoiser.net)[-1]
+            self._point = feature_points(denoiser.net)[-1]
             with torch.no_grad():
                 probe = self._deepest(torch.zeros(2, *shape), torch.ones(2, dtype=torch.float64))
-            ch, kind = _head_kind(probe)
+            ch, kind = head_kind(probe)
             self.head = Head(ch, channels, kind)
 
     def _deepest(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        from distill.methods.adversarial import _Stop
-
         module, pick = self._point
         got: list[torch.Tensor] = []
 
         def hook(m: nn.Module, inputs: Any, out: Any) -> None:
             got.append(pick(out))
-            raise _Stop
+            raise StopForward
 
         handle = module.register_forward_hook(hook)
         try:
             self.denoiser(x, sigma, **cond)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             handle.remove()

@@ -33,8 +33,9 @@ import torch
 from distill import losses
 from distill.config import OptimizerConfig
 from distill.errors import DistillError
-from distill.methods import Context, Cycle, Method, Milestone, Role, StepEvents, load_teacher
-from distill.methods.consistency import DISTANCES, resolve_distance
+from distill.methods.base import Context, Cycle, Method, Milestone, Role, StepEvents
+from distill.methods.builders import load_teacher
+from distill.methods.common import DISTANCES, resolve_distance
 from distill.schedules import add_noise, ddim_step, rescale
 from distill.tensors import per_row
 

@@ -25,7 +25,8 @@ from distill import losses
 from distill.config import OptimizerConfig
 from distill.denoisers import DiffusersDenoiser, check_scheduler_config
 from distill.errors import DistillError
-from distill.methods import Context, Method, Role, load_teacher
+from distill.methods.base import Context, Method, Role
+from distill.methods.builders import load_teacher
 from distill.schedules import add_noise
 from distill.tensors import append_dims
 
