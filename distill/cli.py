@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace, require_method: str | None = None) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from distill.eval.grid import save_grid
+    from distill.media import MEDIA_SUFFIX, kind_of, save_media
     from distill.models import open_model
     from distill.eval.sweep import denoiser_draw, generate, sigma_grid
 
@@ -96,10 +96,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     shape = pipe.sample_shape if pipe is not None else D.shape()
     imgs = generate(denoiser_draw(D, sampler, sigmas, decode), args.n, shape, seed=args.seed,
                     batch_size=args.batch_size, cond=cond)
-    path = save_grid(imgs, args.out, scale=args.scale)
+    out = Path(args.out) if args.out is not None else Path("samples" + MEDIA_SUFFIX[kind_of(imgs)])
+    # PNG grids and GIF clips are upscaled (pixels of 8x8 digits stay visible); audio has no pixels to scale
+    paths = save_media(imgs, out, **({"scale": args.scale} if imgs.ndim != 3 else {}))
     what = f" for {args.prompt!r}" if kind == "text" else (f" of class {args.label}" if kind == "class" else "")
     guided = f", guidance {w:g}" if w is not None else ""
-    console.print(f"wrote {args.n} samples{escape(what)} ({sampler}, {args.steps} steps, {grid} grid{guided}) to {path}")
+    console.print(f"wrote {args.n} samples{escape(what)} ({sampler}, {args.steps} steps, {grid} grid{guided}) to "
+                  f"{', '.join(map(str, paths))}")
     return 0
 
 
@@ -331,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--fresh", action="store_true", help="ignore checkpoints in --out and start over")
         sp.set_defaults(fn=(lambda a, _n=name: cmd_run(a, "teacher" if _n == "teacher" else None)))
 
-    sp = sub.add_parser("sample", help="write a PNG grid of samples from a model folder")
+    sp = sub.add_parser("sample", help="write samples of a model folder: a PNG grid, a GIF clip or a WAV file")
     sp.add_argument("model", help="diffusers pipeline folder (or hub id when online)")
     sp.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                     help="default: a student's own sampler, ddim for a teacher")
@@ -349,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale w (diffusers' guidance_scale; default: a student's own, "
                     "else 1 = none)")
-    sp.add_argument("--out", default="samples.png")
+    sp.add_argument("--out", default=None, help="samples.png for images (a grid), samples.gif (+ a frames PNG; .mp4 "
+                    "where an encoder is installed) for video, samples.wav (+ a spectrogram PNG) for audio")
     sp.set_defaults(fn=cmd_sample)
 
     sp = sub.add_parser("eval", help="FD/FID against sampling steps; appends JSONL rows")

@@ -86,9 +86,10 @@ def cached_arrays(kind: str, key: str, n: int, chunks: Callable[[], Iterator[dic
 
 
 def _check_image_shape(pipeline: Any, shape: tuple[int, ...]) -> None:
-    c, h, w = pipeline.image_shape
-    if tuple(shape) != (c, h, w):
-        raise DistillError(f"the teacher {pipeline.folder} makes {c}x{h}x{w} images through its VAE; the data's are "
+    makes = tuple(pipeline.image_shape)
+    if tuple(shape) != makes:
+        raise DistillError(f"the teacher {pipeline.folder} makes {'x'.join(map(str, makes))} samples through its VAE; "
+                           f"the data's are "
                            f"{'x'.join(map(str, shape))}. Set data.resolution / data.channels, or use data of the "
                            "teacher's size.")
 

@@ -62,9 +62,13 @@ class OptimizerConfig:
         return errs
 
 
+LAYOUTS = ("image", "video", "audio")  # the sample layouts: (C, H, W), (C, F, H, W), (C, L)
+
+
 @dataclass
 class DataConfig:
-    """Training images. ``name``: ``digits`` (embedded), a local folder (``imagefolder``/saved dataset) or a hub name."""
+    """Training samples. ``name``: a benchmark's dataset (``digits``, embedded), a local folder
+    (``imagefolder``/saved dataset) or a hub name."""
 
     name: str = "digits"
     split: str = "train"
@@ -77,9 +81,16 @@ class DataConfig:
     in_memory: bool | None = None  # decode every image once and keep it (null: when the dataset has <= 50,000 rows);
     # false: decode each batch's rows when it is drawn, latents and caption embeddings memory-mapped from the cache
     workers: int = 0  # processes that decode upcoming batches ahead of the trainer (data read lazily)
+    layout: str = "image"  # each sample: image (C, H, W) | video (C, F, H, W) | audio (C, L)
 
     def check(self) -> list[str]:
         errs = []
+        if self.layout not in LAYOUTS:
+            errs.append(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "audio" and self.resolution is not None:
+            errs.append("resolution resizes images and video frames; audio clips keep their length: set it to null")
+        if self.layout == "audio" and self.hflip:
+            errs.append("hflip mirrors images and video frames; an audio clip would play backwards: set it to false")
         if self.resolution is not None and self.resolution < 1:
             errs.append(f"resolution must be >= 1 or null, got {self.resolution}")
         if self.channels not in (None, 1, 3):

@@ -26,6 +26,9 @@ from distill.errors import DistillError
 from distill.hub import hub_offline
 from distill.tensors import append_dims
 
+SAMPLE_DIMS = {"image": 2, "video": 3, "audio": 1}  # axes after the channels, by data.layout
+SHAPES = {"image": "(C, H, W)", "video": "(C, F, H, W)", "audio": "(C, L)"}
+
 
 def load_dataset(cfg: DataConfig):
     """The ``datasets.Dataset`` named by ``cfg``: a benchmark's dataset (``digits``, ``text-digits``, or a registered
@@ -76,11 +79,12 @@ def load_dataset(cfg: DataConfig):
 
 
 def _to_tensor(img: Any, cfg: DataConfig) -> torch.Tensor:
-    """One image (PIL, array or tensor) -> float32 (C, H, W) in [-1, 1]."""
+    """One sample (PIL image, array or tensor) -> float32 in [-1, 1] of the layout ``cfg.layout`` names: an image
+    (C, H, W), a video (C, F, H, W) or an audio clip (C, L). Integer pixels are 0..255; channels-last images (H, W, C)
+    and videos (F, H, W, C) are turned channels-first; a sample without a channel axis gets one."""
+    layout = cfg.layout
     if isinstance(img, torch.Tensor):
         x = img.float() if img.is_floating_point() else img.float() / 127.5 - 1.0
-        if x.ndim == 2:
-            x = x[None]
     else:
         from PIL import Image
 
@@ -93,18 +97,24 @@ def _to_tensor(img: Any, cfg: DataConfig) -> torch.Tensor:
             # integer pixels are 0..255; float arrays are taken as already in [-1, 1]
             arr = raw.astype(np.float32) / 127.5 - 1.0 if np.issubdtype(raw.dtype, np.integer) else raw.astype(np.float32)
         x = torch.from_numpy(arr)
-        if x.ndim == 2:
-            x = x[None]
-        elif x.ndim == 3 and x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3, 4):
-            x = x.permute(2, 0, 1)  # HWC -> CHW
-    if x.ndim != 3:
-        raise DistillError(f"dataset images must be 2-D or 3-D (C, H, W / H, W, C), got shape {tuple(x.shape)}.")
+        if layout == "image" and x.ndim == 3 and x.shape[-1] in (1, 3, 4) and x.shape[0] not in (1, 3, 4):
+            x = x.movedim(-1, 0)  # an (H, W, C) image array -> (C, H, W)
+    # a (F, H, W, C) clip -> (C, F, H, W): its last axis holds 1, 3 or 4 channels and its first more than 4 frames
+    # (a channels-first clip of 1-4 channels whose width is 1, 3 or 4 would be ambiguous; it is left as it is)
+    if layout == "video" and x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[0] > 4:
+        x = x.movedim(-1, 0)
+    if x.ndim == SAMPLE_DIMS[layout]:
+        x = x[None]  # one channel
+    if x.ndim != SAMPLE_DIMS[layout] + 1:
+        raise DistillError(f"dataset samples must be {SHAPES[layout]} for data.layout {layout!r}, got shape "
+                           f"{tuple(x.shape)}; set data.layout to image, video or audio to match the data.")
     if x.min() < -1.1 or x.max() > 1.1:
-        raise DistillError(f"dataset images must lie in [-1, 1] (or be 8-bit pixels); got values in "
+        raise DistillError(f"dataset samples must lie in [-1, 1] (or be 8-bit pixels); got values in "
                            f"[{x.min():.3g}, {x.max():.3g}]. Rescale them, e.g. x / 127.5 - 1.")
     if cfg.resolution is not None and tuple(x.shape[-2:]) != (cfg.resolution, cfg.resolution):
         import torchvision.transforms.v2.functional as F
 
+        # images and video frames alike: torchvision resizes the last two axes of any leading shape
         x = F.center_crop(F.resize(x, cfg.resolution, antialias=True), [cfg.resolution, cfg.resolution])
     return x
 
@@ -153,7 +163,7 @@ class ImageBatches:
         return out
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
+    def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.get([0])["image"].shape[1:])  # type: ignore[return-value]
 
     def get(self, idx: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:

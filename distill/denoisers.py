@@ -107,9 +107,11 @@ class NetworkSpec:
     takes: tuple[str, ...]
     needs: tuple[str, ...]
     kwargs: Callable[[Mapping[str, Any]], dict[str, Any]]
+    dims: int = 2  # axes after the channels: 2 for images (H, W), 1 for audio (L), 3 for video (F, H, W)
 
 
 NETWORKS: dict[str, NetworkSpec] = {
+    "UNet1DModel": NetworkSpec("sample", (), (), lambda cond: {}, dims=1),  # (B, C, L): audio-rank samples
     "UNet2DModel": NetworkSpec("sample", ("class_labels",), (), _unet2d),
     "UNet2DConditionModel": NetworkSpec("sample", ("encoder_hidden_states", "pooled", "time_ids", "class_labels"),
                                         ("encoder_hidden_states",), _unet2d_condition),
@@ -129,24 +131,40 @@ def network_spec(net: nn.Module) -> NetworkSpec:
     return spec
 
 
-def sample_size(config: Mapping[str, Any]) -> tuple[int, int] | None:
-    """A diffusers config's ``sample_size`` (an int, a list/tuple or null) as (H, W) or None: the one place it
-    is normalised."""
+def sample_size(config: Mapping[str, Any], dims: int = 2) -> tuple[int, ...] | None:
+    """A diffusers config's ``sample_size`` (an int, a list/tuple or null) as the ``dims`` sizes after the channels
+    ((H, W) for an image network, (L,) for a 1-D one) or None: the one place it is normalised. An int is every
+    axis's size; a list gives them in order (a 2-element list for a 2-D network, as diffusers writes (H, W))."""
     size = config.get("sample_size")
     if size is None:
         return None
     if isinstance(size, (list, tuple)):
-        return int(size[0]), int(size[-1])
-    return int(size), int(size)
+        if len(size) == 1 or dims == 2 and len(size) > 2:
+            return (int(size[0]),) * dims if len(size) == 1 else (int(size[0]), int(size[-1]))
+        if len(size) != dims:
+            raise DistillError(f"sample_size {list(size)} has {len(size)} sizes; this network takes {dims} axes "
+                               "after the channels.")
+        return tuple(int(s) for s in size)
+    return (int(size),) * dims
 
 
-def network_shape(net: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) a network denoises, from its config."""
+def sample_dims(class_name: str, config: Mapping[str, Any]) -> int:
+    """Axes after the channels of what a network of ``class_name`` denoises: its :class:`NetworkSpec`'s, or for a
+    class distill does not list, as many as a list ``sample_size`` gives (else 2, an image)."""
+    spec = NETWORKS.get(class_name)
+    if spec is not None:
+        return spec.dims
+    size = config.get("sample_size")
+    return len(size) if isinstance(size, (list, tuple)) and len(size) >= 1 else 2
+
+
+def network_shape(net: nn.Module) -> tuple[int, ...]:
+    """(C, *sizes) a network denoises, from its config: (C, H, W) for an image network, (C, L) for a 1-D one."""
     cfg = net.config
-    hw = sample_size(cfg)
-    if hw is None:
+    sizes = sample_size(cfg, sample_dims(type(net).__name__, cfg))
+    if sizes is None:
         raise DistillError(f"{type(net).__name__} has no sample_size in its config; set it to the latent/image size.")
-    return int(cfg.in_channels), *hw
+    return int(cfg.in_channels), *sizes
 
 
 def _cast(kw: Any, dtype: torch.dtype) -> Any:
@@ -223,8 +241,8 @@ class DiffusersDenoiser(nn.Module):
         cfg = getattr(self.net, "config", None)
         return getattr(cfg, "out_channels", None) == 2 * getattr(cfg, "in_channels", -1)
 
-    def shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the images or latents it denoises."""
+    def shape(self) -> tuple[int, ...]:
+        """(C, *sizes) of what it denoises: (C, H, W) images or latents, (C, F, H, W) video, (C, L) audio."""
         return network_shape(self.net)
 
     # ------------------------------------------------------------------------------------------ the call
@@ -355,7 +373,7 @@ class ConsistencyDenoiser(nn.Module):
     def source(self) -> str | None:
         return self.inner.source
 
-    def shape(self) -> tuple[int, int, int]:
+    def shape(self) -> tuple[int, ...]:
         return self.inner.shape()
 
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

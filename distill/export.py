@@ -104,7 +104,10 @@ def save_pipeline(denoiser: nn.Module, folder: str | Path, sampler: str | None =
     net = inner.net
     source = Path(source) if source is not None else (Path(inner.source) if inner.source else None)
     if source is None or not (source / "model_index.json").is_file():
-        if type(net).__name__ != "UNet2DModel":
+        # an unconditional network without a folder of its own goes into the stock unconditional pipeline's layout;
+        # DDPMPipeline samples (B, C, H, W) images only, so a 1-D (audio-rank) network's folder is for distill to
+        # load and sample (distill.models, distill sample), and the parity check says it cannot sample it
+        if type(net).__name__ not in ("UNet2DModel", "UNet1DModel"):
             raise DistillError(f"a {type(net).__name__} is exported into its teacher's pipeline folder layout; the "
                                "denoiser does not know the folder it came from (load it with distill.load_denoiser).")
         DDPMPipeline(unet=net, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
@@ -209,6 +212,9 @@ def parity(folder: str | Path, steps: list[int] | None = None, n: int = 4, seed:
     D, pipe_info = m.denoiser, m.pipeline
     cls = pipe_info.class_name
     shape = (n, *pipe_info.sample_shape)
+    if len(shape) != 4:  # the stock image pipelines draw (B, C, H, W) noise and return images
+        raise DistillError(f"{folder} holds a network of {'x'.join(map(str, shape[1:]))} samples; the parity check "
+                           f"compares {cls}'s images (B, C, H, W) and cannot sample it.")
     pipe.set_progress_bar_config(disable=True)
     if m.method == "teacher":  # a teacher keeps its own scheduler; compare DDIM with diffusers' own DDIM
         if D.schedule.kind == "flow":

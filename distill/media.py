@@ -347,6 +347,8 @@ def save_audio(x: torch.Tensor, path: str | Path, sample_rate: int = 16000, gap:
 # ---------------------------------------------------------------------------------------------------------------------
 # dispatch
 
+MEDIA_SUFFIX: dict[str, str] = {"image": ".png", "video": ".gif", "audio": ".wav"}  # the default file of each kind
+
 
 def save_media(x: torch.Tensor, path: str | Path, **kw) -> list[Path]:
     """Write samples ``x`` in the form that fits their layout (see :func:`kind_of`) and return every path written.

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from distill.denoisers import (ConsistencyDenoiser, DiffusersDenoiser, check_scheduler_config, load_network,
-                               sample_size)
+                               sample_dims, sample_size)
 from distill.errors import DistillError
 from distill.hub import resolve_model_path
 
@@ -113,21 +113,26 @@ class TeacherPipeline:
         return 2 ** (len(self.vae_config.get("block_out_channels", [0])) - 1)
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) the network denoises (latents for a latent teacher)."""
-        hw = sample_size(self.network_config)
-        if hw is None:
-            raise DistillError(f"{self.folder / self.spec.network / 'config.json'} has no sample_size; set it.")
-        return int(self.network_config.get("in_channels", 3)), *hw
+    def sample_dims(self) -> int:
+        """Axes after the channels of what the network denoises: 2 for images, 1 for audio, 3 for video."""
+        return sample_dims(str(self.network_config.get("_class_name")), self.network_config)
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the images it makes (decoded, for a latent teacher)."""
-        c, h, w = self.sample_shape
+    def sample_shape(self) -> tuple[int, ...]:
+        """(C, *sizes) the network denoises (latents for a latent teacher): (C, H, W), (C, L) or (C, F, H, W)."""
+        sizes = sample_size(self.network_config, self.sample_dims)
+        if sizes is None:
+            raise DistillError(f"{self.folder / self.spec.network / 'config.json'} has no sample_size; set it.")
+        return int(self.network_config.get("in_channels", 3)), *sizes
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, *sizes) of the samples it makes (decoded, for a latent teacher: each axis times the VAE's factor)."""
+        c, *sizes = self.sample_shape
         if self.vae_config is None:
-            return c, h, w
+            return (c, *sizes)
         f = self.vae_scale_factor
-        return int(self.vae_config.get("in_channels", 3)), h * f, w * f
+        return (int(self.vae_config.get("in_channels", 3)), *(s * f for s in sizes))
 
     @property
     def num_classes(self) -> int | None:
@@ -334,8 +339,7 @@ class TeacherPipeline:
         return hashlib.sha256("|".join([self.class_name, *parts]).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
-        c, h, w = self.sample_shape
-        what = f"{self.class_name} ({self.spec.network} on {c}x{h}x{w}"
+        what = f"{self.class_name} ({self.spec.network} on {'x'.join(map(str, self.sample_shape))}"
         return what + (f" latents, {self.conditioning}-conditional)" if self.spec.latent else f", {self.conditioning or 'unconditional'})")
 
 

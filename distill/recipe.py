@@ -48,7 +48,8 @@ class RecipeConfig:
         out = {
             "method": {"name": self.method_name, **to_plain(self.method)},
             "teacher": self.teacher,
-            "data": to_plain(self.data),
+            # the layout is written only when it is not the default, so image recipes dump as they always did
+            "data": {k: v for k, v in to_plain(self.data).items() if k != "layout" or v != "image"},
             "trainer": to_plain(self.trainer),
             "eval": to_plain(self.eval),
         }

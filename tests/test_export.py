@@ -94,7 +94,7 @@ def test_a_protocol_of_other_images_is_refused_and_training_goes_on(tmp_path, ti
     sched = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
              "clip_sample": False}
     rgb = save_pipeline(DiffusersDenoiser(tiny_unet(sample_size=16, channels=3), sched), tmp_path / "rgb16")
-    with pytest.raises(DistillError, match=r"3x16x16 images, but protocol 'digits' scores 1x8x8"):
+    with pytest.raises(DistillError, match=r"3x16x16 samples, but protocol 'digits' scores 1x8x8"):
         harness.evaluate(rgb, "digits", [1], ["ddim"], progress=False)
 
     def refuse(*args, **kwargs):

@@ -80,9 +80,10 @@ class FeatureExtractor(abc.ABC):
         Returns:
             (N, D) float32 features on the CPU, row i from image i alone.
         """
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        if not isinstance(images, torch.Tensor) or images.ndim < 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise DistillError(f"{self.name} takes images of shape (N, C, H, W), got {shape}.")
+            raise DistillError(f"{self.name} takes samples of shape (N, C, H, W), (N, C, F, H, W) or (N, C, L), got "
+                               f"{shape}.")
         if not images.is_floating_point():
             # A uint8 image in 0..255 would be clipped to [-1, 1] into near-black noise without any error.
             raise DistillError(f"{self.name} takes float images in [-1, 1], got dtype {images.dtype}; "

@@ -174,7 +174,7 @@ def evaluate(
     Every process must call this (it holds collectives)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from distill.eval.grid import save_grid, save_prompt_grid
+    from distill.media import MEDIA_SUFFIX, kind_of, save_grid, save_media, save_prompt_grid
 
     proto = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
     m = open_model(model, name)
@@ -212,7 +212,7 @@ def evaluate(
         makes = noise_shape = tuple(ref.shape)
     if tuple(makes) != tuple(ref.shape):
         raise DistillError(
-            f"{m.name} makes {'x'.join(map(str, makes))} images, but protocol {proto.name!r} scores "
+            f"{m.name} makes {'x'.join(map(str, makes))} samples, but protocol {proto.name!r} scores "
             f"{'x'.join(map(str, ref.shape))} images of {proto.dataset!r}; evaluate it with a protocol of its own data "
             "(eval.protocol in a recipe, --protocol here), or none (eval.protocol: null).")
     cond = conditioning(m, proto, ref.n)
@@ -272,12 +272,15 @@ def evaluate(
             })
             if grids is not None and rank == 0:
                 tag = f"-w{w:g}" if w is not None else ""
-                path = Path(grids) / slug(m.name) / f"{sampler}-{k}{tag}.png"
+                suffix = MEDIA_SUFFIX[kind_of(imgs)]  # a PNG grid, a GIF of the clips, a WAV of the clips
+                path = Path(grids) / slug(m.name) / f"{sampler}-{k}{tag}{suffix}"
                 # conditional models: one prompt (or label) per grid row, 8 samples each
                 pending_grids.append((imgs[: 8 * n_prompts] if n_prompts else imgs[:64], path))
                 rows[-1]["grid_png"] = str(path)
     for imgs, path in pending_grids:
-        if n_prompts:
+        if imgs.ndim != 4:
+            save_media(imgs[:16], path)  # video or audio: a few clips, with their frames or spectrogram PNG
+        elif n_prompts:
             save_prompt_grid(imgs, n_prompts, path)
         else:
             save_grid(imgs, path)

@@ -39,6 +39,7 @@ class Protocol:
     dataset: str = "digits"  # data.name: digits, a local folder, or a hub dataset
     split: str = "train"
     image_column: str = "image"
+    layout: str = "image"  # each sample: image (C, H, W) | video (C, F, H, W) | audio (C, L) (data.layout)
     resolution: int | None = None
     channels: int | None = None
     split_seed: int = 0  # random split of the data into halves A (reference) and B (floor)
@@ -65,6 +66,7 @@ class Protocol:
         errs = []
         if self.n is not None and self.n < 2:
             errs.append(f"n must be >= 2 or null, got {self.n}")
+        errs += [e for e in self.data_config().check() if e.startswith("layout")]
         if self.batch_size < 1:
             errs.append(f"batch_size must be >= 1, got {self.batch_size}")
         for sampler, g in self.grid.items():
@@ -126,7 +128,7 @@ class Protocol:
 
     def data_config(self) -> DataConfig:
         return DataConfig(name=self.dataset, split=self.split, image_column=self.image_column, label_column=None,
-                          resolution=self.resolution, channels=self.channels)
+                          resolution=self.resolution, channels=self.channels, layout=self.layout)
 
     def key(self) -> str:
         """Hash of what the reference statistics depend on: these fields, and for a local dataset folder the
@@ -135,6 +137,8 @@ class Protocol:
                                                  "split_seed", "n")}
         if self.judge:
             fields["judge"] = self.judge
+        if self.layout != "image":  # image protocols keep the keys (and cached statistics) they always had
+            fields["layout"] = self.layout
         folder = Path(self.dataset).expanduser()
         from distill.registry import is_benchmark_dataset
 

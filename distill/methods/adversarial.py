@@ -43,7 +43,7 @@ from distill.denoisers import (ConsistencyDenoiser, DiffusersDenoiser, consisten
 from distill.errors import DistillError
 from distill.methods.base import Context, Method, Role
 from distill.methods.builders import load_teacher
-from distill.methods.common import Head, StopForward, feature_points, head_kind
+from distill.methods.common import Head, StopForward, feature_points, head_kind, maps_of
 from distill.schedules import add_noise
 
 DISTILL_WEIGHTINGS = ("exponential", "uniform")
@@ -228,7 +228,8 @@ class AdversarialDistillation(Method):
                 if ctx.pipeline is not None and ctx.pipeline.conditioning is not None and self.uses_teacher_backbone:
                     cond = {k: v.expand(2, *v.shape[1:]) for k, v in ctx.pipeline.unconditional().items()}
                 feats = _as_list(self._features(probe, torch.ones(2, dtype=torch.float64), cond))
-            self.disc = Heads([Head(ch, config.head_channels, kind) for ch, kind in map(head_kind, feats)])
+            maps = maps_of(teacher.net) if self.uses_teacher_backbone else None
+            self.disc = Heads([Head(ch, config.head_channels, kind) for ch, kind in (head_kind(f, maps) for f in feats)])
         if config.ema_decay > 0:
             self.student_ema = self.copy_net(self.student).requires_grad_(False).eval()
             self.ema = {"student_ema": ("student", config.ema_decay)}

@@ -107,6 +107,8 @@ def feature_points(net: nn.Module) -> list[tuple[nn.Module, Callable[[Any], torc
     if kind in ("UNet2DModel", "UNet2DConditionModel"):
         points = [(net.conv_in, _first)] + [(b, _first) for b in net.down_blocks]
         return points + ([(net.mid_block, _first)] if net.mid_block is not None else [])
+    if kind == "UNet1DModel":  # (B, C, L) feature maps of an audio-rank UNet; it has no conv_in
+        return [(b, _first) for b in net.down_blocks] + ([(net.mid_block, _first)] if net.mid_block is not None else [])
     if kind == "SD3Transformer2DModel":
         return [(b, _second) for b in net.transformer_blocks]
     if kind in ("Transformer2DModel", "DiTTransformer2DModel"):
@@ -115,19 +117,36 @@ def feature_points(net: nn.Module) -> list[tuple[nn.Module, Callable[[Any], torc
                        "instead (backbone: package.module:factory).")
 
 
-def head_kind(f: torch.Tensor) -> tuple[int, str]:
-    """(channels, kind) of a feature, for :class:`Head`: (B, C, H, W) ``spatial``, (B, N, C) ``tokens``, (B, C)
-    ``vector``."""
-    if f.ndim == 4:
-        return f.shape[1], "spatial"
+def maps_of(net: nn.Module) -> bool | None:
+    """Whether the features :func:`feature_points` reads from ``net`` are channels-first maps (UNets: (B, C, H, W),
+    (B, C, L), (B, C, F, H, W)) rather than tokens (B, N, C) (transformers); None for a network it does not know."""
+    kind = type(net).__name__
+    if kind.startswith("UNet"):
+        return True
+    if "Transformer" in kind:
+        return False
+    return None
+
+
+SPATIAL_KINDS = {1: "spatial-1d", 2: "spatial", 3: "spatial-3d"}  # channels-first maps by their number of axes
+
+
+def head_kind(f: torch.Tensor, maps: bool | None = None) -> tuple[int, str]:
+    """(channels, kind) of a feature, for :class:`Head`: channels-first maps (B, C, H, W) ``spatial``, (B, C, L)
+    ``spatial-1d`` and (B, C, F, H, W) ``spatial-3d``; tokens (B, N, C) ``tokens``; (B, C) ``vector``.
+
+    A 3-D feature is a 1-D map or tokens: ``maps`` (from :func:`maps_of`) says which; None keeps the reading of
+    a backbone that does not say, tokens."""
+    if f.ndim in (4, 5) or f.ndim == 3 and maps:
+        return f.shape[1], SPATIAL_KINDS[f.ndim - 2]
     if f.ndim == 3:
         return f.shape[2], "tokens"
     return f.shape[1], "vector"
 
 
 class Head(nn.Module):
-    """A small trainable head: a feature map (B, C, H, W), tokens (B, N, C) or a vector (B, C) -> one logit per
-    sample (B,), the mean over positions. ``channels`` and ``kind`` come from :func:`head_kind`; ``hidden`` is its
+    """A small trainable head: a feature map (B, C, H, W) (or (B, C, L), (B, C, F, H, W)), tokens (B, N, C) or a
+    vector (B, C) -> one logit per sample (B,), the mean over positions. ``channels`` and ``kind`` come from :func:`head_kind`; ``hidden`` is its
     hidden width."""
 
     def __init__(self, channels: int, hidden: int, kind: str) -> None:
@@ -135,9 +154,9 @@ class Head(nn.Module):
         # no bias on the logit: an offset shared by real and fake gets no gradient from the hinge loss while
         # every sample lies inside the margin, so it would only drift
         self.kind = kind
-        if kind == "spatial":
-            self.net = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU(),
-                                     nn.Conv2d(hidden, 1, 1, bias=False))
+        if kind in SPATIAL_KINDS.values():
+            conv = {"spatial-1d": nn.Conv1d, "spatial": nn.Conv2d, "spatial-3d": nn.Conv3d}[kind]
+            self.net = nn.Sequential(conv(channels, hidden, 3, padding=1), nn.SiLU(), conv(hidden, 1, 1, bias=False))
         else:  # tokens or vector: per position
             self.net = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1, bias=False))
 

@@ -41,7 +41,7 @@ from distill.denoisers import ConsistencyDenoiser, consistency_scheduler_sigmas,
 from distill.errors import DistillError
 from distill.methods.base import Context, Method, Role
 from distill.methods.builders import load_teacher
-from distill.methods.common import Head, StopForward, feature_points, head_kind
+from distill.methods.common import Head, StopForward, feature_points, head_kind, maps_of
 from distill.schedules import add_noise, scale_noise
 from distill.tensors import per_row
 
@@ -128,7 +128,7 @@ class FakeScore(nn.Module):
             self._point = feature_points(denoiser.net)[-1]
             with torch.no_grad():
                 probe = self._deepest(torch.zeros(2, *shape), torch.ones(2, dtype=torch.float64))
-            ch, kind = head_kind(probe)
+            ch, kind = head_kind(probe, maps_of(denoiser.net))
             self.head = Head(ch, channels, kind)
 
     def _deepest(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:

@@ -91,6 +91,10 @@ class TeacherTraining(Method):
         else:
             from diffusers import UNet2DModel
 
+            if len(ctx.sample_shape) != 3:
+                raise DistillError(f"teacher training from scratch builds a UNet2DModel for images (C, H, W); the data's "
+                                   f"samples are {'x'.join(map(str, ctx.sample_shape))}. Start from a network of that "
+                                   "rank instead: method.init (or teacher) naming a pipeline folder.")
             c, h, w = ctx.sample_shape
             if h != w:
                 raise DistillError(f"UNet2DModel needs square images; the data gives {h}x{w}.")
