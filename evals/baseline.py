@@ -15,10 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # evals/: the scripts' shared helper
+from common import ROOT, set_threads  # noqa: E402
 
 from distill import cli  # noqa: E402
 from distill.eval.harness import evaluate, write_rows  # noqa: E402
@@ -34,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocol", default="digits", help="digits (default) or digits-b")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    set_threads()
     out = ROOT / "evals" / "results" / f"{args.protocol}-digits-teacher.jsonl"
     main_protocol = args.protocol == "digits"
     points = POINTS if main_protocol else {k: v for k, v in POINTS.items() if k != "euler"}  # euler = ddim here

@@ -23,10 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # evals/: the scripts' shared helper
+from common import ROOT, add_out, add_threads, command, out_dir, set_threads  # noqa: E402
 
 from distill.eval.harness import evaluate, machine, write_rows  # noqa: E402
 from distill.eval.leaderboard import best_training_free  # noqa: E402
@@ -84,20 +82,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", default=None, help="comma-separated step counts (default: 1 to 50 NFE)")
     parser.add_argument("--guidance", default=None, help="comma-separated guidance scales (text teachers)")
     parser.add_argument("--samples", type=int, default=None, help="samples per point (default: the protocol's)")
-    parser.add_argument("--out", default=None, help="folder for the rows and the markdown (default: evals/)")
-    parser.add_argument("--threads", type=int, default=2)
+    add_out(parser, "the rows (results/) and the markdown")
+    add_threads(parser)
     parser.add_argument("--tag", default=None, help="a suffix for the outputs' names, to keep a partial run (other "
                         "guidance scales, samplers or steps) beside the full table instead of replacing it")
     args = parser.parse_args(argv)
-    os.chdir(ROOT)
-    torch.set_num_threads(args.threads)
+    os.chdir(ROOT)  # (a relative --out is taken from here)
+    set_threads(args.threads)
     folder, protocol, guidance = TEACHERS[args.teacher]
     if args.guidance:
         guidance = [float(v) for v in args.guidance.split(",")]
     from distill.eval.protocol import load_protocol
 
     proto = load_protocol(protocol, n=args.samples)
-    out = Path(args.out) if args.out else ROOT / "evals"
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for sampler in args.samplers.split(","):
@@ -108,12 +105,13 @@ def main(argv: list[str] | None = None) -> None:
         rows += got if not rows else got[1:]
     wall = time.perf_counter() - t0
     suffix = f"-{args.tag}" if args.tag else ""
+    out = out_dir(args.out)
     results = out / "results" / f"{protocol}-{args.teacher}-baselines{suffix}.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
     results.unlink(missing_ok=True)
     write_rows(rows, results)
-    command = "python evals/baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / f"baselines-{args.teacher}{suffix}.md").write_text(_markdown(rows, args.teacher, wall, command.strip()))
+    md = _markdown(rows, args.teacher, wall, command(__file__, argv))
+    (out / f"baselines-{args.teacher}{suffix}.md").write_text(md)
     print(json.dumps({"rows": len(rows), "wall_s": round(wall, 1), "out": str(results)}))
 
 

@@ -22,31 +22,19 @@ Writes ``evals/bench_eval.md`` and ``evals/bench_eval.json`` (or ``--out DIR``/b
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # evals/: the scripts' shared helper
+from common import (ROOT, add_device, add_out, add_threads, command, fmt, measured_by, out_dir,  # noqa: E402
+                    provenance, resolve_device, set_threads, sync, write_report)
 
 from distill.errors import DistillError  # noqa: E402
 
 TEACHER = ROOT / "distill" / "assets" / "digits-teacher"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def fmt(v: float | None, spec: str = ",.0f") -> str:
-    return "—" if v is None else format(v, spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,10 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", default="digits", help="evaluation protocol (default digits)")
     parser.add_argument("--n", type=int, default=None, help="samples per point (default: the protocol's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed evaluate() calls after the warm-up one")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for bench_eval.md/.json (default: evals/ of this repository)")
+    add_threads(parser)
+    add_device(parser)
+    add_out(parser, "bench_eval.md/.json")
     args = parser.parse_args(argv)
     try:
         steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
@@ -67,16 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps: {args.steps!r} is not a comma-separated list of integers")
     if not steps or steps[0] < 1 or args.repeats < 1 or args.threads < 1:
         parser.error("--steps, --repeats and --threads must be >= 1")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    out_dir = (args.out or ROOT / "evals").resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    given = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python evals/bench_eval.py", shlex.join(given)]).strip()
+    device = resolve_device(parser, args.device)
+    out = out_dir(args.out)
+    set_threads(args.threads)
+    cmd = command(__file__, argv)
 
-    from distill.eval.harness import evaluate, git_rev, machine
+    from distill.eval.harness import evaluate
     from distill.eval.protocol import load_protocol
 
     try:
@@ -117,14 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             "generation_s": gen_s, "scoring_s": score_s,
         })
     call_s = [c[1] for c in calls]
-    info = {"machine": machine(), "device": str(device), "torch": torch.__version__, "git": git_rev(),
-            "command": command, "threads": args.threads, "protocol": proto.name, "repeats": args.repeats,
-            "warmup_call_s": warm_s, "call_s": call_s, "points": points}
+    info = {**provenance(cmd, device=device, packages=("torch",)), "threads": args.threads, "protocol": proto.name,
+            "repeats": args.repeats, "warmup_call_s": warm_s, "call_s": call_s, "points": points}
     lines = [
         "# Speed: evaluation throughput (harness)",
         "",
-        f"Measured by `{command}` on {info['machine']} (device: {device}); torch {torch.__version__}, git "
-        f"{info['git'] or 'unknown'}.",
+        measured_by(info, ("torch",)),
         "",
         f"`distill.eval.harness.evaluate` on the shipped digits teacher, protocol `{proto.name}`, "
         f"{args.sampler} at {', '.join(map(str, steps))} step(s); the median of {args.repeats} call(s) after a "
@@ -136,16 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for p in points:
         lines.append(f"| {p['sampler']} | {p['steps']} | {p['nfe']} | {p['n']} | "
-                     f"{fmt(p['generation_samples_per_s'])} | {fmt(p['scoring_samples_per_s'])} | "
+                     f"{fmt(p['generation_samples_per_s'], ',.0f')} | {fmt(p['scoring_samples_per_s'], ',.0f')} | "
                      f"{p['point_wall_s']:.3f} | {p['fd']:.2f} |")
     lines += ["", f"Whole `evaluate()` call (open the model, load the cached reference, all points, the floor row): "
               f"median {statistics.median(call_s):.2f} s; the warm-up call took {warm_s:.2f} s."]
     text = "\n".join(lines) + "\n"
-    (out_dir / "bench_eval.md").write_text(text)
-    (out_dir / "bench_eval.json").write_text(json.dumps(info, indent=1) + "\n")
+    md, js = write_report(out, "bench_eval", text, info)
     print()
     print(text)
-    print(f"wrote {out_dir / 'bench_eval.md'} and {out_dir / 'bench_eval.json'}")
+    print(f"wrote {md} and {js}")
     return 0
 
 

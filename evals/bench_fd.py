@@ -9,8 +9,8 @@ depend on what the images show); the reference statistics come from the protocol
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -18,19 +18,19 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # evals/: the scripts' shared helper
+from common import EVALS, command, measured_by, provenance, set_threads, write_report  # noqa: E402
 
-from distill.data import digits_dataset  # noqa: E402
-from distill.eval.harness import machine  # noqa: E402
+from distill.benchmarks.digits.data import digits_dataset  # noqa: E402
 from distill.eval.protocol import load_protocol, reference  # noqa: E402
 
 N = 10_000
 
 
-def main() -> None:
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    ref = reference(load_protocol(ROOT / "evals" / "protocols" / "digits.yaml"))
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options; --help
+    set_threads()
+    ref = reference(load_protocol(EVALS / "protocols" / "digits.yaml"))
     real = digits_dataset()[:]["image"]
     g = torch.Generator().manual_seed(0)
     images = (real[torch.randint(0, len(real), (N,), generator=g)] + 0.05 * torch.randn(N, 1, 8, 8, generator=g)).clamp(-1, 1)
@@ -42,13 +42,13 @@ def main() -> None:
     lines = [
         "# Speed: FD-digits of 10,000 samples",
         "",
-        f"Measured by `python evals/bench_fd.py` on {machine()}.",
+        measured_by(provenance(command(__file__, []), packages=(), git=False)),
         "",
         f"- features + statistics + Frechet distance for {N:,} samples: median {statistics.median(times):.2f} s "
         f"of 3 runs ({N / statistics.median(times):,.0f} samples/s); target under 30 s. (FD of the noisy real "
         f"digits: {value:.2f}.)",
     ]
-    rows_path = ROOT / "evals" / "results" / "digits-digits-teacher.jsonl"
+    rows_path = EVALS / "results" / "digits-digits-teacher.jsonl"
     if rows_path.is_file():
         rows = [json.loads(l) for l in rows_path.read_text().splitlines() if l.strip()]
         lines += ["", "Sweep speed of the baseline (`evals/baseline.py`): samples generated per second, "
@@ -56,7 +56,7 @@ def main() -> None:
                   "| sampler | steps | NFE | samples/s |", "|---|---:|---:|---:|"]
         lines += [f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['samples_per_s']:.0f} |"
                   for r in rows if r["method"] != "data-floor"]
-    (ROOT / "evals" / "bench_fd.md").write_text("\n".join(lines) + "\n")
+    write_report(EVALS, "bench_fd", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

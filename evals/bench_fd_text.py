@@ -20,21 +20,21 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # evals/: the scripts' shared helper
+from common import (add_out, add_threads, command, measured_by, out_dir, provenance, set_threads,  # noqa: E402
+                    write_report)
 
 N = 10_000
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.eval.harness import machine
     from distill.eval.protocol import _dataset_images, judge, load_protocol, reference
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "evals")
+    add_threads(parser)
+    add_out(parser, "bench_fd_text.md")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     proto = load_protocol("text-digits")
     ref = reference(proto)
     real, _, columns = _dataset_images(proto)
@@ -50,15 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         accuracy = float(judge(ref.extractor, images, targets).float().mean())
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    command = "python evals/bench_fd_text.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    info = provenance(command(__file__, argv), packages=(), git=False)
     lines = ["# Speed: FD-text-digits and prompt accuracy of 10,000 samples", "",
-             f"Measured by `{command.strip()}` on {machine()}.", "",
+             measured_by(info), "",
              f"- FD (features + statistics + Frechet distance) and prompt accuracy (the judge's readings) for {N:,} "
              f"samples: median {med:.2f} s of 3 runs ({N / med:,.0f} samples/s), of which FD "
              f"{statistics.median(fd_times):.2f} s; target at most 30 s. (The noisy real images: FD {value:.2f}, "
              f"accuracy {100 * accuracy:.2f}%.)", ""]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_fd_text.md").write_text("\n".join(lines))
+    write_report(out_dir(args.out), "bench_fd_text", "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -30,8 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # evals/: the scripts' shared helper
+from common import ROOT, add_out, command, cpu_flags, measured_by, out_dir, provenance, write_report  # noqa: E402
 
 # short budgets: enough logged rows (every 10 steps) for a stable median
 BUDGETS = {
@@ -77,19 +76,15 @@ def run_pair(recipe: str, work: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.eval.harness import machine
-
     parser = argparse.ArgumentParser(description="each recipe's steps/s in fp32 and in bf16 on this CPU")
     parser.add_argument("--recipes", default=",".join(BUDGETS), help=f"comma-separated, of {', '.join(BUDGETS)}")
-    parser.add_argument("--out", type=Path, default=None, help="folder for bench_precision.{md,json} (default evals/)")
+    add_out(parser, "bench_precision.{md,json}")
     args = parser.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     bad = [r for r in recipes if r not in BUDGETS]
     if bad:
         parser.error(f"unknown recipe(s) {', '.join(bad)}; choose from {', '.join(BUDGETS)}")
     import torch
-
-    from evals.bench_step import cpu_flags
 
     torch.set_num_threads(1)  # what each training process runs with, and what machine() below reports
 
@@ -98,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in recipes:
             print(f"training {recipe} in fp32 and bf16 at once...", file=sys.stderr, flush=True)
             rows.append(run_pair(recipe, Path(tmp)))
-    command = "python evals/bench_precision.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    info = provenance(command(__file__, argv), packages=(), git=False)
     lines = ["# Speed: the recipes in fp32 and in bf16 on this CPU", "",
-             f"Measured by `{command.strip()}` on {machine()}; CPU flags: {cpu_flags()}.", "",
+             measured_by(info, also=f"CPU flags: {cpu_flags()}"), "",
              "Each recipe trained twice at once (fp32 and `trainer.mixed_precision=bf16`), one torch thread each, "
              "`OMP_WAIT_POLICY=PASSIVE`, no evaluation; steps/s is the median of the rows logged every 10 steps "
              "after the first.", "",
@@ -109,11 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{r[p]:.2f}" if r.get(p) else f"failed: {r.get(p + '_error', '')}" for p in ("fp32", "bf16")]
         ratio = f"{r['bf16'] / r['fp32']:.2f}x" if r.get("fp32") and r.get("bf16") else "—"
         lines.append(f"| {r['recipe']} | `{' '.join(r['budget'])}` | {cells[0]} | {cells[1]} | {ratio} |")
-    out = args.out or ROOT / "evals"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_precision.md").write_text("\n".join(lines) + "\n")
-    (out / "bench_precision.json").write_text(json.dumps({"command": command, "machine": machine(),
-                                                          "cpu_flags": cpu_flags(), "rows": rows}, indent=1))
+    write_report(out_dir(args.out), "bench_precision", "\n".join(lines) + "\n",
+                 {"command": info["command"], "machine": info["machine"], "cpu_flags": cpu_flags(), "rows": rows})
     print("\n".join(lines))
     return 0
 

@@ -26,8 +26,6 @@ Writes ``evals/bench_sampling.md`` and ``evals/bench_sampling.json`` (or ``--out
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
 import sys
 import tempfile
@@ -37,19 +35,15 @@ from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # evals/: the scripts' shared helper
+from common import (ROOT, add_device, add_out, add_threads, command, fmt, measured_by, out_dir,  # noqa: E402
+                    provenance, resolve_device, set_threads, sync, write_report)
 
 from distill.errors import DistillError  # noqa: E402
 
 TEACHER = ROOT / "distill" / "assets" / "digits-teacher"
 GOAL = 0.95  # distill / bare at batch 256
 GOAL_BATCH = 256
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build(device: torch.device, sampler: str, folder: Path) -> tuple[dict[str, Callable[[int], Any]], float | None]:
@@ -106,10 +100,6 @@ def time_block(fn: Callable[[int], Any], batch: int, iters: int, device: torch.d
     return time.perf_counter() - t0
 
 
-def fmt(v: float | None, spec: str = ",.0f") -> str:
-    return "—" if v is None else format(v, spec)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="1-step sampling throughput: distill, stock pipeline, bare forward")
     parser.add_argument("--batches", default="1,256", help="comma-separated batch sizes (default 1,256)")
@@ -117,10 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timing blocks per variant; the median is reported")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per variant and batch before timing")
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "consistency"), help="distill's sampler")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for bench_sampling.md/.json (default: evals/ of this repository)")
+    add_threads(parser)
+    add_device(parser)
+    add_out(parser, "bench_sampling.md/.json")
     args = parser.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -128,14 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batches: {args.batches!r} is not a comma-separated list of integers")
     if not batches or min(batches) < 1 or args.iters < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("batch sizes, --iters, --repeats and --threads must be >= 1 (--warmup >= 0)")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    out_dir = (args.out or ROOT / "evals").resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    given = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python evals/bench_sampling.py", shlex.join(given)]).strip()
+    device = resolve_device(parser, args.device)
+    out = out_dir(args.out)
+    set_threads(args.threads)
+    cmd = command(__file__, argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-sampling-") as tmp:
         try:
@@ -160,20 +145,14 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"batch": b, "images_per_s": ips, "distill_over_bare": ips["distill"] / ips["bare"],
                             "pipeline_over_bare": ips["pipeline"] / ips["bare"], "block_s": times})
 
-    import diffusers
-
-    from distill.eval.harness import git_rev, machine
-
-    info = {"machine": machine(), "device": str(device), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "git": git_rev(), "command": command, "threads": args.threads,
+    info = {**provenance(cmd, device=device, packages=("torch", "diffusers")), "threads": args.threads,
             "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup, "sampler": args.sampler,
             "parity_max_abs_diff": check, "goal": {"batch": GOAL_BATCH, "distill_over_bare_min": GOAL},
             "rows": results}
     lines = [
         "# Speed: 1-step sampling of the digits teacher",
         "",
-        f"Measured by `{command}` on {info['machine']} (device: {device}); torch {torch.__version__}, diffusers "
-        f"{diffusers.__version__}, git {info['git'] or 'unknown'}.",
+        measured_by(info, ("torch", "diffusers")),
         "",
         f"Images per second, the median of {args.repeats} block(s) of {args.iters} calls each after {args.warmup} "
         f"warm-up calls. distill: `sample_{args.sampler}` one step on `load_denoiser(teacher)`, noise draw "
@@ -186,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in results:
         ips = r["images_per_s"]
-        lines.append(f"| {r['batch']} | {fmt(ips['distill'])} | {fmt(ips['pipeline'])} | {fmt(ips['bare'])} | "
+        lines.append(f"| {r['batch']} | {fmt(ips['distill'], ',.0f')} | {fmt(ips['pipeline'], ',.0f')} | "
+                     f"{fmt(ips['bare'], ',.0f')} | "
                      f"{r['distill_over_bare']:.2f} | {r['pipeline_over_bare']:.2f} |")
     at = next((r for r in results if r["batch"] == GOAL_BATCH), None)
     if at is not None:
@@ -196,11 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Parity: the exported pipeline and distill's sampler differ by at most {fmt(check, '.1e')} "
               "(4 one-step images in [0, 1], same noise; `distill.export.parity`)."]
     text = "\n".join(lines) + "\n"
-    (out_dir / "bench_sampling.md").write_text(text)
-    (out_dir / "bench_sampling.json").write_text(json.dumps(info, indent=1) + "\n")
+    md, js = write_report(out, "bench_sampling", text, info)
     print()
     print(text)
-    print(f"wrote {out_dir / 'bench_sampling.md'} and {out_dir / 'bench_sampling.json'}")
+    print(f"wrote {md} and {js}")
     return 0
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -48,25 +47,14 @@ from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # evals/: the scripts' shared helper
+from common import (ROOT, add_out, command, cpu_flags, measured_by, out_dir, provenance,  # noqa: E402
+                    write_report)
 
 from distill.precision import ShortAttentionFP32  # noqa: E402
 
 TEACHER = ROOT / "distill" / "assets" / "digits-teacher"
 VARIANTS = ("fp32", "channels_last", "bf16", "bf16-attn32", "compile")
-
-
-def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni"]
-                return ", ".join(f"{f}: {'yes' if f in have else 'no'}" for f in wanted)
-    except OSError:
-        pass
-    return "unknown"
 
 
 def make_step(variant: str) -> tuple[Callable[[], torch.Tensor], float]:
@@ -196,8 +184,6 @@ def omp_policy(steps: int, repeats: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.eval.harness import machine
-
     parser = argparse.ArgumentParser(description="the digits UNet's training step on this CPU, per variant")
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (default 1,2)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
@@ -207,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--omp", action="store_true", help="also time OMP_WAIT_POLICY ACTIVE against PASSIVE")
     parser.add_argument("--attention", action="store_true", help="also time attention alone, fp32 against bf16")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=None, help="folder for bench_step.{md,json} (default evals/)")
+    add_out(parser, "bench_step.{md,json}")
     args = parser.parse_args(argv)
     if args.worker:
         worker(int(args.threads.split(",")[0]), args.steps, args.repeats, args.warmup)
@@ -226,13 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     attention = time_attention(max(threads)) if args.attention else []
     ops = top_ops(max(threads))
     torch.set_num_threads(max(threads))
-    command = "python evals/bench_step.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    info = provenance(command(__file__, argv), packages=("torch",), git=False)
     config = torch.__config__.show()
     build = [ln.strip(" -") for ln in config.splitlines()
              if any(k in ln for k in ("MKL-DNN", "oneDNN", "OpenMP", "CPU capab")) and "Build settings" not in ln]
     isa = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
     lines = ["# Speed: the digits UNet's training step on this CPU", "",
-             f"Measured by `{command.strip()}` on {machine()}; torch {torch.__version__}.", "",
+             measured_by(info, ("torch",)), "",
              f"CPU flags: {cpu_flags()}. torch build: {'; '.join(build)}. "
              f"CPU capability used: {torch.backends.cpu.get_cpu_capability()}"
              + (f", held down by {', '.join(f'{k}={v}' for k, v in isa.items())}" if isa else "") + ".", "",
@@ -264,12 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Where the fp32 step spends its time at {max(threads)} thread(s) (torch.profiler, self CPU time):", "",
               "| operator | ms per step | share |", "|---|---:|---:|"]
     lines += [f"| `{o['op']}` | {o['self_ms_per_step']:.1f} | {100 * o['share']:.1f}% |" for o in ops]
-    out = args.out or ROOT / "evals"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_step.md").write_text("\n".join(lines) + "\n")
-    (out / "bench_step.json").write_text(json.dumps({"command": command, "machine": machine(), "rows": rows,
-                                                      "top_ops": ops, "omp": omp, "attention": attention,
-                                                      "cpu_flags": cpu_flags()}, indent=1))
+    write_report(out_dir(args.out), "bench_step", "\n".join(lines) + "\n",
+                 {"command": info["command"], "machine": info["machine"], "rows": rows, "top_ops": ops, "omp": omp,
+                  "attention": attention, "cpu_flags": cpu_flags()})
     print("\n".join(lines))
     return 0
 

@@ -13,10 +13,13 @@ per second of
   teacher ``UNet2DModel.from_pretrained``, the student a ``copy.deepcopy``; the teacher method a ``UNet2DModel``
   built from the recipe's config after the same seed), the same batch size, the same data (the digits as one
   tensor on the device, one random permutation per epoch), the same random draws in kind and order, the same teacher
-  forwards, AdamW with the recipe's learning rate, betas, weight decay and warm-up / decay, gradient clipping, the
-  EMA updates and the loss math (v-prediction -> x0, the weightings). It precomputes per-timestep tables (sigma,
-  alpha, the network timestep, consistency scalings) on the device and keeps the loss as a tensor: no
-  ``.item()``, no host sync inside a step.
+  forwards, AdamW with the recipe's learning rate, betas, weight decay and warm-up / decay, gradient clipping and
+  the EMA updates. The loop, the optimizers, the data and the networks' calls are its own; the loss math is the
+  library's, imported, not copied: the weightings and distances of ``distill.losses``, noising, DDIM steps and the
+  prediction -> x0 conversion of ``distill.schedules``, and per-timestep tables (sigma, the network's input scale
+  and timestep, the consistency scalings) computed once by the teacher's own schedule and
+  ``distill.denoisers.ConsistencyDenoiser.scalings``. It indexes those tables on the device instead of mapping
+  sigma to a timestep at every call, and keeps the loss as a tensor: no ``.item()``, no host sync inside a step.
 
 Timing: one ``fit()`` per method runs ``warmup + repeats * steps`` steps; a callback (``fit(on_step=...)``) marks the
 window boundaries and, at each one, runs the bare loop's window in between (warm-up first), so the two alternate
@@ -41,7 +44,6 @@ import argparse
 import copy
 import json
 import math
-import shlex
 import statistics
 import sys
 import tempfile
@@ -55,12 +57,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # evals/: the scripts' shared helper
+from common import (ROOT, add_out, add_threads, command, fmt, measured_by, out_dir, provenance,  # noqa: E402
+                    set_threads, sync, write_report)
 
+# the loss math both loops share: the library's own functions
+from distill import losses  # noqa: E402
 from distill.config import OptimizerConfig  # noqa: E402
-from distill.recipe import RecipeConfig, load_recipe  # noqa: E402
+from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, consistency_timesteps  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
+from distill.recipe import RecipeConfig, load_recipe  # noqa: E402
+from distill.schedules import add_noise, ddim_step, noise_estimate, rescale  # noqa: E402
+from distill.tensors import per_row  # noqa: E402
 
 RECIPES = {
     "teacher": ROOT / "recipes" / "digits" / "teacher.yaml",
@@ -92,11 +100,6 @@ GOAL = 1.10  # bare / distill must not exceed this for any method
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 RngState = tuple[torch.Tensor, "torch.Tensor | None"]
@@ -142,38 +145,15 @@ def lr_at(cfg: OptimizerConfig, local: int, length: int, peak: float | None = No
     return (cfg.lr if peak is None else peak) * scale
 
 
-WEIGHTINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "uniform": lambda s: torch.ones_like(s),
-    "snr": lambda s: s.pow(-2),
-    "snr+1": lambda s: s.pow(-2) + 1,
-    "truncated_snr": lambda s: s.pow(-2).clamp(min=1),
-    "karras": lambda s: (s**2 + 0.25) / (0.5 * s) ** 2,
-}
-
-
-def weighting(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name not in WEIGHTINGS:
-        raise DistillError(f"the bare loop implements the weightings {', '.join(WEIGHTINGS)}, not {name!r}.")
-    return WEIGHTINGS[name]
-
-
 def distance(name: str, huber_c: float = 0.00054) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Per-sample distance (B,)."""
+    """``d(pred, target) -> (B,)``: the library's distance of that name (:mod:`distill.losses`)."""
     if name == "l2":
-        return lambda a, b: (a - b).pow(2).flatten(1).mean(1)
+        return losses.l2
     if name == "l1":
-        return lambda a, b: (a - b).abs().flatten(1).mean(1)
+        return losses.l1
     if name == "pseudo_huber":
-        def huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            c = huber_c * a[0].numel() ** 0.5
-            return ((a - b).flatten(1).pow(2).sum(1) + c**2).sqrt() - c
-        return huber
-    raise DistillError(f"the bare loop implements the distances l2, l1, pseudo_huber, not {name!r}.")
-
-
-def rows(v: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, 1, 1)."""
-    return v.view(-1, 1, 1, 1)
+        return lambda pred, target: losses.pseudo_huber(pred, target, c=huber_c)
+    raise DistillError(f"the bare loop takes the distances l2, l1, pseudo_huber, not {name!r}.")
 
 
 # ---------------------------------------------------------------------------------------------- the bare loops
@@ -215,46 +195,38 @@ class Batches:
 
 
 class Tables:
-    """Per-timestep float32 tables on the device, from the teacher's DDPM ``alphas_cumprod``: the VE noise level
-    ``sigma = sqrt((1 - abar) / abar)``, the network input scale ``alpha = sqrt(abar)``, ``sigma_vp = sqrt(1 - abar)``,
-    the timestep itself, and the consistency scalings ``c_skip * alpha`` and ``c_out`` (LCM's, ``timestep_scaling``
-    10, ``sigma_data`` 0.5)."""
+    """Per-timestep tables on the device, computed once by the library from the teacher's discrete VP schedule
+    (``DiffusersDenoiser(net, scheduler_config).schedule``) at the float32 noise levels the methods draw,
+    ``sigma[t] = float32(schedule.sigmas[t])``: the network's input scale ``c_in`` and timestep ``timestep(sigma)``,
+    and the consistency function's ``c_skip * c_in`` and ``c_out`` (:meth:`ConsistencyDenoiser.scalings`, LCM's,
+    at ``timestep_scaling``). :meth:`x0` and :meth:`consistency` then compute what ``DiffusersDenoiser`` and
+    ``ConsistencyDenoiser`` compute at those levels, with a table lookup in place of the sigma -> timestep search."""
 
-    def __init__(self, scheduler_config: dict[str, Any], device: torch.device, timestep_scaling: float = 10.0) -> None:
-        import diffusers
-
-        name = scheduler_config.get("_class_name") or "DDPMScheduler"
-        if name.startswith(("FlowMatch", "EDM")):
-            raise DistillError(f"the bare loop implements discrete VP teachers, not a {name}.")
-        sched = getattr(diffusers, name).from_config(scheduler_config)
-        pred = scheduler_config.get("prediction_type", "epsilon")
-        if pred != "v_prediction":
-            raise DistillError(f"the bare loop implements v-prediction teachers (the digits teacher), not {pred!r}.")
-        abar = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float32)
-        sigma = ((1 - abar) / abar).sqrt().double()
-        t = torch.arange(len(abar), dtype=torch.float64)
-        st = t * timestep_scaling
-        alpha = (1 + sigma**2).rsqrt()
-        c_skip, c_out = 0.25 / (st**2 + 0.25), st / (st**2 + 0.25).sqrt()
-        f32 = {"dtype": torch.float32, "device": device}
-        self.T = len(abar)
-        self.sigma = sigma.to(**f32)
-        self.alpha = alpha.to(**f32)
-        self.sigma_vp = (sigma * alpha).to(**f32)
-        self.t = t.to(**f32)
-        self.skip = (c_skip * alpha).to(**f32)
-        self.out = c_out.to(**f32)
+    def __init__(self, den: DiffusersDenoiser, device: torch.device, timestep_scaling: float = 10.0) -> None:
+        sched = den.schedule
+        if sched.kind != "vp":
+            raise DistillError(f"the bare loop implements discrete VP teachers (the digits teacher), not a "
+                               f"{sched.kind} schedule.")
+        self.schedule, self.prediction_type = sched, den.prediction_type
+        sigma = sched.sigmas.float()  # (T,)
+        s64 = sigma.double()
+        c_skip, c_out = ConsistencyDenoiser(den, timestep_scaling).scalings(sigma)
+        self.T = len(sigma)
+        self.sigma = sigma.to(device)
+        self.c_in = sched.c_in(s64).float().to(device)
+        self.t = sched.timestep(sigma).to(device)
+        self.skip = (c_skip * sched.c_in(s64)).float().to(device)
+        self.out = c_out.float().to(device)
 
     def x0(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x0 from a v-prediction UNet at VE input ``x`` (B, ...) at integer timesteps ``t`` (B,):
-        ``x_t = alpha x``, ``x0 = alpha x_t - sigma_vp v``."""
-        a, s = rows(self.alpha[t]), rows(self.sigma_vp[t])
-        x_t = a * x
-        return a * x_t - s * net(x_t, self.t[t]).sample
+        """The denoiser's x0 from a diffusers network at VE input ``x`` (B, ...) at integer timesteps ``t`` (B,):
+        the network sees ``c_in x`` at its timestep; its output becomes x0 by the schedule's ``to_x0``."""
+        out = net(x * per_row(self.c_in[t], x), self.t[t]).sample
+        return self.schedule.to_x0(out.to(x.dtype), x, self.sigma[t], self.prediction_type)
 
     def consistency(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """LCM's consistency function ``c_skip alpha x + c_out x0(x)``."""
-        return rows(self.skip[t]) * x + rows(self.out[t]) * self.x0(net, x, t)
+        """LCM's consistency function ``c_skip c_in x + c_out x0(x)``."""
+        return per_row(self.skip[t], x) * x + per_row(self.out[t], x) * self.x0(net, x, t)
 
 
 @dataclass
@@ -290,6 +262,7 @@ class BareLoop:
         self.roles: dict[str, BareRole] = {}
         self.first: dict[str, torch.Tensor] = {}  # each role's loss at step 0, a tensor
         self.last: dict[str, torch.Tensor] = {}
+        self.memo: dict[str, torch.Tensor] = {}  # values one step's roles share (the methods' memo)
 
     def add_role(self, name: str, module: nn.Module, cfg: OptimizerConfig, *, every: int = 1,
                  peak: float | None = None, length: int | None = None,
@@ -332,6 +305,7 @@ class BareLoop:
             self.last[name] = loss.detach()
             if self.step_no == 0:
                 self.first[name] = loss.detach()
+        self.memo.clear()
         self.step_no += 1
 
     def run(self, steps: int) -> None:
@@ -353,8 +327,15 @@ def _load_teacher(folder: Path, device: torch.device) -> tuple[nn.Module, dict[s
     return unet.to(device).eval().requires_grad_(False), cfg
 
 
+def _tables(net: nn.Module, scheduler_config: dict[str, Any], device: torch.device,
+            timestep_scaling: float = 10.0) -> Tables:
+    """The tables of a network's schedule; the library's denoiser wraps ``net`` (no copy) only to compute them."""
+    return Tables(DiffusersDenoiser(net, scheduler_config), device, timestep_scaling)
+
+
 class BareTeacher(BareLoop):
-    """The denoising loss: ``t ~ U{0..T-1}``, ``x = x0 + sigma_t eps``, ``lambda(sigma) ||x0_hat - x0||^2``."""
+    """:class:`~distill.methods.teacher.TeacherTraining`'s loss: ``t ~ U{0..T-1}``, ``x = x0 + sigma_t eps``,
+    ``lambda(sigma) ||x0_hat - x0||^2``."""
 
     def __init__(self, cfg: RecipeConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
@@ -363,43 +344,41 @@ class BareTeacher(BareLoop):
         m = cfg.method
         c, h, _ = digits_images().shape[1:]
         if m.init is not None:
-            net, _ = _load_teacher(Path(m.init), device)
+            net, sched = _load_teacher(Path(m.init), device)
             net = net.requires_grad_(True)
         else:
             net = UNet2DModel(sample_size=h, in_channels=c, out_channels=c, **m.unet)  # after the seed, like distill
+            sched = m.scheduler
         self.net = net.to(device).train()
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
-        self.tab = Tables(m.scheduler, device)
-        self.weight = weighting(m.weighting)
+        self.tab = _tables(self.net, sched, device)
+        self.weight = losses.weighting(m.weighting)
         self.add_role("denoiser", self.net, m.optimizer, ema=self.ema, ema_decay=m.ema_decay)
 
     def losses(self, role: str, x0: torch.Tensor) -> torch.Tensor:
         t = torch.randint(0, self.tab.T, (x0.shape[0],), device=x0.device)
-        s = self.tab.sigma[t]
-        x = x0 + rows(s) * torch.randn_like(x0)
-        err = (self.tab.x0(self.net, x, t) - x0).pow(2).flatten(1).mean(1)
-        return (self.weight(s) * err).mean()
+        sigma = self.tab.sigma[t]
+        x = add_noise(x0, torch.randn_like(x0), sigma)
+        err = losses.l2(self.tab.x0(self.net, x, t), x0)
+        return (self.weight(sigma) * err).mean()
 
 
 class BareProgressive(BareLoop):
-    """The first phase of progressive distillation: the student learns two teacher DDIM steps in one."""
+    """The first phase of progressive distillation (:class:`~distill.methods.progressive.ProgressiveDistillation`):
+    the student learns two teacher DDIM steps in one."""
 
     def __init__(self, cfg: RecipeConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
-        import numpy as np
-
         m = cfg.method
-        if m.spacing != "trailing":
-            raise DistillError("the bare loop implements spacing: trailing (the recipe's).")
         self.teacher, sched = _load_teacher(_teacher_folder(cfg), device)
         self.student = copy.deepcopy(self.teacher).requires_grad_(True).train()
-        self.tab = Tables(sched, device)
-        T, fine = self.tab.T, m.start_steps  # phase 0: the teacher's 2n-step grid, the student's n steps
+        self.tab = _tables(self.teacher, sched, device)
+        fine = m.start_steps  # phase 0: the teacher's 2n-step grid, the student's n steps
         self.n = fine // 2
-        ts = (np.round(T - np.arange(fine) * T / fine) - 1).astype("int64")  # trailing timesteps, descending
-        self.fine_t = torch.from_numpy(ts).to(device)
-        self.fine_s = torch.cat([self.tab.sigma[self.fine_t], torch.zeros(1, device=device)])  # then sigma 0
-        self.weight = weighting(m.weighting)
+        # the teacher's timesteps for the 2n-step grid (descending) and its noise levels, then the grid's last (0)
+        self.fine_t = torch.from_numpy(self.tab.schedule.timesteps(fine, m.spacing)).long().to(device)
+        self.fine_s = self.tab.schedule.grid(fine, m.spacing).float().to(device)
+        self.weight = losses.weighting(m.weighting)
         self.dist = distance(m.distance)
         iters, lrs = m.per_phase(m.iters_per_phase), m.per_phase(m.lr)
         self.ema = copy.deepcopy(self.student).requires_grad_(False).eval() if m.ema_decay > 0 else None
@@ -407,24 +386,22 @@ class BareProgressive(BareLoop):
                       ema_decay=m.ema_decay)
 
     def losses(self, role: str, x0: torch.Tensor) -> torch.Tensor:
-        i = torch.randint(0, self.n, (x0.shape[0],), device=x0.device)
-        j = 2 * i
+        j = 2 * torch.randint(0, self.n, (x0.shape[0],), device=x0.device)
         t, t_mid = self.fine_t[j], self.fine_t[j + 1]
-        s, s_mid, s_next = rows(self.fine_s[j]), rows(self.fine_s[j + 1]), rows(self.fine_s[j + 2])
-        x = x0 + s * torch.randn_like(x0)
+        s, s_mid, s_next = self.fine_s[j], self.fine_s[j + 1], self.fine_s[j + 2]
+        x = add_noise(x0, torch.randn_like(x0), s)
         with torch.no_grad():  # two DDIM steps of the teacher, s -> s_mid -> s_next
-            d = self.tab.x0(self.teacher, x, t)
-            x_mid = d + s_mid / s * (x - d)
-            d_mid = self.tab.x0(self.teacher, x_mid, t_mid)
-            x_next = d_mid + s_next / s_mid * (x_mid - d_mid)
-            r = s_next / s
-            target = (x_next - r * x) / (1 - r)  # the x0 whose one DDIM step s -> s_next lands on x_next
+            x_mid = ddim_step(x, self.tab.x0(self.teacher, x, t), s, s_mid)
+            x_next = ddim_step(x_mid, self.tab.x0(self.teacher, x_mid, t_mid), s_mid, s_next)
+        # Algorithm 2's target: the x0 whose one DDIM step s -> s_next lands on x_next
+        target = (x_next - rescale(x, s, s_next)) / (1 - per_row(s_next / s, x))
         err = self.dist(self.tab.x0(self.student, x, t), target)
-        return (self.weight(s.flatten()) * err).mean()
+        return (self.weight(s) * err).mean()
 
 
 class BareConsistency(BareLoop):
-    """Consistency distillation with LCM's skipping-step DDIM solver and an EMA target."""
+    """Consistency distillation (:class:`~distill.methods.consistency.ConsistencyDistillation`) with LCM's
+    skipping-step DDIM solver and an EMA target."""
 
     def __init__(self, cfg: RecipeConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
@@ -435,13 +412,14 @@ class BareConsistency(BareLoop):
         self.teacher, sched = _load_teacher(_teacher_folder(cfg), device)
         self.student = copy.deepcopy(self.teacher).requires_grad_(True).train()
         self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
-        self.tab = Tables(sched, device, m.timestep_scaling)
+        self.tab = _tables(self.teacher, sched, device, m.timestep_scaling)
         N = m.stages()[0]
         k = self.tab.T // N
         self.N = N
+        # the method's training grid: the teacher's timesteps 0, k - 1, 2k - 1, ..., T - 1 (LCM)
         self.grid_t = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, N + 1) * k - 1]).to(device)
         self.ict = m.weighting == "ict"
-        self.weight = None if self.ict else weighting(m.weighting)
+        self.weight = None if self.ict else losses.weighting(m.weighting)
         self.dist = distance(m.distance, m.huber_c)
         self.add_role("student", self.student, m.optimizer, ema=self.target, ema_decay=m.mu)
 
@@ -449,10 +427,10 @@ class BareConsistency(BareLoop):
         n = torch.randint(0, self.N, (x0.shape[0],), device=x0.device)
         t_prev, t = self.grid_t[n], self.grid_t[n + 1]
         s_prev, s = self.tab.sigma[t_prev], self.tab.sigma[t]
-        x = x0 + rows(s) * torch.randn_like(x0)
+        x = add_noise(x0, torch.randn_like(x0), s)
         with torch.no_grad():
             d = self.tab.x0(self.teacher, x, t)
-            x_prev = x + rows(s_prev - s) * (x - d) / rows(s)  # one DDIM (= Euler) step of the teacher
+            x_prev = x + per_row(s_prev - s, x) * noise_estimate(x, d, s)  # one Euler (= DDIM) step of the teacher
             target = self.tab.consistency(self.target, x_prev, t_prev)
         dist = self.dist(self.tab.consistency(self.student, x, t), target)
         w = 1.0 / (s - s_prev) if self.ict else self.weight(s)  # type: ignore[misc]
@@ -470,13 +448,13 @@ class BareHead(nn.Module):
 
 
 class BareAdversarial(BareLoop):
-    """ADD: the student's one-step output, a hinge discriminator on the teacher encoder's features of re-noised
-    inputs, the teacher's distillation target, lazy R1."""
+    """ADD (:class:`~distill.methods.adversarial.AdversarialDistillation`): the student's one-step output, a hinge
+    discriminator on the teacher encoder's features of re-noised inputs, the teacher's distillation target, lazy
+    R1. The discriminator's fake is the student's sample of the same step when the student was updated in it (the
+    method's ``memo``), else a fresh one."""
 
     def __init__(self, cfg: RecipeConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
-        from diffusers import LCMScheduler
-
         m = cfg.method
         if not m.adversarial or m.backbone != "teacher" or m.distill_weighting != "exponential":
             raise DistillError("the bare loop implements adversarial: true, backbone: teacher, distill_weighting: "
@@ -487,10 +465,10 @@ class BareAdversarial(BareLoop):
             if hasattr(blk, "skip_conv"):
                 raise DistillError("the bare loop's encoder does not implement skip down blocks.")
         self.student = copy.deepcopy(self.teacher).requires_grad_(True).train()
-        self.tab = Tables(sched, device)
-        lcm = LCMScheduler(num_train_timesteps=self.tab.T, original_inference_steps=m.student_steps)
-        lcm.set_timesteps(m.student_steps)
-        self.student_t = lcm.timesteps.long().to(device)  # 999, 749, 499, 249
+        self.tab = _tables(self.teacher, sched, device)
+        # the student's timesteps (999, 749, 499, 249): the stock consistency scheduler's, as the method's
+        self.student_t = torch.tensor(consistency_timesteps(self.tab.schedule, m.student_steps, m.student_steps),
+                                      device=device).long()
         c, h, w = digits_images().shape[1:]
         probe = torch.randn(2, c, h, w).to(device)  # the feature channels, from a noise probe (as distill draws one)
         with torch.no_grad():
@@ -504,9 +482,8 @@ class BareAdversarial(BareLoop):
     def features_at(self, unet: nn.Module, x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
         """The teacher network's encoder on VE input ``x`` at timesteps ``t``: the outputs of conv_in, each down
         block and the middle block (its up blocks are never run)."""
-        a, tt = self.tab.alpha[t], self.tab.t[t]
-        emb = unet.time_embedding(unet.time_proj(tt).to(unet.dtype))
-        h = unet.conv_in(rows(a) * x)
+        emb = unet.time_embedding(unet.time_proj(self.tab.t[t]).to(unet.dtype))
+        h = unet.conv_in(x * per_row(self.tab.c_in[t], x))
         feats = [h]
         for blk in unet.down_blocks:
             h, _ = blk(hidden_states=h, temb=emb)
@@ -518,28 +495,29 @@ class BareAdversarial(BareLoop):
         """(heads, B) logits of images ``x0``, re-noised to a random timestep in ``disc_t_range``."""
         lo, hi = self.m.disc_t_range
         t = torch.randint(lo, hi + 1, (x0.shape[0],), device=x0.device)
-        x = x0 + rows(self.tab.sigma[t]) * torch.randn_like(x0)
-        feats = self.features_at(self.teacher, x, t)
+        feats = self.features_at(self.teacher, add_noise(x0, torch.randn_like(x0), self.tab.sigma[t]), t)
         return torch.stack([h(f.float()) for h, f in zip(self.heads, feats)])
 
     def generate(self, x0: torch.Tensor) -> torch.Tensor:
         t = self.student_t[torch.randint(0, len(self.student_t), (x0.shape[0],), device=x0.device)]
-        x = x0 + rows(self.tab.sigma[t]) * torch.randn_like(x0)
-        return self.tab.consistency(self.student, x, t)
+        return self.tab.consistency(self.student, add_noise(x0, torch.randn_like(x0), self.tab.sigma[t]), t)
 
     def losses(self, role: str, x0: torch.Tensor) -> torch.Tensor:
         m = self.m
         if role == "student":
             x_hat = self.generate(x0)
+            self.memo["fake"] = x_hat.detach()  # the discriminator's fake of this step: no second forward
             adv = -self.logits(x_hat).mean(1).sum()
             t = torch.randint(0, self.tab.T, (x0.shape[0],), device=x0.device)
             s = self.tab.sigma[t]
             with torch.no_grad():
-                target = self.tab.x0(self.teacher, x_hat.detach() + rows(s) * torch.randn_like(x_hat), t)
-            dist = (1 / (1 + s**2) * (x_hat - target).pow(2).flatten(1).mean(1)).mean()
-            return adv + m.lambda_distill * dist
-        with torch.no_grad():
-            fake = self.generate(x0)
+                target = self.tab.x0(self.teacher, add_noise(x_hat.detach(), torch.randn_like(x_hat), s), t)
+            c = 1 / (1 + s**2)  # c(t) = alpha_bar_t (ADD's "exponential")
+            return adv + m.lambda_distill * (c * losses.l2(x_hat, target)).mean()
+        fake = self.memo.get("fake")
+        if fake is None:
+            with torch.no_grad():
+                fake = self.generate(x0)
         lazy = m.r1_weight > 0 and self.step_no % (m.r1_every * m.disc_every) == 0
         if lazy:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -683,25 +661,15 @@ def bench_method(method: str, steps: int, repeats: int, warmup: int, say: Callab
     return Result(method, d_windows, b_windows, steps, repeats, warmup, losses, notes)
 
 
-def fmt(v: float | None, spec: str = ".2f") -> str:
-    return "—" if v is None else format(v, spec)
-
-
-def report(results: list[Result], args: argparse.Namespace, command: str, device: str,
+def report(results: list[Result], args: argparse.Namespace, cmd: str, device: str,
            failed: dict[str, str] | None = None) -> tuple[str, dict[str, Any]]:
-    import diffusers
-
-    from distill.eval.harness import git_rev, machine
-
-    info = {"machine": machine(), "device": device, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "git": git_rev(), "command": command, "threads": args.threads, "steps": args.steps,
-            "repeats": args.repeats, "warmup": args.warmup, "goal_bare_over_distill_max": GOAL,
+    info = {**provenance(cmd, device=device, packages=("torch", "diffusers")), "threads": args.threads,
+            "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "goal_bare_over_distill_max": GOAL,
             "rows": [r.row() for r in results], "failed": failed or {}}
     lines = [
         "# Speed: distill's trainer against a bare PyTorch loop",
         "",
-        f"Measured by `{command}` on {info['machine']} (device: {device}); torch {torch.__version__}, diffusers "
-        f"{diffusers.__version__}, git {info['git'] or 'unknown'}.",
+        measured_by(info, ("torch", "diffusers")),
         "",
         f"Optimizer steps per second at each recipe's own settings (batch 128). Each number is the median of "
         f"{args.repeats} window(s) of {args.steps} steps after {args.warmup} warm-up steps; distill's and the bare "
@@ -715,8 +683,9 @@ def report(results: list[Result], args: argparse.Namespace, command: str, device
     ]
     for r in results:
         row = r.row()
-        lines.append(f"| {row['label']} | {fmt(row['distill_steps_per_s'])} | {fmt(row['bare_steps_per_s'])} | "
-                     f"{fmt(row['ratio_bare_over_distill'])} | {r.repeats} x {r.steps} |")
+        lines.append(f"| {row['label']} | {fmt(row['distill_steps_per_s'], '.2f')} | "
+                     f"{fmt(row['bare_steps_per_s'], '.2f')} | {fmt(row['ratio_bare_over_distill'], '.2f')} | "
+                     f"{r.repeats} x {r.steps} |")
     compared = [r.row() for r in results if r.bare_windows]
     if compared:
         over = [f"{row['method']} ({row['ratio_bare_over_distill']:.2f})" for row in compared
@@ -765,18 +734,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the first window (>= 1)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, from {', '.join(RECIPES)} (default: all)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for bench_trainer.md/.json (default: evals/ of this repository)")
+    add_threads(parser)
+    add_out(parser, "bench_trainer.md/.json")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.warmup < 1 or args.threads < 1:
         parser.error("--steps, --repeats, --warmup and --threads must be >= 1")
     methods = parse_methods(args.methods)
-    out_dir = (args.out or ROOT / "evals").resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    given = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python evals/bench_trainer.py", shlex.join(given)]).strip()
+    out = out_dir(args.out)
+    set_threads(args.threads)
+    cmd = command(__file__, argv)
 
     def say(msg: str) -> None:
         print(msg, flush=True)
@@ -802,14 +768,13 @@ def main(argv: list[str] | None = None) -> int:
             msg += f", bare {v['bare_last']:.6g}" if "bare_last" in v else ""
             say(msg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    text, info = report(results, args, command, device, failed)
+    text, info = report(results, args, cmd, device, failed)
     if not results:
         return 1
-    (out_dir / "bench_trainer.md").write_text(text)
-    (out_dir / "bench_trainer.json").write_text(json.dumps(info, indent=1) + "\n")
+    md, js = write_report(out, "bench_trainer", text, info)
     print()
     print(text)
-    print(f"wrote {out_dir / 'bench_trainer.md'} and {out_dir / 'bench_trainer.json'}")
+    print(f"wrote {md} and {js}")
     return 0
 
 

@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # evals/: the scripts' shared helper
+from common import ROOT, add_out, add_threads, command, out_dir, provenance, set_threads, write_report  # noqa: E402
 
 RECIPE = "recipes/text-digits/consistency-sd.yaml"
 
@@ -125,15 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--guidance", type=float, default=1.5)
     parser.add_argument("--samples", type=int, default=None, help="samples per point (default: the protocol's 1400)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None, help="folder for the tables (default: evals/)")
+    add_threads(parser)
+    add_out(parser, "lora_vs_full.{md,json}, and the runs in DIR/runs")
     args = parser.parse_args(argv)
-    import torch
-
-    from distill.eval.harness import machine
-
-    torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else ROOT / "evals"
+    set_threads(args.threads)
+    out = out_dir(args.out)
     runs = out / "runs" if args.out else ROOT / "runs" / "lora-vs-full"
     common = [f"method.iters={args.iters}", "guidance.range=null", f"guidance.scale={args.guidance}",
               "eval.protocol=null", "trainer.checkpoint_every=0"]
@@ -142,11 +138,9 @@ def main(argv: list[str] | None = None) -> None:
            run_one("lora", [*common, f"student.lora.rank={args.rank}",
                                                f"method.optimizer.lr={args.lora_lr}"], runs, args.threads,
                    args.samples)]
-    command = "python evals/lora_vs_full.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lora_vs_full.json").write_text(json.dumps({"machine": machine(), "command": command.strip(),
-                                                       "results": res}, indent=1) + "\n")
-    (out / "lora_vs_full.md").write_text(markdown(res, args, machine(), command.strip()))
+    info = provenance(command(__file__, argv), packages=(), git=False)
+    write_report(out, "lora_vs_full", markdown(res, args, info["machine"], info["command"]),
+                 {**info, "results": res})
     print((out / "lora_vs_full.md").read_text())
 
 

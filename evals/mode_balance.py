@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # evals/: the scripts' shared helper
+from common import add_threads, measured_by, out_dir, provenance, set_threads, write_report  # noqa: E402
 
 
 def parse_spec(spec: str) -> tuple[str, int, str | None]:
@@ -62,14 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=4, help="draws of n samples besides the protocol's (default 4)")
     parser.add_argument("--seed-base", type=int, default=100_000, help="first seed of the other draws")
     parser.add_argument("--n", type=int, default=None, help="samples a draw (default: the protocol's, 898)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="folder for mode_balance.{md,json}")
+    add_threads(parser, default=None)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for mode_balance.{md,json} (default: print only)")
     args = parser.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
 
     from distill.benchmarks.digits.judge import load_digits_net
-    from distill.eval.harness import _draw, git_rev, machine
+    from distill.eval.harness import _draw
     from distill.models import open_model
     from distill.eval.protocol import halves, load_protocol, reference
     from distill.eval.sweep import generate
@@ -111,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                      "pooled_fd": ref.fd(pooled), "pooled_n": len(pooled)})
         print(json.dumps(rows[-1]), flush=True)
 
+    info = provenance(f"python evals/mode_balance.py {' '.join(args.models)} --draws {args.draws}", packages=())
     head = (f"# How much of FD-digits is class proportions, and how much one draw\n\n"
-            f"Measured by `python evals/mode_balance.py {' '.join(args.models)} --draws {args.draws}` on "
-            f"{machine()}; git {git_rev()}.\n\nn = {ref.n} samples a draw; the class-balanced FD takes {m} samples "
+            f"{measured_by(info)}\n\nn = {ref.n} samples a draw; the class-balanced FD takes {m} samples "
             f"of each predicted class ({10 * m} in all; {m} is the fewest of any class in half B); the pooled FD uses "
             f"{(args.draws + 1) * ref.n} samples of each model.\n")
     lines = ["| model | steps | sampler | FD, protocol draw | FD, other draws: mean (min-max) | fewest / most of a "
@@ -129,10 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     md = head + "\n" + "\n".join(lines) + "\n"
     print(md)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "mode_balance.md").write_text(md)
-        (args.out / "mode_balance.json").write_text(json.dumps({"machine": machine(), "git": git_rev(),
-                                                                  "rows": rows}, indent=1))
+        write_report(out_dir(args.out), "mode_balance", md,
+                     {"machine": info["machine"], "git": info["git"], "rows": rows})
     return 0
 
 

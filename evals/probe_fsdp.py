@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # evals/: the scripts' shared helper
+from common import add_out, measured_by, out_dir, provenance, write_report  # noqa: E402
+
 STEPS = 3
 
 
@@ -89,7 +91,7 @@ def train(mode: str, rank: int, world: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "evals")
+    add_out(parser, "probe_fsdp.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -99,13 +101,11 @@ def main() -> int:
     fsdp = train("fsdp", rank, world)  # timed warm (the first run pays for sharding set-up)
     ddp = train("ddp", rank, world)
     if rank == 0:
-        from distill.eval.harness import machine
-
         gdiff = max(float((a - b).abs().max()) for a, b in zip(fsdp["grad0"], ref["grad0"]))
         pdiff = max(float((a - b).abs().max()) for a, b in zip(fsdp["params"], ref["params"]))
         lines = ["# Probe: FSDP2 on CPU processes (gloo)", "",
-                 f"Measured by `torchrun --nproc_per_node {world} evals/probe_fsdp.py` on {machine()}; torch "
-                 f"{torch.__version__}.", "",
+                 measured_by(provenance(f"torchrun --nproc_per_node {world} evals/probe_fsdp.py", git=False),
+                             ("torch",)), "",
                  f"A digits-shaped UNet2DModel, {STEPS} AdamW steps on a global batch of 16 (a frozen, sharded "
                  "teacher makes part of the target), in 1 process and sharded with `fully_shard` over "
                  f"{world} gloo processes.", "",
@@ -118,8 +118,7 @@ def main() -> int:
                  "near-zero gradients by their tiny second moment; see docs/recipes-and-trainer.md) |",
                  f"| step time, FSDP2 / DDP | {1e3 * fsdp['s_per_step']:.0f} ms / {1e3 * ddp['s_per_step']:.0f} ms |",
                  ""]
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "probe_fsdp.md").write_text("\n".join(lines))
+        write_report(out_dir(args.out), "probe_fsdp", "\n".join(lines))
         print("\n".join(lines))
     dist.barrier()
     dist.destroy_process_group()
