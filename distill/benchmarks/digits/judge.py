@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.benchmarks.judges import JudgeNet
 from distill.errors import DistillError
 from distill.tensors import weights_hash
 
@@ -46,7 +47,7 @@ _WEIGHTS_FILE = "model.safetensors"
 _CONFIG_FILE = "config.json"
 
 
-class DigitsNet(nn.Module):
+class DigitsNet(JudgeNet):
     """Small CNN for 1x8x8 digit images in [-1, 1] (~36k parameters).
 
     Layout (shapes for a batch of B):
@@ -56,50 +57,19 @@ class DigitsNet(nn.Module):
         -linear-> (B, num_classes)         <- forward()
 
     The penultimate nonlinearity is SiLU, not ReLU: with ReLU about 40% of the 64 units were zero on every
-    digit (a dozen already at init), which wastes feature dimensions and makes the covariance that FD-digits
-    is built on singular. With SiLU every unit varies and the covariance is well conditioned.
-
-    No batch norm, so in eval mode a sample's features do not depend on the other samples in its batch.
+    digit (a dozen already at init). The skeleton is :class:`~distill.benchmarks.judges.JudgeNet`.
     """
 
     def __init__(self, channels: tuple[int, int] = (32, 64), feature_dim: int = 64, num_classes: int = 10,
                  dropout: float = 0.2) -> None:
-        super().__init__()
-        c1, c2 = (int(c) for c in channels)
-        self.channels = (c1, c2)
-        self.feature_dim = int(feature_dim)
+        super().__init__((1, 8, 8), channels, feature_dim, dropout)
         self.num_classes = int(num_classes)
-        self.dropout_p = float(dropout)
-        self.conv1 = nn.Conv2d(1, c1, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, padding=1)
-        self.fc1 = nn.Linear(c2 * 2 * 2, self.feature_dim)
         self.fc2 = nn.Linear(self.feature_dim, self.num_classes)
-        self.dropout = nn.Dropout(self.dropout_p)
-
-    @property
-    def num_features(self) -> int:
-        """Feature dimension D (the name torchmetrics looks for on a custom feature extractor)."""
-        return self.feature_dim
 
     def architecture(self) -> dict[str, Any]:
         """Constructor arguments, as written to config.json."""
         return {"channels": list(self.channels), "feature_dim": self.feature_dim,
                 "num_classes": self.num_classes, "dropout": self.dropout_p}
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate-layer features.
-
-        Args:
-            x: (B, 1, 8, 8) images in [-1, 1].
-
-        Returns:
-            (B, feature_dim) features (after the SiLU).
-        """
-        if x.ndim != 4 or tuple(x.shape[1:]) != (1, 8, 8):
-            raise DistillError(f"DigitsNet expects images of shape (B, 1, 8, 8), got {tuple(x.shape)}.")
-        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
-        return F.silu(self.fc1(h.flatten(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits: (B, 1, 8, 8) images in [-1, 1] -> (B, num_classes)."""

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.benchmarks.judges import JudgeNet
 from distill.errors import DistillError
 from distill.benchmarks.digits.judge import shift_augment
 from distill.tensors import weights_hash
@@ -48,7 +49,7 @@ _WEIGHTS_FILE = "model.safetensors"
 _CONFIG_FILE = "config.json"
 
 
-class TextDigitsNet(nn.Module):
+class TextDigitsNet(JudgeNet):
     """Small CNN for 3x32x32 colored digits in [-1, 1], with a digit head and a color head (~120k parameters).
 
     Layout (shapes for a batch of B, default widths c = (32, 64, 64)):
@@ -58,53 +59,22 @@ class TextDigitsNet(nn.Module):
         -linear+SiLU-> (B, feature_dim)                                   <- features()
         -linear-> (B, 10) digit logits, -linear-> (B, 7) color logits    <- forward()
 
-    Both heads read the same features, so FD-text-digits sees shape and color. SiLU at the feature layer and no
-    batch norm, as in :class:`distill.benchmarks.digits.judge.DigitsNet`: every feature unit varies, and in eval mode a
-    sample's features do not depend on the rest of its batch.
+    Both heads read the same features, so FD-text-digits sees shape and color. The skeleton (SiLU features, no batch
+    norm) is :class:`~distill.benchmarks.judges.JudgeNet`, shared with the digits benchmark's net.
     """
 
     def __init__(self, channels: tuple[int, int, int] = (32, 64, 64), feature_dim: int = 64, num_digits: int = 10,
                  num_colors: int = 7, dropout: float = 0.2) -> None:
-        super().__init__()
-        c1, c2, c3 = (int(c) for c in channels)
-        self.channels = (c1, c2, c3)
-        self.feature_dim = int(feature_dim)
+        super().__init__((3, 32, 32), channels, feature_dim, dropout)
         self.num_digits = int(num_digits)
         self.num_colors = int(num_colors)
-        self.dropout_p = float(dropout)
-        self.conv1 = nn.Conv2d(3, c1, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, padding=1)
-        self.conv3 = nn.Conv2d(c2, c3, kernel_size=3, padding=1)
-        self.fc1 = nn.Linear(c3 * 4 * 4, self.feature_dim)
         self.digit_head = nn.Linear(self.feature_dim, self.num_digits)
         self.color_head = nn.Linear(self.feature_dim, self.num_colors)
-        self.dropout = nn.Dropout(self.dropout_p)
-
-    @property
-    def num_features(self) -> int:
-        """Feature dimension D (the name torchmetrics looks for on a custom feature extractor)."""
-        return self.feature_dim
 
     def architecture(self) -> dict[str, Any]:
         """Constructor arguments, as written to config.json."""
         return {"channels": list(self.channels), "feature_dim": self.feature_dim, "num_digits": self.num_digits,
                 "num_colors": self.num_colors, "dropout": self.dropout_p}
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate-layer features.
-
-        Args:
-            x: (B, 3, 32, 32) images in [-1, 1].
-
-        Returns:
-            (B, feature_dim) features (after the SiLU).
-        """
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32):
-            raise DistillError(f"TextDigitsNet expects images of shape (B, 3, 32, 32), got {tuple(x.shape)}.")
-        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
-        h = F.max_pool2d(F.relu(self.conv3(h)), 2)
-        return F.silu(self.fc1(h.flatten(1)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, 32, 32) images in [-1, 1] -> (digit logits (B, 10), color logits (B, 7))."""

@@ -1,0 +1,58 @@
+"""The skeleton the shipped benchmarks' judge networks share.
+
+A judge network is an evaluation instrument of one benchmark: a small CNN classifier whose penultimate layer is the
+feature space of the benchmark's Frechet distance, and whose heads read prompt accuracy. It never trains a model
+(:func:`distill.registry.refuse_judges`). :class:`JudgeNet` is the part the digits and colored-digits judges have in
+common: conv3x3 + ReLU + 2x2 max-pool stages, then a linear layer with SiLU as the features. Each subclass adds its
+heads and its own ``forward``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.errors import DistillError
+
+
+class JudgeNet(nn.Module):
+    """conv3x3+ReLU+maxpool stages ``conv1 .. convK`` over ``in_shape`` = (C, H, W) images in [-1, 1], then
+    ``fc1`` + SiLU: the (B, feature_dim) features. ``dropout`` is applied by the subclasses' heads in training.
+
+    The feature nonlinearity is SiLU, not ReLU: with ReLU many units are zero on every image, which wastes feature
+    dimensions and makes the covariance the Frechet distance is built on singular. No batch norm, so in eval mode a
+    sample's features do not depend on the other samples in its batch.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int], channels: Sequence[int], feature_dim: int,
+                 dropout: float) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        self.in_shape = (int(c), int(h), int(w))
+        self.channels = tuple(int(ch) for ch in channels)
+        self.feature_dim = int(feature_dim)
+        self.dropout_p = float(dropout)
+        for i, (a, b) in enumerate(zip((self.in_shape[0], *self.channels), self.channels), start=1):
+            self.add_module(f"conv{i}", nn.Conv2d(a, b, kernel_size=3, padding=1))
+        shrink = 2 ** len(self.channels)
+        self.fc1 = nn.Linear(self.channels[-1] * (h // shrink) * (w // shrink), self.feature_dim)
+        self.dropout = nn.Dropout(self.dropout_p)
+
+    @property
+    def num_features(self) -> int:
+        """Feature dimension D (the name torchmetrics looks for on a custom feature extractor)."""
+        return self.feature_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer features: (B, C, H, W) images in [-1, 1] -> (B, feature_dim), after the SiLU."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.in_shape:
+            c, h, w = self.in_shape
+            raise DistillError(f"{type(self).__name__} expects images of shape (B, {c}, {h}, {w}), got "
+                               f"{tuple(x.shape)}.")
+        h = x
+        for i in range(1, len(self.channels) + 1):
+            h = F.max_pool2d(F.relu(getattr(self, f"conv{i}")(h)), 2)
+        return F.silu(self.fc1(h.flatten(1)))
