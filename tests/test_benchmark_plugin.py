@@ -141,3 +141,24 @@ def test_quickstart_runs_a_benchmark_from_a_dotted_path_end_to_end(blobbench, tm
     assert {row["protocol"]["name"] for row in rows} == {"blobs"}
     assert any(row["model"] == "consistency" and row["steps"] == 1 for row in rows)
     assert "FD-pixels" in (out / "LEADERBOARD.md").read_text()
+
+
+def test_every_benchmarks_judge_is_refused_as_a_discriminator_backbone():
+    """The guard covers every registered benchmark's judges, the text-digits classifier included: by class, by
+    copied weights, and by name; a network of its own passes."""
+    import torch
+
+    from distill.benchmarks.text_digits.judge import load_text_digits_net
+    from distill.methods.adversarial import refers_to_eval_net
+
+    judge = load_text_digits_net()
+    with pytest.raises(DistillError, match="benchmark text-digits's evaluation network TextDigitsNet"):
+        registry.refuse_judges(judge, "mine")
+    copied = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1))
+    copied[0].load_state_dict({"weight": judge.conv1.weight, "bias": judge.conv1.bias})
+    with pytest.raises(DistillError, match="holds benchmark text-digits's evaluation network weights"):
+        registry.refuse_judges(copied, "copied")
+    torch.manual_seed(0)
+    registry.refuse_judges(torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1)), "fresh")  # no error
+    assert refers_to_eval_net("my_pkg:text_digits_net") and refers_to_eval_net("x:load_digits_net")
+    assert not refers_to_eval_net("my_pkg:my_backbone")
