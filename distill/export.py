@@ -141,7 +141,8 @@ def save_pipeline(denoiser: nn.Module, folder: str | Path, sampler: str | None =
 def save_student(denoiser: nn.Module, folder: str | Path, info: dict, *,
                  teacher: str | Path | None = None) -> Path:
     """A pipeline folder plus ``distill.json`` (method, sampler, step counts, sigma grids, the ``guidance`` to pass
-    as ``guidance_scale``) for the harness and for users; a LoRA student also gets ``folder/lora/``
+    as ``guidance_scale``; for a transformer ``w``-student, whose ``w`` is baked into its network, 1 and
+    ``baked_guidance: w``) for the harness and for users; a LoRA student also gets ``folder/lora/``
     (:func:`distill.lora.save_lora`; ``info["teacher"]`` names the teacher it applies to). Last, the model card
     ``README.md`` (:func:`distill.model_card.write_model_card`: the exact stock call, not yet any results);
     ``teacher`` (the recipe's teacher, hub id or folder) names its ``base_model``, by default ``info["teacher"]``
@@ -149,9 +150,15 @@ def save_student(denoiser: nn.Module, folder: str | Path, info: dict, *,
     from distill.lora import is_lora, save_lora
     from distill.model_card import write_model_card
 
-    source = getattr(getattr(denoiser, "inner", denoiser), "source", None)
+    inner = getattr(denoiser, "inner", denoiser)
+    source = getattr(inner, "source", None)
     folder = save_pipeline(denoiser, folder, info.get("sampler"), info.get("original_inference_steps"),
                            guidance=info.get("guidance"))
+    if hasattr(inner, "guidance_embedder") and info.get("guidance") is not None:
+        # a transformer w-student: save_pipeline baked w into the exported network, whose conditional estimate is
+        # now the guided one; classifier-free guidance on top would guide twice, so the folder is sampled at 1
+        # (info is updated in place: the caller's card and evaluation read the same values as distill.json)
+        info["baked_guidance"], info["guidance"] = info["guidance"], 1.0
     (folder / "distill.json").write_text(json.dumps(info, indent=1))
     if is_lora(denoiser):
         save_lora(denoiser, folder / LORA_FOLDER, info, folder / "scheduler" / "scheduler_config.json",

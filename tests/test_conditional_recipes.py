@@ -117,13 +117,15 @@ def test_guidance_embedded_student_serves_a_range_of_w(tiny_pipelines, caption_d
         outs = [student(x, s, **cond, guidance=torch.full((2,), w)) for w in (1.5, 4.0, 6.0)]
     assert (outs[0] - outs[1]).abs().max() > 1e-6 and (outs[1] - outs[2]).abs().max() > 1e-6
     info = json.loads((tmp_path / "run" / "model" / "distill.json").read_text())
-    assert info["guidance"] == 4.0  # what a stock pipeline gets as guidance_scale
     exported = load_denoiser(tmp_path / "run" / "model")
     if kind == "sd":
         # UNets keep the input (time_cond_proj_dim): the stock pipeline feeds guidance_scale to it
+        assert info["guidance"] == 4.0  # what a stock pipeline gets as guidance_scale
         assert exported.takes_guidance
     else:
-        # transformers have no stock guidance input: w is baked into the exported network
+        # transformers have no stock guidance input: w is baked into the exported network, so the folder is sampled
+        # at guidance_scale 1 (classifier-free guidance on top would guide twice)
+        assert info["guidance"] == 1.0 and info["baked_guidance"] == 4.0
         assert not exported.takes_guidance
         with torch.no_grad():
             torch.testing.assert_close(exported(x, s, **cond), outs[1], rtol=1e-4, atol=1e-4)
