@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("recipe",),
     ("eval",),
     ("export", "model_card"),
-    ("trainer",),
+    ("trainer", "training"),
     ("jobs", "quickstart"),
     ("cli", "__main__"),
     ("benchmarks",),

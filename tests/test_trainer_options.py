@@ -42,15 +42,15 @@ def test_tensorboard_event_file_is_written_and_read_back(tmp_path, tiny_teacher,
 
 
 def test_half_precision_teacher_and_its_cpu_warning(tmp_path, tiny_teacher, one_thread, monkeypatch):
-    import distill.trainer
+    import distill.training.speed
 
     # a CPU with native bf16 (AVX512-BF16, AMX) runs it fast: no warning there
-    monkeypatch.setattr(distill.trainer, "cpu_has_native", lambda dtype: True)
+    monkeypatch.setattr(distill.training.speed, "cpu_has_native", lambda dtype: True)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         _trainer(tmp_path / "native", tiny_teacher, "trainer.teacher_dtype=bf16")
     assert not any("meant for GPUs" in str(w.message) for w in seen)
-    monkeypatch.setattr(distill.trainer, "cpu_has_native", lambda dtype: False)
+    monkeypatch.setattr(distill.training.speed, "cpu_has_native", lambda dtype: False)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         t = _trainer(tmp_path, tiny_teacher, "trainer.teacher_dtype=bf16")
@@ -62,10 +62,10 @@ def test_half_precision_teacher_and_its_cpu_warning(tmp_path, tiny_teacher, one_
 
 
 def test_cpu_bf16_steps_run_short_attention_in_fp32(tmp_path, tiny_teacher, one_thread, monkeypatch):
-    import distill.trainer
+    import distill.training.speed
     from distill.precision import ShortAttentionFP32
 
-    monkeypatch.setattr(distill.trainer, "cpu_has_native", lambda dtype: True)
+    monkeypatch.setattr(distill.training.speed, "cpu_has_native", lambda dtype: True)
     t = _trainer(tmp_path, tiny_teacher, "trainer.mixed_precision=bf16")
     assert isinstance(t.attention_mode, ShortAttentionFP32)
     result = t.fit()
