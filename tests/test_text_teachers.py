@@ -10,6 +10,7 @@ import torch
 ASSETS = Path(__file__).resolve().parents[1] / "distill" / "assets"
 
 
+@pytest.mark.slow  # a quality floor of the shipped teachers (10-28 s each): CI's make test-all runs it
 @pytest.mark.parametrize("name", ["text-digits-sd", "text-digits-sd3"])
 def test_stock_pipeline_draws_the_asked_digit_and_color(name):
     """DiffusionPipeline.from_pretrained(folder) alone (no distill code), 25 steps of its own scheduler at guidance
