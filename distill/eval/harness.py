@@ -152,7 +152,7 @@ def guidance_scales(model: Model, protocol: Protocol, guidance: Sequence[float] 
 
 def evaluate(
     model: Any,
-    protocol: str | Path | Protocol = "digits",
+    protocol: str | Path | Protocol,
     steps: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
     samplers: Sequence[str] | None = None,
     *,

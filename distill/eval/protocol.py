@@ -36,7 +36,8 @@ class Protocol:
     """What an FD/FID number means. See ``evals/protocols/*.yaml``."""
 
     name: str
-    dataset: str = "digits"  # data.name: digits, a local folder, or a hub dataset
+    dataset: str  # data.name: a benchmark's dataset (digits, text-digits, ...), a local folder, or a hub dataset
+    extractor: str  # a benchmark's (digits, text-digits, ...) | clean-fid | torchmetrics | package.module:callable
     split: str = "train"
     image_column: str = "image"
     layout: str = "image"  # each sample: image (C, H, W) | video (C, F, H, W) | audio (C, L) (data.layout)
@@ -45,7 +46,6 @@ class Protocol:
     split_seed: int = 0  # random split of the data into halves A (reference) and B (floor)
     n: int | None = None  # samples per point; null = len(half B); the floor uses the same n
     seed: int = 0  # sample i starts from torch.Generator().manual_seed(seed + i)
-    extractor: str = "digits"  # digits | clean-fid | torchmetrics | package.module:callable
     extractor_args: dict[str, Any] = field(default_factory=dict)
     # sigma grid per teacher sampler: the teacher's own timesteps (leading | trailing | linspace) or karras.
     # Heun needs a bounded sigma_max: from a VP teacher's sigma_max (2e4 for the cosine schedule) its
