@@ -14,7 +14,7 @@ text-digits`` runs it on the SD-shaped colored-digits text-to-image teacher (``m
    is judged against the best training-free sampler at its NFE.
 
 The baselines and the students' runs are independent jobs: they run side by side, one process per CPU core
-(:func:`lanes`, ``--jobs``), and their results meet in step 3. Started again with the same ``--out``, finished
+(:func:`lanes`, ``--jobs``; :mod:`distill.jobs` runs them), and their results meet in step 3. Started again with the same ``--out``, finished
 recipes are kept and an interrupted one resumes from its newest checkpoint. ``--fast`` runs tiny budgets for a
 first look; its numbers are not the leaderboard's.
 """
@@ -22,12 +22,12 @@ first look; its numbers are not the leaderboard's.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill import jobs as job_runner
 from distill.errors import DistillError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ class Quickstart:
     n: int | None = None  # samples per point; None: the protocol's
     measured: str = ""  # what the default run took, for the banner
     # minutes each job took in the last measured run: with several jobs at once, they are handed out in the order
-    # that ends first with these times (quickstart.schedule), so that no long job is left to run alone at the end
+    # that ends first with these times (distill.jobs.schedule), so that no long job is left to run alone at the end
     minutes: dict[str, float] = field(default_factory=dict)
     fast_minutes: dict[str, float] = field(default_factory=dict)  # the same for --fast: there the baselines lead
     # student: the student whose exported model it starts from (``student.init``); it runs once that one finished
@@ -181,92 +181,33 @@ def run_quickstart(out: str | Path, fast: bool = False, console: Any = None,
             if job.get("restart"):
                 progress.console.print(f"{job['name']}: {job['run']} holds a run with other settings; starting it over")
         progress.update(overall, completed=sum(steps.values()))
-        if nlanes == 1:
-            timings = {}
-            for job in todo:
-                start = time.time()
-                progress.update(overall, description=f"quickstart: {job['name']}")
-                base = sum(steps.values())
-                _do_job(job, progress, lambda s, at=base: progress.update(overall, completed=at + s))
-                if job["kind"] == "recipe":
-                    steps[job["name"]] = configs[job["name"]].trainer.max_steps
-                timings[job["name"]] = {"pid": os.getpid(), "start": start, "end": time.time()}
-        else:
-            cost = b.fast_minutes if fast else b.minutes
-            order = schedule(todo, {j["name"]: cost.get(j["name"], 0.0) for j in todo}, nlanes)
-            timings = _run_lanes(order, nlanes, threads, progress, overall, steps)
+        try:
+            # with several lanes, the jobs go out in the order that ends first with the last measured minutes
+            timings = job_runner.run(todo, _do_job, nlanes, threads, progress, overall, label="quickstart",
+                                     costs=b.fast_minutes if fast else b.minutes, steps=steps,
+                                     units={j["name"]: configs[j["name"]].trainer.max_steps
+                                            for j in todo if j["kind"] == "recipe"},
+                                     blocked="not run: it starts from {dep}'s student, and {dep} failed")
+        except job_runner.LanesDidNotStart as e:
+            raise DistillError(f"a quickstart job process ended with exit code {e.exitcode} before it started: "
+                               f"{e.why}. Run `distill quickstart`, call run_quickstart from a script saved to a "
+                               "file, or run the jobs in this process with --jobs 1 (jobs=1).") from None
+        except job_runner.JobsFailed as e:
+            said = "\n".join(f"{name}: {msg.strip()}" for name, msg in e.errors.items())
+            raise DistillError(f"quickstart jobs failed: {', '.join(e.errors)} (the others finished and are kept; "
+                               f"run the same command again to retry only the failed ones):\n{said}") from None
         progress.update(overall, description="quickstart", completed=total)
     result = report(out, fast, console, time.perf_counter() - t0, b,
                     lanes=(nlanes, threads) if nlanes > 1 else None)
     return {**result, "lanes": nlanes, "jobs": timings}
 
 
-def makespan(order: list[dict[str, Any]], minutes: dict[str, float], nlanes: int) -> float:
-    """When the last job ends if ``nlanes`` lanes each take the first job of ``order`` they can start (one whose
-    ``after`` has ended) as soon as they are free, each job taking ``minutes[name]``: how :func:`_run_lanes` runs
-    them."""
-    free = [0.0] * nlanes
-    ends: dict[str, float] = {}
-    pending = list(order)
-    names = {j["name"] for j in order}
-    while pending:
-        lane = min(range(nlanes), key=free.__getitem__)
-        now = free[lane]
-        ready = [j for j in pending if j.get("after") not in names or ends.get(j["after"], float("inf")) <= now]
-        if not ready:  # wait for the next job to end
-            later = [t for t in ends.values() if t > now]
-            free[lane] = min(later) if later else now
-            if not later:  # nothing can free it: a job waits for one that never runs
-                break
-            continue
-        job = ready[0]
-        pending.remove(job)
-        free[lane] = ends[job["name"]] = now + minutes.get(job["name"], 0.0)
-    return max(ends.values(), default=0.0)
-
-
-def schedule(todo: list[dict[str, Any]], minutes: dict[str, float], nlanes: int) -> list[dict[str, Any]]:
-    """The order to hand ``todo`` to ``nlanes`` lanes: of every order of up to 7 jobs, the one that ends first by
-    :func:`makespan` (ties: the longest jobs first); more jobs, the longest first, a job that others wait for
-    counting their minutes too. The minutes are the last measured run's (``Quickstart.minutes``)."""
-    import itertools
-
-    def chain(job: dict[str, Any]) -> float:
-        return minutes.get(job["name"], 0.0) + sum(minutes.get(j["name"], 0.0) for j in todo
-                                                   if j.get("after") == job["name"])
-
-    longest = sorted(todo, key=lambda j: -chain(j))
-    if len(todo) > 7:
-        return longest
-    best, best_t = longest, makespan(longest, minutes, nlanes)
-    for perm in itertools.permutations(longest):
-        t = makespan(list(perm), minutes, nlanes)
-        if t < best_t - 1e-9:
-            best, best_t = list(perm), t
-    return best
-
-
 def lanes(jobs: int | None, pending: int, cores: int | None = None, cuda: bool | None = None) -> tuple[int, int]:
-    """How many quickstart jobs run at once, and the torch threads each gets: ``(lanes, threads)``.
-
-    On a CPU, one training process per core beats one process over all cores: this project's networks are small, so
-    a step is many short parallel regions, and a second thread adds little to one process (about 1.25x on the
-    digits UNet) while a second process on the other core adds more (the digits quickstart: 1.33x faster in all,
-    ``docs/speed.md``). So ``None``
-    gives every core its own job (at most one per pending job) and splits the cores evenly; where CUDA is present
-    the jobs would share one GPU, and it runs them one at a time. ``jobs`` asks for a number of lanes.
-    """
-    if jobs is not None and jobs < 1:
+    """How many quickstart jobs run at once, and the torch threads each gets: ``(lanes, threads)``; one per CPU core
+    by default, one where CUDA is present (:func:`distill.jobs.lanes` says why). ``jobs``: ``--jobs``."""
+    if jobs is not None and jobs < 1:  # said in the CLI's words
         raise DistillError(f"--jobs must be at least 1, got {jobs}; 1 runs the quickstart's jobs one after another.")
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cuda is None:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    n = jobs if jobs is not None else (1 if cuda else cores)
-    n = max(1, min(n, pending))
-    return n, max(1, cores // n)
+    return job_runner.lanes(jobs, pending, cores, cuda)
 
 
 def _do_job(job: dict[str, Any], progress: Any, on_step: Any) -> None:
@@ -298,234 +239,6 @@ def _do_job(job: dict[str, Any], progress: Any, on_step: Any) -> None:
     cfg = load_recipe(Path(job["recipe"]), job["overrides"])
     Trainer(cfg, run, recipe_name=job["recipe_name"]).fit(resume=job["resume"], progress=progress, on_step=on_step)
     (run / DONE).write_text(json.dumps({"finished": time.time()}))
-
-
-class _RemoteProgress:
-    """What a job in a child process sees as its ``rich`` progress display: every call goes to the parent's."""
-
-    disable = False
-
-    def __init__(self, queue: Any, name: str) -> None:
-        self.queue, self.name, self.tasks = queue, name, 0
-        self.console = self
-
-    def add_task(self, description: str, **fields: Any) -> int:
-        self.tasks += 1
-        self.queue.put(("add", self.name, (self.tasks, description, fields)))
-        return self.tasks
-
-    def update(self, task: int, **fields: Any) -> None:
-        self.queue.put(("update", self.name, (task, fields)))
-
-    def remove_task(self, task: int) -> None:
-        self.queue.put(("remove", self.name, task))
-
-    def print(self, *parts: Any, **_: Any) -> None:
-        self.queue.put(("print", self.name, " ".join(map(str, parts))))
-
-
-class _Outbox:
-    """A lane's end of its own pipe to the parent, with ``put`` like a queue's. One channel per lane, written
-    synchronously: a lane that dies mid-message (killed, out of memory, ``os._exit``) garbles only its own channel,
-    which the parent then reads to its end. A ``multiprocessing.Queue`` shared by the lanes is not safe so: its
-    writers share one lock and one pipe, and a process killed while its feeder thread held them left every other
-    lane's reports stuck and the parent waiting for them forever."""
-
-    def __init__(self, conn: Any) -> None:
-        import threading
-
-        self.conn, self.lock = conn, threading.Lock()
-
-    def put(self, message: Any) -> None:
-        with self.lock:
-            self.conn.send(message)
-
-
-def _worker(threads: int, inbox: Any, conn: Any) -> None:
-    """A lane's long-lived child process (spawned: a fresh interpreter with ``threads`` torch threads): it runs the
-    jobs the parent sends to ``inbox`` one after another until it gets ``None``, and reports through its own pipe
-    ``conn`` (:class:`_Outbox`). One process per lane rather than per job: the interpreter, the imports and torch's
-    start-up are paid once per lane (6 to 18 s a process on the 2-core machine, where a ``--fast`` job's work is 30
-    to 60 s; ``docs/speed.md``)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    queue = _Outbox(conn)
-    me = f"pid {os.getpid()}"
-    queue.put(("ready", me, os.getpid()))
-    while True:
-        job = inbox.get()
-        if job is None:
-            return
-        name = job["name"]
-        try:
-            _do_job(job, _RemoteProgress(queue, name), lambda s, n=name: queue.put(("step", n, s)))
-        except KeyboardInterrupt:
-            raise SystemExit(130) from None
-        except BaseException as exc:  # the parent says what failed; this lane takes the next job
-            import traceback
-
-            msg = str(exc) if isinstance(exc, DistillError) else traceback.format_exc(limit=-3)
-            queue.put(("error", name, msg))
-        else:
-            queue.put(("done", name, None))
-        queue.put(("ready", me, os.getpid()))
-
-
-def _run_lanes(order: list[dict[str, Any]], nlanes: int, threads: int, progress: Any, overall: Any,
-               steps: dict[str, int]) -> dict[str, dict[str, float]]:
-    """Run the jobs on ``nlanes`` long-lived spawned processes (:func:`_worker`), each taking the next job in
-    ``order`` when it is free, and show their bars in ``progress``. A job that raises is reported and its lane goes
-    on; a lane whose process dies (killed, out of memory) fails the job it held and is replaced while jobs remain."""
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
-
-    ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or locks
-    channels: dict[int, Any] = {}  # pid: the reading end of that lane's own pipe (_Outbox)
-    pending = list(order)
-    waited_for = {j["name"] for j in order}  # jobs that run here: a job after one of them waits for its end
-    done: set[str] = set()
-    workers: dict[int, tuple[Any, Any]] = {}  # pid: (process, inbox)
-    holding: dict[int, str | None] = {}  # pid: the job it runs (None: idle)
-    idle: list[int] = []  # free lanes with nothing they can start yet
-    started: set[int] = set()  # lanes that came up (said "ready" once)
-    failed_start: int | None = None  # the exit code of a lane that died before it came up
-    tasks: dict[tuple[str, int], Any] = {}
-    errors: dict[str, str] = {}
-    timings: dict[str, dict[str, float]] = {}
-    # several processes share the cores: idle OpenMP threads must sleep, not spin (docs/speed.md); read by a child's
-    # torch at its start, so set here, for the children only
-    before = os.environ.get("OMP_WAIT_POLICY")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-    def spawn() -> None:
-        inbox = ctx.Queue()
-        reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(threads, inbox, writer), name="distill-quickstart-lane")
-        proc.start()
-        writer.close()  # the lane holds the only writing end: when it ends, its channel reads to an end
-        workers[proc.pid], holding[proc.pid] = (proc, inbox), None
-        channels[proc.pid] = reader
-
-    def ended(name: str) -> None:
-        timings[name]["end"] = time.time()
-        for key in [k for k in tasks if k[0] == name]:
-            progress.remove_task(tasks.pop(key))
-
-    def startable() -> dict[str, Any] | None:
-        for job in list(pending):
-            dep = job.get("after")
-            if dep in errors:  # what it starts from failed: it cannot run
-                pending.remove(job)
-                errors[job["name"]] = f"not run: it starts from {dep}'s student, and {dep} failed"
-            elif dep is None or dep not in waited_for or dep in done:
-                pending.remove(job)
-                return job
-        return None
-
-    def dispatch(pid: int) -> None:  # a lane is free: give it the next job it can start, or let it go
-        holding[pid] = None
-        job = startable()
-        if job is None and pending:
-            idle.append(pid)  # jobs wait for others still running: keep the lane
-            return
-        workers[pid][1].put(job)
-        if job is not None:
-            holding[pid] = job["name"]
-            timings[job["name"]] = {"pid": pid, "start": time.time()}
-
-    def wake() -> None:  # a job ended: what waited for it may start now
-        for pid in list(idle):
-            idle.remove(pid)
-            dispatch(pid)
-
-    def handle(kind: str, name: str, body: Any) -> None:
-        if kind == "ready":
-            started.add(body)
-            if body in workers:
-                dispatch(body)
-        elif kind == "add":
-            i, description, fields = body
-            label = name if description in (name, "") else f"{name}: {description}"
-            fields.setdefault("info", "")
-            tasks[name, i] = progress.add_task(label, **fields)
-        elif kind == "update" and (name, body[0]) in tasks:
-            progress.update(tasks[name, body[0]], **body[1])
-        elif kind == "remove" and (name, body) in tasks:
-            progress.remove_task(tasks.pop((name, body)))
-        elif kind == "print":
-            progress.console.print(f"{name}: {body}" if not body.startswith(name) else body)
-        elif kind == "step":
-            steps[name] = body
-            progress.update(overall, completed=sum(steps.values()))
-        elif kind in ("done", "error"):
-            if kind == "error":
-                errors[name] = body
-            else:
-                done.add(name)
-            ended(name)
-            wake()
-
-    def receive(pid: int) -> None:  # everything the lane has said so far; its channel closes when the lane is gone
-        conn = channels.get(pid)
-        while conn is not None and conn.poll():
-            try:
-                message = conn.recv()
-            except Exception:  # EOF: the lane ended, perhaps mid-message (the rest of that message is lost)
-                conn.close()
-                del channels[pid]
-                return
-            handle(*message)
-
-    try:
-        for _ in range(nlanes):
-            spawn()
-        while workers and failed_start is None:
-            busy = [n for n in holding.values() if n is not None]
-            progress.update(overall, description=f"quickstart: {', '.join(busy) or 'starting'}")
-            readable = wait(list(channels.values()), timeout=0.2)
-            for pid in [p for p, c in channels.items() if c in readable]:
-                receive(pid)
-            for pid, (proc, _) in list(workers.items()):
-                if proc.exitcode is None:
-                    continue
-                receive(pid)  # what it said before it ended
-                proc.join()
-                lost = holding.pop(pid, None)
-                del workers[pid]
-                if pid not in started:  # it could not even start: a fresh one would not either
-                    failed_start = proc.exitcode
-                    break
-                if pid in idle:
-                    idle.remove(pid)
-                if lost is not None and lost not in errors and "end" not in timings[lost]:
-                    errors[lost] = f"its process ended with exit code {proc.exitcode}"
-                    ended(lost)
-                    wake()
-                if pending and len(workers) < nlanes:
-                    spawn()  # a lane died with jobs left: a fresh one takes them
-    finally:
-        for proc, _ in workers.values():  # interrupted: stop the children (their checkpoints stay for a resume)
-            proc.terminate()
-            proc.join()
-        for conn in channels.values():
-            conn.close()
-        if before is None:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-    if failed_start is not None:
-        import sys
-
-        main = getattr(sys.modules.get("__main__"), "__file__", None)
-        why = (f"spawned processes re-import the script that started them, and {main!r} is not a file (Python read "
-               "from stdin?)" if main is not None and not Path(main).is_file() else "see the error printed above")
-        raise DistillError(f"a quickstart job process ended with exit code {failed_start} before it started: {why}. "
-                           "Run `distill quickstart`, call run_quickstart from a script saved to a file, or run the "
-                           "jobs in this process with --jobs 1 (jobs=1).")
-    if errors:
-        said = "\n".join(f"{name}: {msg.strip()}" for name, msg in errors.items())
-        raise DistillError(f"quickstart jobs failed: {', '.join(errors)} (the others finished and are kept; run the "
-                           f"same command again to retry only the failed ones):\n{said}")
-    return timings
 
 
 def _shown(path: Path) -> str:

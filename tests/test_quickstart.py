@@ -233,7 +233,7 @@ def test_quickstart_lanes_split_the_cores_and_pick_one_lane_on_a_gpu():
 
 
 def test_the_job_order_ends_first_and_a_job_waits_for_what_it_starts_from():
-    from distill.quickstart import makespan, schedule
+    from distill.jobs import makespan, schedule
 
     jobs = [{"name": n} for n in "ABCDE"]
     minutes = {"A": 3, "B": 3, "C": 2, "D": 2, "E": 2}
