@@ -21,6 +21,8 @@ from distill.tensors import weights_hash as _state_dict_hash
 
 __all__ = ["FeatureExtractor", "ModuleExtractor", "to_uint8"]
 
+_LAYOUTS = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, F, H, W)"}
+
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Quantize images in [-1, 1] to uint8 the way a sample is written to a PNG file.
@@ -52,6 +54,8 @@ class FeatureExtractor(abc.ABC):
     metric: str
     batch_size: int
     device: torch.device
+    # the batch ranks it scores: 4 (N, C, H, W) images by default; None: any of images, video (5) and audio (3)
+    sample_ranks: tuple[int, ...] | None = (4,)
 
     @property
     @abc.abstractmethod
@@ -80,10 +84,11 @@ class FeatureExtractor(abc.ABC):
         Returns:
             (N, D) float32 features on the CPU, row i from image i alone.
         """
-        if not isinstance(images, torch.Tensor) or images.ndim < 3:
+        ranks = self.sample_ranks or (3, 4, 5)
+        if not isinstance(images, torch.Tensor) or images.ndim not in ranks:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise DistillError(f"{self.name} takes samples of shape (N, C, H, W), (N, C, F, H, W) or (N, C, L), got "
-                               f"{shape}.")
+            layouts = " or ".join(_LAYOUTS[r] for r in sorted(ranks))
+            raise DistillError(f"{self.name} takes samples of shape {layouts}, got {shape}.")
         if not images.is_floating_point():
             # A uint8 image in 0..255 would be clipped to [-1, 1] into near-black noise without any error.
             raise DistillError(f"{self.name} takes float images in [-1, 1], got dtype {images.dtype}; "
@@ -122,6 +127,8 @@ class ModuleExtractor(FeatureExtractor):
         device: where the module runs (it is moved there).
         batch_size: images per forward pass.
     """
+
+    sample_ranks = None  # the module decides what it reads: images, video or audio batches
 
     def __init__(self, module: nn.Module, name: str, metric: str | None = None,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None, *, dim: int | None = None,
