@@ -9,13 +9,22 @@ heads and its own ``forward``.
 
 from __future__ import annotations
 
-from typing import Sequence
+import json
+import platform
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import DistillError
+from distill.tensors import weights_hash
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+J = TypeVar("J", bound="JudgeNet")
 
 
 class JudgeNet(nn.Module):
@@ -56,3 +65,56 @@ class JudgeNet(nn.Module):
         for i in range(1, len(self.channels) + 1):
             h = F.max_pool2d(F.relu(getattr(self, f"conv{i}")(h)), 2)
         return F.silu(self.fc1(h.flatten(1)))
+
+
+def save_judge(net: JudgeNet, folder: str | Path, about: dict[str, Any], report: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` to ``folder``: ``about``'s entries (name, input, ...) around
+    the architecture, the weights hash, the training ``report`` and the versions that made it."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = {"name": about["name"], "architecture": net.architecture(),
+              **{k: v for k, v in about.items() if k != "name"},
+              "weights_hash": weights_hash(net), "training": dict(report or {}),
+              "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}}
+    try:
+        import sklearn
+
+        config["versions"]["scikit-learn"] = sklearn.__version__
+    except ImportError:  # pragma: no cover - sklearn is a dependency, but saving must not need it
+        pass
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def load_judge_config(folder: Path, module: str) -> dict[str, Any]:
+    """The config.json of a saved judge in ``folder``; ``module`` trains one (``python -m module --out folder``)."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise DistillError(f"no {CONFIG_FILE} in {folder}; train one with `python -m {module} --out {folder}`.")
+    return json.loads(path.read_text())
+
+
+def load_judge(cls: type[J], folder: Path, what: str, module: str) -> J:
+    """A ``cls`` judge from ``folder`` (its config.json's architecture, its safetensors weights; nothing is
+    unpickled), in eval mode. ``what`` names it in errors; ``module`` trains one."""
+    from safetensors.torch import load_file
+
+    fix = f"train one with `python -m {module} --out {folder}`"
+    if not folder.is_dir():
+        raise DistillError(f"{what} folder {folder} does not exist; {fix}.")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise DistillError(f"no {WEIGHTS_FILE} in {folder}; {fix}.")
+    arch = dict(load_judge_config(folder, module).get("architecture", {}))
+    if "channels" in arch:
+        arch["channels"] = tuple(arch["channels"])
+    try:
+        net = cls(**arch)
+        net.load_state_dict(load_file(str(weights)), strict=True)
+    except (TypeError, RuntimeError) as e:
+        raise DistillError(f"{weights} does not match the architecture in {folder / CONFIG_FILE}: {e}") from e
+    return net.eval()

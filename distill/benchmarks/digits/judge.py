@@ -13,8 +13,6 @@ metric that also trains a model would grade its own student (the adversarial rec
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.benchmarks.judges import JudgeNet
-from distill.errors import DistillError
+from distill.benchmarks.judges import JudgeNet, load_judge, load_judge_config, save_judge
 from distill.tensors import weights_hash
 
 __all__ = [
@@ -43,8 +40,6 @@ __all__ = [
 ]
 
 DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / "assets" / "digits-features"
-_WEIGHTS_FILE = "model.safetensors"
-_CONFIG_FILE = "config.json"
 
 
 class DigitsNet(JudgeNet):
@@ -209,29 +204,11 @@ def train_digits_net(seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: 
 
 def save_digits_net(net: DigitsNet, folder: str | Path, report: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (architecture, training report, versions) to ``folder``."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(folder / _WEIGHTS_FILE), metadata={"format": "pt"})
-    config = {
+    return save_judge(net, folder, {
         "name": "FD-digits feature network (not Inception)",
-        "architecture": net.architecture(),
         "input": "(B, 1, 8, 8) float32 in [-1, 1]; sklearn load_digits scaled as x / 8 - 1",
         "features": f"(B, {net.feature_dim}) penultimate layer after SiLU",
-        "weights_hash": weights_hash(net),
-        "training": dict(report or {}),
-        "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
-    }
-    try:
-        import sklearn
-
-        config["versions"]["scikit-learn"] = sklearn.__version__
-    except ImportError:  # pragma: no cover - sklearn is a dependency, but saving must not need it
-        pass
-    (folder / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return folder
+    }, report)
 
 
 def resolve_folder(folder: str | Path | None) -> Path:
@@ -246,12 +223,7 @@ def resolve_folder(folder: str | Path | None) -> Path:
 
 def load_digits_config(folder: str | Path | None = None) -> dict[str, Any]:
     """The config.json of a saved DigitsNet (default: the shipped one)."""
-    folder = resolve_folder(folder)
-    path = folder / _CONFIG_FILE
-    if not path.is_file():
-        raise DistillError(f"no {_CONFIG_FILE} in {folder}; train one with "
-                           f"`python -m distill.benchmarks.digits.judge --out {folder}`.")
-    return json.loads(path.read_text())
+    return load_judge_config(resolve_folder(folder), __name__)
 
 
 def load_digits_net(folder: str | Path | None = None) -> DigitsNet:
@@ -259,25 +231,7 @@ def load_digits_net(folder: str | Path | None = None) -> DigitsNet:
 
     Only safetensors weights are read; nothing is unpickled.
     """
-    from safetensors.torch import load_file
-
-    folder = resolve_folder(folder)
-    fix = f"train one with `python -m distill.benchmarks.digits.judge --out {folder}`"
-    if not folder.is_dir():
-        raise DistillError(f"digits feature network folder {folder} does not exist; {fix}.")
-    weights = folder / _WEIGHTS_FILE
-    if not weights.is_file():
-        raise DistillError(f"no {_WEIGHTS_FILE} in {folder}; {fix}.")
-    config = load_digits_config(folder)
-    arch = dict(config.get("architecture", {}))
-    if "channels" in arch:
-        arch["channels"] = tuple(arch["channels"])
-    try:
-        net = DigitsNet(**arch)
-        net.load_state_dict(load_file(str(weights)), strict=True)
-    except (TypeError, RuntimeError) as e:
-        raise DistillError(f"{weights} does not match the architecture in {folder / _CONFIG_FILE}: {e}") from e
-    return net.eval()
+    return load_judge(DigitsNet, resolve_folder(folder), "digits feature network", __name__)
 
 
 def judges() -> list[DigitsNet]:

@@ -15,8 +15,6 @@ own student.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.benchmarks.judges import JudgeNet
-from distill.errors import DistillError
+from distill.benchmarks.judges import JudgeNet, load_judge, load_judge_config, save_judge
 from distill.benchmarks.digits.judge import shift_augment
 from distill.tensors import weights_hash
 
@@ -45,8 +42,6 @@ __all__ = [
 ]
 
 DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / "assets" / "text-digits-features"
-_WEIGHTS_FILE = "model.safetensors"
-_CONFIG_FILE = "config.json"
 
 
 class TextDigitsNet(JudgeNet):
@@ -197,42 +192,19 @@ def train_text_digits_net(seed: int = 0, epochs: int = 30, colors_per_epoch: int
 
 def save_text_digits_net(net: TextDigitsNet, folder: str | Path, report: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (architecture, training report, versions) to ``folder``."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(folder / _WEIGHTS_FILE), metadata={"format": "pt"})
     from distill.benchmarks.text_digits.data import COLORS
 
-    config = {
+    return save_judge(net, folder, {
         "name": "FD-text-digits feature network (not Inception)",
-        "architecture": net.architecture(),
         "input": "(B, 3, 32, 32) float32 in [-1, 1]; distill.benchmarks.text_digits.data colored digits",
         "features": f"(B, {net.feature_dim}) penultimate layer after SiLU",
         "outputs": {"digit": "0..9", "color": COLORS},
-        "weights_hash": weights_hash(net),
-        "training": dict(report or {}),
-        "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
-    }
-    try:
-        import sklearn
-
-        config["versions"]["scikit-learn"] = sklearn.__version__
-    except ImportError:  # pragma: no cover - sklearn is a dependency, but saving must not need it
-        pass
-    (folder / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return folder
+    }, report)
 
 
 def load_text_digits_config(folder: str | Path | None = None) -> dict[str, Any]:
     """The config.json of a saved TextDigitsNet (default: the shipped one)."""
-    folder = DEFAULT_FOLDER if folder is None else Path(folder)
-    path = folder / _CONFIG_FILE
-    if not path.is_file():
-        raise DistillError(f"no {_CONFIG_FILE} in {folder}; train one with "
-                           f"`python -m distill.benchmarks.text_digits.judge --out {folder}`.")
-    return json.loads(path.read_text())
+    return load_judge_config(DEFAULT_FOLDER if folder is None else Path(folder), __name__)
 
 
 def load_text_digits_net(folder: str | Path | None = None) -> TextDigitsNet:
@@ -240,24 +212,8 @@ def load_text_digits_net(folder: str | Path | None = None) -> TextDigitsNet:
 
     Only safetensors weights are read; nothing is unpickled.
     """
-    from safetensors.torch import load_file
-
-    folder = DEFAULT_FOLDER if folder is None else Path(folder)
-    fix = f"train one with `python -m distill.benchmarks.text_digits.judge --out {folder}`"
-    if not folder.is_dir():
-        raise DistillError(f"text-digits feature network folder {folder} does not exist; {fix}.")
-    weights = folder / _WEIGHTS_FILE
-    if not weights.is_file():
-        raise DistillError(f"no {_WEIGHTS_FILE} in {folder}; {fix}.")
-    arch = dict(load_text_digits_config(folder).get("architecture", {}))
-    if "channels" in arch:
-        arch["channels"] = tuple(arch["channels"])
-    try:
-        net = TextDigitsNet(**arch)
-        net.load_state_dict(load_file(str(weights)), strict=True)
-    except (TypeError, RuntimeError) as e:
-        raise DistillError(f"{weights} does not match the architecture in {folder / _CONFIG_FILE}: {e}") from e
-    return net.eval()
+    return load_judge(TextDigitsNet, DEFAULT_FOLDER if folder is None else Path(folder), "text-digits feature network",
+                      __name__)
 
 
 def judges() -> list[TextDigitsNet]:
