@@ -66,6 +66,7 @@ from distill import losses  # noqa: E402
 from distill.config import OptimizerConfig  # noqa: E402
 from distill.denoisers import ConsistencyDenoiser, DiffusersDenoiser, consistency_timesteps  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
+from distill.methods.common import Head, resolve_distance  # noqa: E402
 from distill.recipe import RecipeConfig, load_recipe  # noqa: E402
 from distill.schedules import add_noise, ddim_step, noise_estimate, rescale  # noqa: E402
 from distill.tensors import per_row  # noqa: E402
@@ -143,17 +144,6 @@ def lr_at(cfg: OptimizerConfig, local: int, length: int, peak: float | None = No
     elif cfg.schedule == "cosine":
         scale *= 0.5 * (1.0 + math.cos(math.pi * local / length))
     return (cfg.lr if peak is None else peak) * scale
-
-
-def distance(name: str, huber_c: float = 0.00054) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``d(pred, target) -> (B,)``: the library's distance of that name (:mod:`distill.losses`)."""
-    if name == "l2":
-        return losses.l2
-    if name == "l1":
-        return losses.l1
-    if name == "pseudo_huber":
-        return lambda pred, target: losses.pseudo_huber(pred, target, c=huber_c)
-    raise DistillError(f"the bare loop takes the distances l2, l1, pseudo_huber, not {name!r}.")
 
 
 # ---------------------------------------------------------------------------------------------- the bare loops
@@ -379,7 +369,7 @@ class BareProgressive(BareLoop):
         self.fine_t = torch.from_numpy(self.tab.schedule.timesteps(fine, m.spacing)).long().to(device)
         self.fine_s = self.tab.schedule.grid(fine, m.spacing).float().to(device)
         self.weight = losses.weighting(m.weighting)
-        self.dist = distance(m.distance)
+        self.dist = resolve_distance(m.distance)
         iters, lrs = m.per_phase(m.iters_per_phase), m.per_phase(m.lr)
         self.ema = copy.deepcopy(self.student).requires_grad_(False).eval() if m.ema_decay > 0 else None
         self.add_role("student", self.student, m.optimizer, peak=lrs[0], length=iters[0], ema=self.ema,
@@ -420,7 +410,7 @@ class BareConsistency(BareLoop):
         self.grid_t = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, N + 1) * k - 1]).to(device)
         self.ict = m.weighting == "ict"
         self.weight = None if self.ict else losses.weighting(m.weighting)
-        self.dist = distance(m.distance, m.huber_c)
+        self.dist = resolve_distance(m.distance, m.huber_c)
         self.add_role("student", self.student, m.optimizer, ema=self.target, ema_decay=m.mu)
 
     def losses(self, role: str, x0: torch.Tensor) -> torch.Tensor:
@@ -435,16 +425,6 @@ class BareConsistency(BareLoop):
         dist = self.dist(self.tab.consistency(self.student, x, t), target)
         w = 1.0 / (s - s_prev) if self.ict else self.weight(s)  # type: ignore[misc]
         return (w * dist).mean()
-
-
-class BareHead(nn.Module):
-    def __init__(self, channels: int, hidden: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.SiLU(),
-                                 nn.Conv2d(hidden, 1, 1, bias=False))
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.net(f).flatten(1).mean(1)
 
 
 class BareAdversarial(BareLoop):
@@ -473,7 +453,7 @@ class BareAdversarial(BareLoop):
         probe = torch.randn(2, c, h, w).to(device)  # the feature channels, from a noise probe (as distill draws one)
         with torch.no_grad():
             feats = self.features_at(self.teacher, probe, torch.zeros(2, dtype=torch.long, device=device))
-        self.heads = nn.ModuleList([BareHead(f.shape[1], m.head_channels) for f in feats]).to(device)
+        self.heads = nn.ModuleList([Head(f.shape[1], m.head_channels, "spatial") for f in feats]).to(device)
         self.ema = copy.deepcopy(self.student).requires_grad_(False).eval() if m.ema_decay > 0 else None
         self.add_role("student", self.student, m.student_optimizer, every=m.student_every, ema=self.ema,
                       ema_decay=m.ema_decay)
