@@ -245,3 +245,150 @@ def test_train_text_encoders_writes_a_loadable_folder_and_refuses_a_full_one(tmp
         assert model.config.vocab_size == len(transformers.CLIPTokenizer.from_pretrained(tmp_path / "clip" / "tokenizer"))
     with pytest.raises(DistillError, match="not empty"):
         train_text_encoders(tmp_path / "clip", steps=2)
+
+
+# ------------------------------------------------------------------------------------ the second feature network
+
+PROTOCOLS = Path(__file__).resolve().parents[1] / "distill" / "benchmarks" / "text_digits" / "protocols"
+
+
+def _second_classifier():
+    from distill.benchmarks.text_digits.judge import DEFAULT_FOLDER, SECOND_FOLDER, load_text_digits_net
+
+    if not (DEFAULT_FOLDER.parent / SECOND_FOLDER / "model.safetensors").is_file():
+        pytest.skip("distill/assets/text-digits-features-b is not built")
+    return load_text_digits_net(SECOND_FOLDER)
+
+
+def test_second_classifier_is_independent_and_reads_heldout_digits() -> None:
+    """text-digits-features-b: another seed, other widths and feature size; as accurate as the first."""
+    from distill.benchmarks.text_digits.judge import (
+        DEFAULT_FOLDER,
+        SECOND_FOLDER,
+        accuracy,
+        judges,
+        load_text_digits_config,
+        weights_hash,
+    )
+
+    net_b = _second_classifier()
+    first, second = load_text_digits_config(), load_text_digits_config(SECOND_FOLDER)
+    assert second["weights_hash"] == weights_hash(net_b) != first["weights_hash"]
+    assert second["training"]["seed"] != first["training"]["seed"]
+    assert second["architecture"]["channels"] != first["architecture"]["channels"]
+    assert net_b.num_features == second["architecture"]["feature_dim"] != first["architecture"]["feature_dim"]
+    # the folder's name and its path are the same network
+    assert load_text_digits_config(DEFAULT_FOLDER.parent / SECOND_FOLDER) == second
+    data = text_digits_arrays("test")
+    acc = accuracy(net_b, data["image"], data["digit"], data["color"])
+    assert acc["joint"] >= 0.98, acc
+    assert [weights_hash(n) for n in judges()] == [first["weights_hash"], second["weights_hash"]]
+
+
+def test_second_classifier_is_its_own_metric() -> None:
+    from distill.benchmarks.text_digits.extractor import TextDigitsExtractor
+    from distill.benchmarks.text_digits.judge import DEFAULT_FOLDER, SECOND_FOLDER
+
+    _second_classifier()
+    a, b = TextDigitsExtractor(), TextDigitsExtractor(folder=SECOND_FOLDER)
+    assert (a.name, a.metric, a.dim) == ("text-digits-net", "FD-text-digits", 64)
+    assert (b.name, b.metric, b.dim) == ("text-digits-net-b", "FD-text-digits-b", 48)
+    assert TextDigitsExtractor(folder=DEFAULT_FOLDER).name == "text-digits-net"
+    x = torch.from_numpy(text_digits_arrays("test")["image"][:8])
+    assert b.features(x).shape == (8, 48) and b.predict(x)["digit"].shape == (8,)
+
+
+def test_second_protocol_differs_only_in_its_feature_network() -> None:
+    """text-digits-b is text-digits scored by text-digits-features-b, whose training command its header gives."""
+    import re
+
+    from distill.config import to_plain
+    from distill.eval.protocol import load_protocol
+
+    a, b = to_plain(load_protocol("text-digits")), to_plain(load_protocol("text-digits-b"))
+    assert (a.pop("name"), b.pop("name")) == ("text-digits", "text-digits-b")
+    assert (a.pop("extractor_args"), b.pop("extractor_args")) == ({}, {"folder": "text-digits-features-b"})
+    assert a == b
+    header = (PROTOCOLS / "text-digits-b.yaml").read_text()
+    command = re.search(r"python -m distill\.benchmarks\.text_digits\.judge (.*)", header).group(1)
+    assert "--out distill/assets/text-digits-features-b" in command
+    _second_classifier()
+    from distill.benchmarks.text_digits.judge import SECOND_FOLDER, load_text_digits_config
+
+    config = load_text_digits_config(SECOND_FOLDER)
+    arch = config["architecture"]
+    assert f"--seed {config['training']['seed']}" in command
+    assert f"--channels {','.join(map(str, arch['channels']))}" in command
+    assert f"--feature-dim {arch['feature_dim']}" in command
+
+
+# ------------------------------------------------------------------------------------ diagnostics
+
+
+@pytest.fixture(scope="module")
+def real_images() -> torch.Tensor:
+    data = text_digits_arrays("test")
+    return torch.from_numpy(data["image"][_spread(len(data["digit"]), 700)])
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    k = torch.tensor([1.0, 2.0, 1.0])
+    w = ((k[:, None] * k[None]) / 16).expand(3, 1, 3, 3).contiguous()
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), value=-1.0), w, groups=3)
+
+
+def test_aspects_of_real_images_fall_in_their_documented_ranges(real_images) -> None:
+    from distill.benchmarks.text_digits.diagnostics import ASPECTS, INK_THRESHOLD, aspect_means, aspects
+
+    out = aspects(real_images)
+    assert list(out) == list(ASPECTS)
+    for name, values in out.items():
+        assert values.shape == (len(real_images),) and values.dtype == torch.float32, name
+        assert torch.isfinite(values).all(), name
+    assert ((out["stroke_mean"] > INK_THRESHOLD) & (out["stroke_mean"] <= 1)).all()
+    for name in ("midtone_share", "ink_share", "color_purity"):
+        assert ((out[name] >= 0) & (out[name] <= 1)).all(), name
+    assert ((out["edge_sharpness"] >= 0) & (out["edge_sharpness"] <= 2**0.5)).all()
+    assert ((out["background_mean"] >= 0) & (out["background_mean"] <= INK_THRESHOLD)).all()
+    # the real data's typical values (module docstring): pure palette colors on an almost black background
+    assert torch.allclose(out["color_purity"], torch.ones(len(real_images)), atol=1e-5)
+    means = aspect_means(real_images, batch_size=256)
+    assert 0.5 < means["stroke_mean"] < 0.7 and 0.5 < means["midtone_share"] < 0.75
+    assert 0.4 < means["ink_share"] < 0.6 and 0.1 < means["edge_sharpness"] < 0.2 and means["background_mean"] < 0.03
+    assert means == pytest.approx({k: float(v.mean()) for k, v in out.items()}, abs=1e-6)
+
+
+def test_aspects_see_brighter_sharper_and_blurred_strokes(real_images) -> None:
+    from distill.benchmarks.text_digits.diagnostics import aspects
+
+    base = aspects(real_images)
+    brighter = aspects((((real_images + 1) / 2) * 1.2).clamp(0, 1) * 2 - 1)  # ink scaled up by 1.2, clamped
+    assert (brighter["stroke_mean"] > base["stroke_mean"]).float().mean() > 0.95
+    assert brighter["midtone_share"].mean() < base["midtone_share"].mean() - 0.05
+    blurred = aspects(_blur(real_images))
+    assert (blurred["midtone_share"] > base["midtone_share"]).float().mean() > 0.9
+    assert blurred["edge_sharpness"].mean() < base["edge_sharpness"].mean()
+    assert blurred["stroke_mean"].mean() < base["stroke_mean"].mean()
+    # a hue off the palette (red ink with half as much green) loses purity; a uniform haze raises the background
+    off = real_images.clone()
+    red = (off[:, 0] > -1) & (off[:, 1] == -1) & (off[:, 2] == -1)
+    off[:, 1] = torch.where(red, (off[:, 0] + 1) / 2 - 1, off[:, 1])  # orange: halfway from red to yellow
+    purity = aspects(off)["color_purity"]
+    assert purity.min() < 0.05 and purity.max() == pytest.approx(1.0)
+    hazy = aspects((real_images + 0.1).clamp(-1, 1))
+    assert (hazy["background_mean"] > base["background_mean"]).all()
+
+
+def test_aspects_of_blank_images_and_bad_shapes() -> None:
+    from distill.errors import DistillError
+    from distill.benchmarks.text_digits.diagnostics import aspects
+
+    out = aspects(-torch.ones(2, 3, 32, 32))
+    assert all(torch.equal(v, torch.zeros(2)) for v in out.values())
+    full = aspects(torch.ones(1, 3, 32, 32))  # all white: full ink, no mid-tones, no edges, a palette color
+    assert (full["stroke_mean"].item(), full["midtone_share"].item(), full["ink_share"].item()) == (1.0, 0.0, 1.0)
+    assert (full["edge_sharpness"].item(), full["color_purity"].item()) == (0.0, 1.0)
+    with pytest.raises(DistillError, match="N, 3, H, W"):
+        aspects(torch.zeros(2, 1, 32, 32))

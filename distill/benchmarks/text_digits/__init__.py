@@ -1,7 +1,9 @@
 """The colored-digits text-to-image benchmark: 32x32 colored digits with captions (:mod:`.data`), its shared VAE
 (:mod:`.vae`) and small text encoders (:mod:`.text_encoder`), the SD- and SD3-shaped teachers
 (``distill/assets/text-digits-sd``, ``text-digits-sd3``), FD-text-digits and prompt accuracy from one shipped
-classifier (:mod:`.judge`, :mod:`.extractor`), its protocol and the quickstart ``make demo-text`` runs."""
+classifier (:mod:`.judge`, :mod:`.extractor`), its protocol and the quickstart ``make demo-text`` runs. A second,
+independently trained classifier (``text-digits-features-b``, protocol ``text-digits-b``) cross-checks rankings,
+and :func:`.diagnostics.aspects` says in pixel terms (stroke brightness, softness, ...) how samples differ."""
 
 from __future__ import annotations
 

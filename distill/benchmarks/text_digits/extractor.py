@@ -3,6 +3,8 @@
 ``get_extractor("text-digits")`` gives FD in the 64-d penultimate features of the classifier of
 :mod:`distill.benchmarks.text_digits.judge` (digit and color heads; not Inception), and ``predict(images)`` its reading of
 each image's digit and color, which the harness compares with the prompt's to score prompt accuracy.
+``get_extractor("text-digits", folder="text-digits-features-b")`` (protocol ``text-digits-b``) is the same with the
+second, independently trained network: its own metric, FD-text-digits-b, and its own judge.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 
 from distill.eval.features import FeatureExtractor
-from distill.benchmarks.text_digits.judge import load_text_digits_net
+from distill.benchmarks.text_digits.judge import DEFAULT_FOLDER, load_text_digits_net, resolve_folder
 
 __all__ = ["TextDigitsExtractor"]
 
@@ -21,7 +23,8 @@ class TextDigitsExtractor(FeatureExtractor):
     """FD-text-digits: the shipped 32x32 colored-digits classifier's 64-d penultimate features.
 
     Args:
-        folder: a saved TextDigitsNet folder; default the shipped ``distill/assets/text-digits-features``.
+        folder: a saved TextDigitsNet folder, or a shipped one's name (``text-digits-features-b``, whose metric is
+            FD-text-digits-b); default the shipped ``distill/assets/text-digits-features``.
         device: where the net runs.
         batch_size: images per forward pass.
     """
@@ -34,6 +37,11 @@ class TextDigitsExtractor(FeatureExtractor):
         self.device = torch.device(device)
         self.net = load_text_digits_net(folder).to(self.device).eval()
         self.batch_size = int(batch_size)
+        # a second, independently trained net (a shipped folder name such as text-digits-features-b) is its own metric
+        other = folder is not None and resolve_folder(folder).resolve() != DEFAULT_FOLDER.resolve()
+        tag = Path(folder).name.removeprefix("text-digits-features-") if other else ""
+        self.name = f"text-digits-net-{tag}" if other else "text-digits-net"
+        self.metric = f"FD-text-digits-{tag}" if other else "FD-text-digits"
 
     @property
     def dim(self) -> int:

@@ -8,6 +8,13 @@ stand-in for Inception FID; not comparable to it). It is trained by this file an
 
     python -m distill.benchmarks.text_digits.judge --out distill/assets/text-digits-features --seed 0
 
+A second, independently trained network (another seed, narrower convolutions, 48-d features) is shipped in
+``distill/assets/text-digits-features-b`` for cross-checking rankings (protocol ``text-digits-b``, metric
+FD-text-digits-b): a result that holds in both feature spaces is not an artefact of one. It is trained by
+
+    python -m distill.benchmarks.text_digits.judge --out distill/assets/text-digits-features-b --seed 1 \
+        --channels 24,48,48 --feature-dim 48 --threads 1
+
 Like the FD-digits network it is never part of a training loss: a metric that also trains a model would grade its
 own student.
 """
@@ -36,12 +43,14 @@ __all__ = [
     "load_text_digits_config",
     "load_text_digits_net",
     "main",
+    "resolve_folder",
     "save_text_digits_net",
     "train_text_digits_net",
     "weights_hash",
 ]
 
 DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / "assets" / "text-digits-features"
+SECOND_FOLDER = "text-digits-features-b"  # the independently trained second network (protocol text-digits-b)
 
 
 class TextDigitsNet(JudgeNet):
@@ -202,23 +211,34 @@ def save_text_digits_net(net: TextDigitsNet, folder: str | Path, report: dict[st
     }, report)
 
 
+def resolve_folder(folder: str | Path | None) -> Path:
+    """A TextDigitsNet folder: ``folder`` itself, or the shipped asset of that name (``text-digits-features-b``);
+    None is the default network."""
+    if folder is None:
+        return DEFAULT_FOLDER
+    path = Path(folder)
+    shipped = DEFAULT_FOLDER.parent / str(folder)
+    return shipped if not path.exists() and shipped.is_dir() else path
+
+
 def load_text_digits_config(folder: str | Path | None = None) -> dict[str, Any]:
-    """The config.json of a saved TextDigitsNet (default: the shipped one)."""
-    return load_judge_config(DEFAULT_FOLDER if folder is None else Path(folder), __name__)
+    """The config.json of a saved TextDigitsNet (default: the shipped one; a shipped folder's name also works)."""
+    return load_judge_config(resolve_folder(folder), __name__)
 
 
 def load_text_digits_net(folder: str | Path | None = None) -> TextDigitsNet:
-    """Load a TextDigitsNet from ``folder`` (default: ``distill/assets/text-digits-features``), in eval mode.
+    """Load a TextDigitsNet from ``folder`` (default: ``distill/assets/text-digits-features``; a shipped folder's
+    name such as ``text-digits-features-b`` also works), in eval mode.
 
     Only safetensors weights are read; nothing is unpickled.
     """
-    return load_judge(TextDigitsNet, DEFAULT_FOLDER if folder is None else Path(folder), "text-digits feature network",
-                      __name__)
+    return load_judge(TextDigitsNet, resolve_folder(folder), "text-digits feature network", __name__)
 
 
 def judges() -> list[TextDigitsNet]:
-    """The shipped FD-text-digits classifier (``text-digits-features``): never a discriminator."""
-    return [load_text_digits_net()]
+    """Both shipped FD-text-digits classifiers (``text-digits-features``, ``text-digits-features-b``): never a
+    discriminator."""
+    return [load_text_digits_net(None), load_text_digits_net(SECOND_FOLDER)]
 
 
 def main(argv: list[str] | None = None) -> None:
