@@ -63,7 +63,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if kind == "text" and args.label is not None or kind == "class" and args.prompt is not None:
         raise DistillError(f"{args.model} takes {'--prompt' if kind == 'text' else '--label'}, not the other.")
     if kind == "text" and args.prompt is None:
-        raise DistillError(f"{args.model} is a text-to-image {pipe.class_name}; pass --prompt TEXT.")
+        raise DistillError(f"{args.model} is a text-conditional {pipe.class_name}; pass --prompt TEXT.")
     if kind == "class" and args.label is None:
         raise DistillError(f"{args.model} is class-conditional; pass --label N (0..{pipe.num_classes - 1}).")
     if kind is None and (args.prompt is not None or args.label is not None or args.guidance is not None):

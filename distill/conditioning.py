@@ -86,12 +86,15 @@ def cached_arrays(kind: str, key: str, n: int, chunks: Callable[[], Iterator[dic
 
 
 def _check_image_shape(pipeline: Any, shape: tuple[int, ...]) -> None:
-    makes = tuple(pipeline.image_shape)
+    makes = pipeline.expected_shape(shape, decoded=True)  # a video network takes clips of any length
     if tuple(shape) != makes:
+        fix = "Set data.resolution / data.channels, or use data of the teacher's size."
+        if len(shape) != len(makes):
+            layout = {2: "audio", 3: "image", 4: "video"}.get(len(makes))
+            fix = (f"Set data.layout to {layout} with data of that rank." if layout else
+                   "Use data of the teacher's rank.")
         raise DistillError(f"the teacher {pipeline.folder} makes {'x'.join(map(str, makes))} samples through its VAE; "
-                           f"the data's are "
-                           f"{'x'.join(map(str, shape))}. Set data.resolution / data.channels, or use data of the "
-                           "teacher's size.")
+                           f"the data's are {'x'.join(map(str, shape))}. {fix}")
 
 
 def encode_latents(pipeline: Any, images: torch.Tensor) -> torch.Tensor:

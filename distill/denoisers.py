@@ -90,6 +90,10 @@ def _unet2d_condition(cond: Mapping[str, Any]) -> dict[str, Any]:
     return kw
 
 
+def _unet3d_condition(cond: Mapping[str, Any]) -> dict[str, Any]:
+    return {"encoder_hidden_states": cond.get("encoder_hidden_states")}
+
+
 def _sd3(cond: Mapping[str, Any]) -> dict[str, Any]:
     return {"encoder_hidden_states": cond.get("encoder_hidden_states"), "pooled_projections": cond.get("pooled")}
 
@@ -108,13 +112,23 @@ class NetworkSpec:
     needs: tuple[str, ...]
     kwargs: Callable[[Mapping[str, Any]], dict[str, Any]]
     dims: int = 2  # axes after the channels: 2 for images (H, W), 1 for audio (L), 3 for video (F, H, W)
+    # a video network that takes clips of any length: its config fixes no frame count, and its sample_size is the
+    # frames' (H, W) (UNet3DConditionModel: TextToVideoSDPipeline makes sample_size * vae_scale_factor pixels)
+    any_frames: bool = False
 
+
+# frames of a clip from a network that takes any number, where nothing else says how many: the stock
+# TextToVideoSDPipeline's num_frames default
+DEFAULT_FRAMES = 16
 
 NETWORKS: dict[str, NetworkSpec] = {
     "UNet1DModel": NetworkSpec("sample", (), (), lambda cond: {}, dims=1),  # (B, C, L): audio-rank samples
     "UNet2DModel": NetworkSpec("sample", ("class_labels",), (), _unet2d),
     "UNet2DConditionModel": NetworkSpec("sample", ("encoder_hidden_states", "pooled", "time_ids", "class_labels"),
                                         ("encoder_hidden_states",), _unet2d_condition),
+    # (B, C, F, H, W) video latents, natively: the network folds the frames into its batch itself
+    "UNet3DConditionModel": NetworkSpec("sample", ("encoder_hidden_states",), ("encoder_hidden_states",),
+                                        _unet3d_condition, dims=3, any_frames=True),
     "SD3Transformer2DModel": NetworkSpec("hidden_states", ("encoder_hidden_states", "pooled"),
                                          ("encoder_hidden_states", "pooled"), _sd3),
     "Transformer2DModel": NetworkSpec("hidden_states", ("class_labels",), ("class_labels",), _dit),
@@ -158,10 +172,32 @@ def sample_dims(class_name: str, config: Mapping[str, Any]) -> int:
     return len(size) if isinstance(size, (list, tuple)) and len(size) >= 1 else 2
 
 
-def network_shape(net: nn.Module) -> tuple[int, ...]:
-    """(C, *sizes) a network denoises, from its config: (C, H, W) for an image network, (C, L) for a 1-D one."""
+def takes_any_frames(class_name: str) -> bool:
+    """Whether a network of ``class_name`` denoises clips of any length (its config fixes no frame count)."""
+    spec = NETWORKS.get(class_name)
+    return spec is not None and spec.any_frames
+
+
+def network_sizes(class_name: str, config: Mapping[str, Any], frames: int | None = None) -> tuple[int, ...] | None:
+    """The sizes after the channels of what a network of ``class_name`` denoises, from its config (None without a
+    ``sample_size``). For a network that takes clips of any length (:func:`takes_any_frames`) they are
+    ``(frames, H, W)``: ``sample_size`` gives (H, W) and ``frames`` (default :data:`DEFAULT_FRAMES`) the length."""
+    if not takes_any_frames(class_name):
+        return sample_size(config, sample_dims(class_name, config))
+    size = config.get("sample_size")
+    if isinstance(size, (list, tuple)) and len(size) == 3:
+        raise DistillError(f"{class_name} takes clips of any length and its sample_size is the frames' (H, W), as "
+                           f"the stock pipeline reads it; got {list(size)}. Set sample_size to the latent height "
+                           "(an int) or [H, W].")
+    hw = sample_size(config, 2)
+    return None if hw is None else (int(frames or DEFAULT_FRAMES), *hw)
+
+
+def network_shape(net: nn.Module, frames: int | None = None) -> tuple[int, ...]:
+    """(C, *sizes) a network denoises, from its config: (C, H, W) for an image network, (C, L) for a 1-D one,
+    (C, F, H, W) for a video one (``frames`` F, default :data:`DEFAULT_FRAMES`, where the network takes any)."""
     cfg = net.config
-    sizes = sample_size(cfg, sample_dims(type(net).__name__, cfg))
+    sizes = network_sizes(type(net).__name__, cfg, frames)
     if sizes is None:
         raise DistillError(f"{type(net).__name__} has no sample_size in its config; set it to the latent/image size.")
     return int(cfg.in_channels), *sizes
@@ -242,7 +278,9 @@ class DiffusersDenoiser(nn.Module):
         return getattr(cfg, "out_channels", None) == 2 * getattr(cfg, "in_channels", -1)
 
     def shape(self) -> tuple[int, ...]:
-        """(C, *sizes) of what it denoises: (C, H, W) images or latents, (C, F, H, W) video, (C, L) audio."""
+        """(C, *sizes) of what it denoises: (C, H, W) images or latents, (C, F, H, W) video, (C, L) audio; a network
+        that takes clips of any length gives :data:`DEFAULT_FRAMES` frames (its pipeline knows better:
+        :attr:`distill.pipelines.TeacherPipeline.sample_shape`)."""
         return network_shape(self.net)
 
     # ------------------------------------------------------------------------------------------ the call

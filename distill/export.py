@@ -191,7 +191,8 @@ def parity(folder: str | Path, steps: list[int] | None = None, n: int = 4, seed:
     (DDIM for a progressive student or a teacher, whose stock scheduler is swapped for DDIM with trailing spacing;
     multistep consistency for a consistency or adversarial student) from the same unit noise, with the same
     generator for any re-noising, and returns the max abs difference of the outputs: images in [0, 1] for pixel
-    pipelines and DiT (which returns no latents), latents for SD, SDXL and SD3 (passed in as ``latents=``).
+    pipelines and DiT (which returns no latents), latents for SD, SDXL, SD3 and TextToVideoSD (passed in as
+    ``latents=``; a video pipeline's clips have :attr:`~distill.pipelines.TeacherPipeline.num_frames` frames).
     Conditional pipelines get ``prompts`` (default two fixed ones) or class ``labels`` (default 0, 1, ...), and
     ``guidance`` (default: the student's ``distill.json`` value, else 1) as ``guidance_scale``; distill applies
     it with :class:`~distill.guidance.CFGDenoiser`, or feeds it to a guidance-embedded student.
@@ -219,7 +220,7 @@ def parity(folder: str | Path, steps: list[int] | None = None, n: int = 4, seed:
     D, pipe_info = m.denoiser, m.pipeline
     cls = pipe_info.class_name
     shape = (n, *pipe_info.sample_shape)
-    if len(shape) != 4:  # the stock image pipelines draw (B, C, H, W) noise and return images
+    if len(shape) != 4 and not pipe_info.spec.vae_per_frame:  # image pipelines draw (B, C, H, W) noise
         raise DistillError(f"{folder} holds a network of {'x'.join(map(str, shape[1:]))} samples; the parity check "
                            f"compares {cls}'s images (B, C, H, W) and cannot sample it.")
     pipe.set_progress_bar_config(disable=True)
@@ -243,6 +244,8 @@ def parity(folder: str | Path, steps: list[int] | None = None, n: int = 4, seed:
     else:
         prompts = labels = None
     call = _stock_call_kwargs(cls, n, prompts, labels, w)
+    if pipe_info.any_frames:  # a video pipeline: clips of the folder's length (its latents are passed in)
+        call["num_frames"] = shape[2]
     model: Any = D
     if cond and D.takes_guidance:
         cond["guidance"] = torch.full((n,), 1.0 if w is None else float(w))
@@ -265,7 +268,7 @@ def parity(folder: str | Path, steps: list[int] | None = None, n: int = 4, seed:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     theirs = pipe(**call, **extra, num_inference_steps=k, latents=z, output_type="latent",
-                                  generator=torch.Generator().manual_seed(seed)).images
+                                  generator=torch.Generator().manual_seed(seed))[0]  # .images, a video's .frames
                 g = torch.Generator().manual_seed(seed)
             else:  # DDPMPipeline, DiTPipeline: they draw the initial noise from the generator themselves (and
                 # DiT's step draws any re-noising from the global stream)

@@ -101,7 +101,8 @@ def call_guidance(class_name: str, info: Mapping[str, Any]) -> float | None:
 def stock_call(folder: str | Path, info: Mapping[str, Any], steps: int | None = None) -> dict[str, Any]:
     """The keyword arguments (besides the prompt or labels and a generator) the card's call passes at ``steps``
     (default: the fewest the student supports): ``num_inference_steps``, ``guidance_scale`` where the pipeline
-    takes one, and ``sigmas`` where ``distill.json`` records the stock scheduler's (flow students)."""
+    takes one, ``sigmas`` where ``distill.json`` records the stock scheduler's (flow students), and ``num_frames``
+    where it records the clips' length (video students)."""
     folder = Path(folder)
     supported = [int(k) for k in info.get("steps") or []]
     k = int(steps) if steps is not None else (min(supported) if supported else None)
@@ -114,6 +115,8 @@ def stock_call(folder: str | Path, info: Mapping[str, Any], steps: int | None = 
     sigmas = (info.get("scheduler_sigmas") or {}).get(str(k))
     if sigmas is not None:
         kw["sigmas"] = [float(s) for s in sigmas]
+    if info.get("num_frames") and "num_frames" in _call_params(_class_name(folder)):
+        kw["num_frames"] = int(info["num_frames"])
     return kw
 
 
@@ -264,9 +267,10 @@ def _lit(value: Any) -> str:
 def _call_lines(input_name: str, input_value: Any, kw: Mapping[str, Any], global_seed: bool) -> list[str]:
     lines = ["torch.manual_seed(0)  # FlowMatchLCMScheduler draws its re-noising from torch's global stream"] \
         if global_seed else []
-    lines += ["images = pipe(", f"    {input_name}={_lit(input_value)},"]
+    out = "frames" if "num_frames" in kw else "images"  # a video pipeline's output holds clips
+    lines += [f"{out} = pipe(", f"    {input_name}={_lit(input_value)},"]
     lines += [f"    {k}={_lit(v)}," for k, v in kw.items()]
-    lines += ["    generator=torch.Generator().manual_seed(0),", ").images"]
+    lines += ["    generator=torch.Generator().manual_seed(0),", f").{out}"]
     return lines
 
 

@@ -12,6 +12,12 @@ always as safetensors.
 | ``StableDiffusionXLPipeline`` | ``UNet2DConditionModel`` | two CLIP text encoders, pooled + size ids | yes | ``StableDiffusionXLPipeline`` |
 | ``StableDiffusion3Pipeline`` | ``SD3Transformer2DModel`` | two CLIP (+ optional T5), pooled | yes | ``StableDiffusion3Pipeline`` |
 | ``DiTPipeline`` | ``Transformer2DModel`` | class labels (null class for guidance) | yes | ``DiTPipeline`` |
+| ``TextToVideoSDPipeline`` | ``UNet3DConditionModel`` | one CLIP text encoder | yes, per frame | ``TextToVideoSDPipeline`` |
+
+A video teacher's samples are clips [B, C, F, H, W] (latents [B, 4, F, h, w]); its 2-D VAE codes each frame, so
+:meth:`TeacherPipeline.encode_images` and :meth:`TeacherPipeline.decode` fold the frames into the batch
+([B, C, F, H, W] -> [B * F, C, H, W]) and back, here and nowhere else. Its network takes clips of any length:
+training takes the frame count from the data, sampling from :attr:`TeacherPipeline.num_frames`.
 
 Text is encoded by the stock pipeline's own ``encode_prompt`` (built around the loaded text components only), so
 embeddings, pooled outputs, SDXL's zeroed empty prompt and SD3's missing-T5 zeros are exactly what the stock
@@ -31,8 +37,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from distill.denoisers import (ConsistencyDenoiser, DiffusersDenoiser, check_scheduler_config, load_network,
-                               sample_dims, sample_size)
+from distill.denoisers import (DEFAULT_FRAMES, ConsistencyDenoiser, DiffusersDenoiser, check_scheduler_config,
+                               load_network, network_sizes, sample_dims, takes_any_frames)
 from distill.errors import DistillError
 from distill.hub import resolve_model_path
 
@@ -48,6 +54,7 @@ class PipelineSpec:
     tokenizers: tuple[str, ...] = ()
     required_text: int = 0  # how many of the text encoders must be present (SD3's T5 is optional)
     vae_shift: bool = False  # the pipeline subtracts the VAE's shift_factor before scaling (SD3); SD, SDXL, DiT do not
+    vae_per_frame: bool = False  # clips (B, C, F, H, W) through a 2-D VAE, one frame at a time (TextToVideoSD)
 
 
 PIPELINES: dict[str, PipelineSpec] = {
@@ -59,6 +66,9 @@ PIPELINES: dict[str, PipelineSpec] = {
                                              ("text_encoder", "text_encoder_2", "text_encoder_3"),
                                              ("tokenizer", "tokenizer_2", "tokenizer_3"), 2, vae_shift=True),
     "DiTPipeline": PipelineSpec("transformer", "class", True),
+    # ModelScope text-to-video (damo-vilab/text-to-video-ms-1.7b, zeroscope): SD's text encoder and VAE, a video UNet
+    "TextToVideoSDPipeline": PipelineSpec("unet", "text", True, ("text_encoder",), ("tokenizer",), 1,
+                                          vae_per_frame=True),
 }
 CONSISTENCY_SCHEDULERS = ("LCMScheduler", "FlowMatchLCMScheduler", "TCDScheduler")
 NETWORK_FOLDERS = ("unet", "transformer")  # where a pipeline folder keeps its denoising network
@@ -69,6 +79,16 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DistillError(f"cannot read {path}: {exc}; the model folder is damaged or incomplete.") from exc
+
+
+def _as_frames(clips: torch.Tensor) -> torch.Tensor:
+    """Clips (N, C, F, H, W) -> their frames (N * F, C, H, W), clip by clip, for a 2-D VAE."""
+    return clips.movedim(2, 1).flatten(0, 1)
+
+
+def _as_clips(frames: torch.Tensor, n: int) -> torch.Tensor:
+    """Frames (N * F, C, H, W) -> ``n`` clips (N, C, F, H, W): the inverse of :func:`_as_frames`."""
+    return frames.unflatten(0, (n, -1)).movedim(1, 2)
 
 
 def _files_hash(folder: Path) -> str:
@@ -118,21 +138,49 @@ class TeacherPipeline:
         return sample_dims(str(self.network_config.get("_class_name")), self.network_config)
 
     @property
+    def any_frames(self) -> bool:
+        """Whether the network denoises clips of any length (``UNet3DConditionModel``): its config fixes no frame
+        count, so data of any length fits it and :attr:`sample_shape` has :attr:`num_frames` frames."""
+        return takes_any_frames(str(self.network_config.get("_class_name")))
+
+    @cached_property
+    def num_frames(self) -> int | None:
+        """Frames of the clips it makes, for a network that takes any number (None for any other): the
+        ``num_frames`` a student's ``distill.json`` records (the length of the clips it was trained on), else the
+        stock pipeline's default (:data:`~distill.denoisers.DEFAULT_FRAMES`, 16)."""
+        if not self.any_frames:
+            return None
+        meta = self.folder / "distill.json"
+        frames = _read_json(meta).get("num_frames") if meta.is_file() else None
+        return int(frames) if frames else DEFAULT_FRAMES
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         """(C, *sizes) the network denoises (latents for a latent teacher): (C, H, W), (C, L) or (C, F, H, W)."""
-        sizes = sample_size(self.network_config, self.sample_dims)
+        sizes = network_sizes(str(self.network_config.get("_class_name")), self.network_config, self.num_frames)
         if sizes is None:
             raise DistillError(f"{self.folder / self.spec.network / 'config.json'} has no sample_size; set it.")
         return int(self.network_config.get("in_channels", 3)), *sizes
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        """(C, *sizes) of the samples it makes (decoded, for a latent teacher: each axis times the VAE's factor)."""
+        """(C, *sizes) of the samples it makes (decoded, for a latent teacher: each axis times the VAE's factor; a
+        per-frame VAE's clips keep their frame count)."""
         c, *sizes = self.sample_shape
         if self.vae_config is None:
             return (c, *sizes)
         f = self.vae_scale_factor
-        return (int(self.vae_config.get("in_channels", 3)), *(s * f for s in sizes))
+        keep = 1 if self.spec.vae_per_frame else 0  # the frame axis
+        return (int(self.vae_config.get("in_channels", 3)), *sizes[:keep], *(s * f for s in sizes[keep:]))
+
+    def expected_shape(self, data: Sequence[int], decoded: bool = False) -> tuple[int, ...]:
+        """The shape of one sample the teacher takes (``decoded``: makes through its VAE, :attr:`image_shape`; else
+        :attr:`sample_shape`), for data samples of shape ``data``: a network that takes clips of any length takes
+        the data's frame count."""
+        want = tuple(self.image_shape if decoded else self.sample_shape)
+        if self.any_frames and len(data) == len(want):
+            want = (want[0], int(data[1]), *want[2:])
+        return want
 
     @property
     def num_classes(self) -> int | None:
@@ -189,7 +237,10 @@ class TeacherPipeline:
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1] -> latents (N, C, h, w): the VAE posterior's mean, shifted and scaled as
-        the pipeline expects its network's input (``scaling_factor``, ``shift_factor``)."""
+        the pipeline expects its network's input (``scaling_factor``, ``shift_factor``). A per-frame VAE's clips
+        (N, 3, F, H, W) -> (N, C, F, h, w), ``batch_size`` frames at a time."""
+        if images.ndim == 5 and self.spec.vae_per_frame:
+            return _as_clips(self.encode_images(_as_frames(images), batch_size), len(images))
         scale, shift = self.vae_scaling
         vae = self.vae
         device = next(vae.parameters()).device
@@ -202,7 +253,10 @@ class TeacherPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Latents (N, C, h, w) -> images (N, 3, H, W), nominally in [-1, 1] (inverse of the scaling above)."""
+        """Latents (N, C, h, w) -> images (N, 3, H, W), nominally in [-1, 1] (inverse of the scaling above); a
+        per-frame VAE's (N, C, F, h, w) -> clips (N, 3, F, H, W), as the stock pipeline's ``decode_latents``."""
+        if latents.ndim == 5 and self.spec.vae_per_frame:
+            return _as_clips(self.decode(_as_frames(latents), batch_size), len(latents))
         scale, shift = self.vae_scaling
         vae = self.vae
         param = next(vae.parameters())
@@ -294,7 +348,7 @@ class TeacherPipeline:
         return {k: torch.cat([c[k] for c in chunks]).float().cpu() for k in chunks[0]}
 
     def _encode(self, pipe: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        if self.class_name == "StableDiffusionPipeline":
+        if self.class_name in ("StableDiffusionPipeline", "TextToVideoSDPipeline"):  # the same encode_prompt
             emb, _ = pipe.encode_prompt(prompts, device, 1, False)
             return {"encoder_hidden_states": emb}
         if self.class_name == "StableDiffusionXLPipeline":

@@ -357,6 +357,9 @@ class Trainer:
         if self.config.guidance.active and "guidance" not in info:
             # what a stock pipeline gets as guidance_scale: a w-student's w, else None (it needs no guidance)
             info["guidance"] = self.method.student_guidance()
+        if self.pipeline is not None and self.pipeline.any_frames and "num_frames" not in info:
+            # a video network takes clips of any length: the student makes clips as long as those it learnt from
+            info["num_frames"] = int(self.data.sample_shape[1])
         if self.method.shared_base:  # a LoRA student: the teacher its adapters apply to
             teacher = self.config.teacher
             info["teacher"] = str(Path(teacher).resolve()) if Path(teacher).is_dir() else teacher

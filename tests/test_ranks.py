@@ -2,7 +2,8 @@
 
 Tiny video-rank and audio-rank denoisers through every sampler (the same numbers as the image layout of the same
 values), data loading, evaluation with a toy feature extractor, media output, ``distill sample``, and one training
-step of every distillation method on an audio-rank teacher.
+step of every method on an audio-rank teacher (a UNet1DModel) and on a video-rank one (a text-to-video
+``TextToVideoSDPipeline``: UNet3DConditionModel on latent clips, a per-frame VAE, CLIP captions).
 """
 
 from __future__ import annotations
@@ -259,3 +260,158 @@ def test_discriminator_heads_read_features_of_every_rank(shape, maps, want):
     logits = Head(ch, 4, kind)(f)
     assert logits.shape == (2,) and torch.isfinite(logits).all()
     assert maps_of(_unet1d()) is True
+
+
+# ---------------------------------------------------------------------------------------------- a video-rank teacher
+
+FRAMES = 2  # the training clips' length; the tiny text-to-video UNet takes clips of any length
+CAPTIONS = ["a red seven", "a blue two", "the digit one in green", "a white nine"]
+
+
+@pytest.fixture(scope="module")
+def video_teacher(tmp_path_factory):
+    from tiny_pipelines import save_tiny_t2v
+
+    return save_tiny_t2v(tmp_path_factory.mktemp("video") / "teacher")
+
+
+@pytest.fixture(scope="module")
+def video_data(tmp_path_factory):
+    """16 clips (C, F, H, W) = (3, 2, 8, 8) in [-1, 1], channels first, each with a caption of the tiny tokenizer's
+    words: a text-to-video data set."""
+    import datasets
+
+    g = np.random.default_rng(3)
+    clips = np.tanh(g.normal(size=(16, 3, FRAMES, 8, 8))).astype(np.float32)
+    folder = tmp_path_factory.mktemp("video-data") / "clips"
+    datasets.Dataset.from_dict({"image": clips, "caption": [CAPTIONS[i % 4] for i in range(16)]}).save_to_disk(
+        str(folder))
+    return folder
+
+
+def test_a_3d_network_is_a_video_rank_teacher_its_vae_codes_each_frame(video_teacher, tmp_path, one_thread):
+    """UNet3DConditionModel denoises (B, C, F, H, W) latents natively; the pipeline's 2-D VAE codes clips frame by
+    frame; distill's DDIM matches the stock TextToVideoSDPipeline on the same latents; ``distill sample`` writes
+    a GIF of the clips."""
+    from distill.cli import main
+    from distill.denoisers import DEFAULT_FRAMES, NETWORKS, network_sizes, sample_dims
+    from distill.export import parity
+    from distill.pipelines import load_pipeline
+
+    assert NETWORKS["UNet3DConditionModel"].dims == 3 and sample_dims("UNet3DConditionModel", {}) == 3
+    assert network_sizes("UNet3DConditionModel", {"sample_size": 4}, frames=5) == (5, 4, 4)
+    p = load_pipeline(video_teacher)
+    assert p.sample_dims == 3 and p.any_frames and p.num_frames == DEFAULT_FRAMES
+    assert p.sample_shape == (4, DEFAULT_FRAMES, 4, 4) and p.image_shape == (3, DEFAULT_FRAMES, 8, 8)
+    assert p.expected_shape((3, FRAMES, 8, 8), decoded=True) == (3, FRAMES, 8, 8)  # clips of any length fit
+    D = p.load_denoiser()
+    assert D.shape() == (4, DEFAULT_FRAMES, 4, 4)
+    cond = p.encode_prompts(CAPTIONS[:2])
+    with torch.no_grad():
+        x0 = D(torch.randn(2, 4, FRAMES, 4, 4), torch.tensor([0.5, 3.0]), **cond)
+    assert x0.shape == (2, 4, FRAMES, 4, 4) and torch.isfinite(x0).all()
+
+    clips = torch.rand(3, 3, FRAMES, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = p.encode_images(clips)
+    assert z.shape == (3, 4, FRAMES, 4, 4)
+    for f in range(FRAMES):  # each frame is coded alone, whatever the clip around it
+        torch.testing.assert_close(z[:, :, f], p.encode_images(clips[:, :, f]))
+    decoded = p.decode(z)
+    assert decoded.shape == clips.shape
+    torch.testing.assert_close(decoded[:, :, 1], p.decode(z[:, :, 1]))
+
+    gaps = parity(video_teacher, [1, 2], n=2)  # 16 frames, the stock pipeline's default
+    assert max(gaps.values()) < 1e-4, gaps
+    out = tmp_path / "clips.gif"
+    assert main(["sample", str(video_teacher), "--prompt", "a red seven", "--steps", "2", "--n", "2",
+                 "--out", str(out)]) == 0
+    assert out.is_file() and out.with_name("clips-frames.png").is_file()
+
+
+def test_a_video_unets_features_are_clip_maps(video_teacher, one_thread):
+    """Its blocks see the frames folded into the batch; the discriminator's features are the clips' maps
+    (B, C, F, H, W), read by a 3-D head, one logit per clip."""
+    from distill.methods.adversarial import TeacherFeatures
+    from distill.methods.common import Head, head_kind, maps_of
+    from distill.pipelines import load_pipeline
+
+    p = load_pipeline(video_teacher)
+    D = p.load_denoiser()
+    cond = p.encode_prompts(CAPTIONS[:3])
+    with torch.no_grad():
+        feats = TeacherFeatures(D)(torch.randn(3, 4, FRAMES, 4, 4), torch.ones(3), **cond)
+    assert [tuple(f.shape) for f in feats] == [(3, 8, FRAMES, 4, 4), (3, 8, FRAMES, 2, 2), (3, 16, FRAMES, 2, 2),
+                                               (3, 16, FRAMES, 2, 2)]
+    ch, kind = head_kind(feats[-1], maps_of(D.net))
+    assert (ch, kind) == (16, "spatial-3d") and Head(ch, 4, kind)(feats[-1]).shape == (3,)
+
+
+def test_a_video_teacher_refuses_image_data_naming_the_layout(video_teacher, caption_data, tmp_path, monkeypatch):
+    from distill.denoisers import network_sizes
+    from distill.recipe import load_recipe
+    from distill.trainer import Trainer
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    over = [f"teacher={video_teacher}", f"data.name={caption_data}", "data.caption_column=caption",
+            "eval.protocol=null", "method.iters=1"]
+    with pytest.raises(DistillError, match=r"makes 3x16x8x8 samples .* the data's are 3x16x16. Set data.layout to "
+                                           "video"):
+        Trainer(load_recipe(ROOT / "recipes" / "digits" / "consistency.yaml", over), tmp_path / "run")
+    with pytest.raises(DistillError, match=r"sample_size is the frames' \(H, W\).* Set sample_size"):
+        network_sizes("UNet3DConditionModel", {"sample_size": [2, 4, 4]})
+
+
+VIDEO_RECIPES = {**RECIPES, "consistency": [*RECIPES["consistency"], "guidance.scale=2"],  # CFG targets on clips
+                 "distribution_matching": [*RECIPES["distribution_matching"], "method.gan_weight=0"],
+                 "teacher": ["trainer.max_steps=1", "method.ema_decay=0"]}  # teacher training: fine-tuning it
+
+
+def test_every_method_has_a_video_recipe():
+    from distill.methods import METHODS
+
+    assert sorted(VIDEO_RECIPES) == sorted(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(VIDEO_RECIPES))
+def test_one_training_step_of_every_method_on_a_video_rank_teacher(method, video_teacher, video_data, tmp_path,
+                                                                   monkeypatch):
+    """Clips (B, 3, F, 8, 8) with captions -> per-frame VAE latents (B, 4, F, 4, 4) and CLIP embeddings -> one step
+    of each method (the GAN term of distribution matching reads an unconditional head, so it is off for this
+    text-conditional teacher; adversarial distillation's discriminator reads the teacher's clip maps, with R1):
+    finite losses, a student that moved, exported as a stock TextToVideoSDPipeline of the clips' length."""
+    from diffusers import DiffusionPipeline
+
+    from distill.denoisers import DEFAULT_FRAMES
+    from distill.pipelines import load_pipeline
+    from distill.recipe import load_recipe
+    from distill.trainer import Trainer
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    over = [f"teacher={video_teacher}", f"data.name={video_data}", "data.layout=video", "data.caption_column=caption",
+            "data.label_column=null", "trainer.batch_size=4", "trainer.checkpoint_every=0", "trainer.progress=false",
+            "trainer.log_every=1", "trainer.threads=1", "eval.protocol=null", *VIDEO_RECIPES[method]]
+    t = Trainer(load_recipe(ROOT / "recipes" / "digits" / f"{method}.yaml", over), tmp_path / method)
+    assert t.data.sample_shape == (4, FRAMES, 4, 4)  # the clips' latents
+    result = t.fit()
+    assert result["step"] >= 1
+    rows = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    losses = [v for r in rows for k, v in r.items() if k.endswith("/loss")]
+    assert losses and all(np.isfinite(losses)), rows
+    model = tmp_path / method / "model"
+    student = load_pipeline(model)
+    if method == "teacher":  # a teacher is a stock pipeline folder, without distill.json: clips of the default length
+        assert not (model / "distill.json").exists() and student.num_frames == DEFAULT_FRAMES
+    else:  # a student makes clips as long as those it was trained on
+        meta = json.loads((model / "distill.json").read_text())
+        assert meta["method"] == method and meta["num_frames"] == FRAMES and student.num_frames == FRAMES
+        card = (model / "README.md").read_text()  # the stock call makes clips of that length
+        assert f"num_frames={FRAMES}," in card and ").frames" in card
+    assert student.class_name == "TextToVideoSDPipeline" and student.sample_shape == (4, student.num_frames, 4, 4)
+    teacher_w = load_pipeline(video_teacher).load_network().state_dict()
+    moved = [k for k, v in student.load_network().state_dict().items() if not torch.equal(v, teacher_w[k])]
+    assert moved, f"{method}: the student is still the teacher"
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    clip = pipe("a red seven", num_frames=FRAMES, num_inference_steps=1, guidance_scale=1.0, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).frames
+    assert clip.shape == (1, 4, FRAMES, 4, 4) and torch.isfinite(clip).all()

@@ -18,6 +18,10 @@ encoders with the 613-token vocabulary of :data:`WORDS`)::
     SD3     SD3Transformer2DModel 79,696    AutoencoderKL 43,619    CLIPTextModelWithProjection 34,794 (x2)
     DiT     Transformer2DModel 51,856       AutoencoderKL 43,711    (16,016 of DiT's are its 1001-row label table)
     DDPM    UNet2DModel 176,849
+    T2V     UNet3DConditionModel 88,580 AutoencoderKL 43,711    CLIPTextModel 33,770
+
+The text-to-video pipeline (:func:`save_tiny_t2v`, not in :data:`BUILDERS`: only the video tests build it) makes
+clips of 8x8 frames from 4x4x4 latents per frame; its UNet takes clips of any length.
 
 A forward pass of any of these networks on a batch of 4 takes 1-7 ms on one CPU core (UNets ~6 ms, transformers
 ~1.5 ms, VAE decode ~3 ms, CLIP <1 ms).
@@ -278,6 +282,35 @@ def save_tiny_ddpm(folder: str | Path, seed: int = 0) -> Path:
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                               prediction_type="v_prediction", clip_sample=False)
     return _save(DDPMPipeline(unet=unet, scheduler=scheduler), folder)
+
+
+def save_tiny_t2v(folder: str | Path, seed: int = 0) -> Path:
+    """A ModelScope-text-to-video-shaped ``TextToVideoSDPipeline``: CLIPTextModel, UNet3DConditionModel on latent
+    clips (4, F, 4, 4) of any length F, the SD-shaped AutoencoderKL applied to each frame (8x8 frames: the stock
+    pipeline needs sizes divisible by 8), and
+    DDPMScheduler with SD's training schedule.
+
+    ``TextToVideoSDPipeline`` is deprecated in diffusers (no fixes after 0.33.1; it warns when built) and still
+    loads and runs in 0.42.1. UNet3DConditionModel's ``attention_head_dim`` is its number of heads (as in
+    UNet2DConditionModel); its ``transformer_in`` has 8 heads of that width.
+    """
+    from diffusers import DDPMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+
+    tokenizer = _tokenizer(Path(folder) / "tokenizer")
+    with _seeded(seed):
+        unet = UNet3DConditionModel(
+            sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            attention_head_dim=2, norm_num_groups=4, cross_attention_dim=32,
+        )
+    unet = _perturb(unet, seed + 1)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, steps_offset=1, timestep_spacing="leading",
+    )
+    pipe = TextToVideoSDPipeline(vae=_vae(seed + 10, sample_size=8), text_encoder=_clip(tokenizer, seed + 20, False),
+                                 tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    return _save(pipe, folder)
 
 
 BUILDERS = {"sd": save_tiny_sd, "sdxl": save_tiny_sdxl, "sd3": save_tiny_sd3, "dit": save_tiny_dit,

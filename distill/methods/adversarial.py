@@ -43,7 +43,7 @@ from distill.denoisers import (ConsistencyDenoiser, DiffusersDenoiser, consisten
 from distill.errors import DistillError
 from distill.methods.base import Context, Method, Role
 from distill.methods.builders import load_teacher
-from distill.methods.common import Head, StopForward, feature_points, head_kind, maps_of
+from distill.methods.common import Head, StopForward, feature_hook, feature_points, head_kind, maps_of
 from distill.schedules import add_noise
 
 DISTILL_WEIGHTINGS = ("exponential", "uniform")
@@ -143,15 +143,15 @@ class TeacherFeatures(nn.Module):
             self._stop = not is_sharded(self.teacher)
         last = len(self.points) - 1 if self._stop else -1
 
-        def hook(i: int, pick: Any) -> Any:
-            def fn(module: nn.Module, inputs: Any, out: Any) -> None:
-                feats.append(pick(out))
+        def sink(i: int) -> Any:
+            def fn(f: torch.Tensor) -> None:
+                feats.append(f)
                 if i == last:
                     raise StopForward
 
             return fn
 
-        handles = [m.register_forward_hook(hook(i, pick)) for i, (m, pick) in enumerate(self.points)]
+        handles = [feature_hook(m, pick, sink(i)) for i, (m, pick) in enumerate(self.points)]
         try:
             self.teacher(x, sigma, **cond)
         except StopForward:

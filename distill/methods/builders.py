@@ -71,10 +71,14 @@ def load_teacher(ctx: Context, method: str, prediction_types: tuple[str, ...] | 
     if cfg.in_channels != c or out_c != c:
         problems.append(f"its {type(teacher.net).__name__} takes {cfg.in_channels} and gives {out_c} channels, the "
                         f"data has {c}")
-    net_size = pipeline.sample_shape[1:]
+    net_size = pipeline.expected_shape(shape)[1:]  # a video network takes the data's frame count
     if tuple(net_size) != tuple(size):
-        problems.append(f"it denoises {net_size[0]}x{net_size[1]} {'latents' if pipeline.spec.latent else 'images'}, "
-                        f"the data's are {'x'.join(map(str, size))}")
+        what = {1: "audio clips", 2: "images", 3: "video clips"}.get(len(net_size), "samples")
+        problem = (f"it denoises {'x'.join(map(str, net_size))} {'latents' if pipeline.spec.latent else what}, the "
+                   f"data's are {'x'.join(map(str, size))}")
+        if len(net_size) != len(size):
+            problem += f" (set data.layout to {({1: 'audio', 2: 'image', 3: 'video'}[len(net_size)])})"
+        problems.append(problem)
     if prediction_types is not None and teacher.prediction_type not in prediction_types:
         problems.append(f"it predicts {teacher.prediction_type!r}; {method} takes {' or '.join(prediction_types)}")
     if problems:

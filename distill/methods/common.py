@@ -9,7 +9,8 @@ Distances (progressive and consistency distillation's ``method.distance``):
 Feature discriminators on a denoiser's own network (adversarial distillation's teacher-feature backbone, DMD2's
 GAN classifier on the fake denoiser):
 
-* :func:`feature_points`: the blocks of a diffusers network whose outputs are the features, with how to read them;
+* :func:`feature_points`: the blocks of a diffusers network whose outputs are the features, with how to read them
+  (register :func:`feature_hook` on each);
 * :class:`StopForward`: raised by the forward hook on the last block needed, to skip the rest of the forward;
 * :func:`head_kind` and :class:`Head`: a small trainable head that turns one feature into a logit per sample.
 """
@@ -90,20 +91,36 @@ class StopForward(Exception):
     forward inside ``try: ... except StopForward: pass``."""
 
 
-def _first(out: Any) -> torch.Tensor:
+Picker = Callable[[Any, dict[str, Any]], torch.Tensor]  # (a block's raw output, its keyword arguments) -> feature
+
+
+def _first(out: Any, kwargs: dict[str, Any] | None = None) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _second(out: Any) -> torch.Tensor:
+def _second(out: Any, kwargs: dict[str, Any] | None = None) -> torch.Tensor:
     return out[1]  # SD3's joint blocks return (text tokens, image tokens)
 
 
-def feature_points(net: nn.Module) -> list[tuple[nn.Module, Callable[[Any], torch.Tensor]]]:
+def _clips(out: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    """A video UNet's block output (B * F, C, H, W), its frames folded into the batch clip by clip (the block was
+    called with ``num_frames=F``), as the clips' maps (B, C, F, H, W)."""
+    f = _first(out)
+    return f.unflatten(0, (-1, int(kwargs["num_frames"]))).movedim(1, 2)
+
+
+def feature_points(net: nn.Module) -> list[tuple[nn.Module, Picker]]:
     """(module, output picker) of the blocks of a diffusers network ``net`` whose outputs are a discriminator's
-    features, shallowest first: a UNet's ``conv_in``, down blocks and middle block (feature maps (B, C, H, W)); a
-    transformer's blocks (image tokens (B, N, C)). The picker takes a block's raw output (a tensor or a tuple) to
-    the feature tensor; register it in a forward hook on the module."""
+    features, shallowest first: a UNet's ``conv_in``, down blocks and middle block (feature maps (B, C, H, W),
+    (B, C, L), or a video UNet's (B, C, F, H, W)); a transformer's blocks (image tokens (B, N, C)). The picker takes
+    a block's raw output (a tensor or a tuple) and the keyword arguments it was called with to the feature tensor;
+    register it on the module with :func:`feature_hook`."""
     kind = type(net).__name__
+    if kind == "UNet3DConditionModel":
+        # its blocks see the frames folded into the batch; each is called with num_frames=, which unfolds them.
+        # conv_in is called without it, so transformer_in (conv_in's output after temporal attention) stands in
+        points = [(net.transformer_in, _clips)] + [(b, _clips) for b in net.down_blocks]
+        return points + ([(net.mid_block, _clips)] if net.mid_block is not None else [])
     if kind in ("UNet2DModel", "UNet2DConditionModel"):
         points = [(net.conv_in, _first)] + [(b, _first) for b in net.down_blocks]
         return points + ([(net.mid_block, _first)] if net.mid_block is not None else [])
@@ -115,6 +132,16 @@ def feature_points(net: nn.Module) -> list[tuple[nn.Module, Callable[[Any], torc
         return [(b, _first) for b in net.transformer_blocks]
     raise DistillError(f"the teacher-feature discriminator does not know {kind}'s blocks; name a backbone module "
                        "instead (backbone: package.module:factory).")
+
+
+def feature_hook(module: nn.Module, pick: Picker, sink: Callable[[torch.Tensor], None]) -> Any:
+    """Register a forward hook on ``module`` that hands ``pick(output, kwargs)`` to ``sink`` (which may raise
+    :class:`StopForward`); returns the handle to remove."""
+
+    def hook(m: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+        sink(pick(out, kwargs))
+
+    return module.register_forward_hook(hook, with_kwargs=True)
 
 
 def maps_of(net: nn.Module) -> bool | None:

@@ -41,7 +41,7 @@ from distill.denoisers import ConsistencyDenoiser, consistency_scheduler_sigmas,
 from distill.errors import DistillError
 from distill.methods.base import Context, Method, Role
 from distill.methods.builders import load_teacher
-from distill.methods.common import Head, StopForward, feature_points, head_kind, maps_of
+from distill.methods.common import Head, StopForward, feature_hook, feature_points, head_kind, maps_of
 from distill.schedules import add_noise, scale_noise
 from distill.tensors import per_row
 
@@ -135,11 +135,11 @@ class FakeScore(nn.Module):
         module, pick = self._point
         got: list[torch.Tensor] = []
 
-        def hook(m: nn.Module, inputs: Any, out: Any) -> None:
-            got.append(pick(out))
+        def sink(f: torch.Tensor) -> None:
+            got.append(f)
             raise StopForward
 
-        handle = module.register_forward_hook(hook)
+        handle = feature_hook(module, pick, sink)
         try:
             self.denoiser(x, sigma, **cond)
         except StopForward:
