@@ -121,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from distill.eval.leaderboard import rich_tables
     from distill.eval.protocol import load_protocol
 
-    overrides = {"n": args.n}
+    overrides = {"n": args.n, "draws": args.draws}
     if args.inception_weights:
         os.environ["DISTILL_INCEPTION_WEIGHTS"] = str(args.inception_weights)
     proto = load_protocol(args.protocol, **overrides)
@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", "--n", dest="n", type=int, default=None,
                     help="samples per point (default: the protocol's; spell it --samples under torchrun, whose own "
                     "options make --n ambiguous)")
+    sp.add_argument("--draws", type=int, default=None,
+                    help="draws of n samples pooled into each point's headline (bias-corrected FD over all of them, "
+                    "with KID); default: the protocol's. 1: one draw, its plain FD")
     sp.add_argument("--out", default=None,
                     help="JSONL file to append to (default eval-results/<protocol>-<model>.jsonl in this folder)")
     sp.add_argument("--grids", default=None,

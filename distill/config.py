@@ -159,12 +159,15 @@ class EvalConfig:
 
     protocol: str | None = "digits"  # evals/protocols/<name>.yaml or a path; null = no evaluation
     n: int | None = None  # samples per point; null = the protocol's
+    draws: int | None = None  # draws of n samples pooled into each point's headline FD; null = the protocol's
     steps: list[int] | None = None  # step counts for the final student; null = all it supports
 
     def check(self) -> list[str]:
         errs = []
         if self.n is not None and self.n < 2:
             errs.append(f"n must be >= 2 or null, got {self.n}")
+        if self.draws is not None and self.draws < 1:
+            errs.append(f"draws must be >= 1 or null, got {self.draws}")
         if self.steps is not None and (not self.steps or min(self.steps) < 1):
             errs.append(f"steps must be positive integers, got {self.steps}")
         return errs

@@ -53,6 +53,9 @@ class Quickstart:
     fast_n: int  # samples per point with --fast
     teacher_guidance: list[float] | None = None  # the baselines' guidance scales (text teachers)
     n: int | None = None  # samples per point; None: the protocol's
+    # draws of n samples pooled into each point's headline; None: the protocol's. A quickstart may pool fewer draws
+    # than its protocol to stay short; its leaderboard says how many it pooled
+    draws: int | None = None
     measured: str = ""  # what the default run took, for the banner
     # minutes each job took in the last measured run: with several jobs at once, they are handed out in the order
     # that ends first with these times (distill.jobs.schedule), so that no long job is left to run alone at the end
@@ -100,8 +103,10 @@ def plans(fast: bool = False, bench: str | Quickstart = "digits", out: str | Pat
                 "trainer.progress=false", *budget]
         if b.n is not None:
             over.append(f"eval.n={b.n}")
+        if b.draws is not None:
+            over.append(f"eval.draws={b.draws}")
         if fast:
-            over += [*b.fast[name], f"eval.n={b.fast_n}"]
+            over += [*b.fast[name], f"eval.n={b.fast_n}", "eval.draws=1"]  # a first look: one small draw
         if name in b.starts_from:
             dep = b.starts_from[name]
             if dep not in b.recipes or dep == name:
@@ -139,13 +144,14 @@ def run_quickstart(out: str | Path, fast: bool = False, console: Any = None,
     out.mkdir(parents=True, exist_ok=True)
     n = b.fast_n if fast else b.n
     teacher_rows = out / "results" / "teacher.jsonl"
-    proto = load_protocol(b.protocol, n=n)
+    draws = 1 if fast else b.draws
+    proto = load_protocol(b.protocol, n=n, draws=draws)
     if teacher_rows.is_file() and (_protocol_key(teacher_rows) != proto.key()
                                    or _points(teacher_rows) != (set(b.teacher_samplers), _scales(b))):
         teacher_rows.unlink()  # made with another sample count (--fast and not, into one --out), samplers or w
     todo: list[dict[str, Any]] = []
     if not teacher_rows.is_file():
-        todo.append({"name": "teacher", "kind": "baselines", "bench": b, "n": n, "out": str(out)})
+        todo.append({"name": "teacher", "kind": "baselines", "bench": b, "n": n, "draws": draws, "out": str(out)})
     finished = {}
     rerun: set[str] = set()
     for p in sorted(chosen, key=lambda p: p.name in b.starts_from):  # a student after the one it starts from
@@ -225,7 +231,7 @@ def _do_job(job: dict[str, Any], progress: Any, on_step: Any) -> None:
         task = progress.add_task("teacher baselines: training-free samplers", total=None,
                                  info=f"{len(b.teacher_samplers)} samplers x {len(b.teacher_steps)} step counts"
                                       + (f" x {len(b.teacher_guidance)} guidance scales" if b.teacher_guidance else ""))
-        rows = evaluate(b.teacher, load_protocol(b.protocol, n=job["n"]), b.teacher_steps, b.teacher_samplers,
+        rows = evaluate(b.teacher, load_protocol(b.protocol, n=job["n"], draws=job["draws"]), b.teacher_steps, b.teacher_samplers,
                         name="teacher", grids=Path(job["out"]) / "grids", progress=False, guidance=b.teacher_guidance)
         write_rows(rows, teacher_rows.with_suffix(".tmp"))
         teacher_rows.with_suffix(".tmp").replace(teacher_rows)
@@ -275,10 +281,10 @@ def verdict(rows: list[dict[str, Any]], steps: tuple[int, ...] = (1, 2, 4),
 
     The bar is the lowest FD any of the teacher's training-free samplers reaches with at most as many network
     evaluations (:func:`distill.eval.leaderboard.best_training_free`), not DDIM alone. ``beats``: a lower FD;
-    ``tied``: the two 95% bootstrap intervals overlap (as the leaderboard marks ties), so the evaluation cannot
-    rank them.
+    ``tied``: the evaluation cannot rank them (:func:`distill.eval.leaderboard.tied`: the 95% FD intervals overlap
+    and, where both rows carry KID, the KID intervals too), as the leaderboard marks ties.
     """
-    from distill.eval.leaderboard import best_training_free, intervals_overlap
+    from distill.eval.leaderboard import best_training_free, tied
 
     out: dict[str, dict[int, tuple]] = {}
     for name in names:
@@ -289,7 +295,7 @@ def verdict(rows: list[dict[str, Any]], steps: tuple[int, ...] = (1, 2, 4),
             me = mine.get(k)
             both = me is not None and best is not None
             out[name][k] = (me["value"] if me else None, best, both and me["value"] < best["value"],
-                            both and intervals_overlap(me, best))
+                            both and tied(me, best))
     return out
 
 
@@ -337,6 +343,14 @@ def report(out: Path, fast: bool, console: Any, wall_s: float, bench: Quickstart
     md = markdown(rows, rel, source=note)
     head, _, body = md.partition("\n\n")
     extra = ["", "**--fast: tiny budgets for a first look; these numbers are not the leaderboard's.**", ""] if fast else [""]
+    from distill.eval.protocol import load_protocol
+
+    full = load_protocol(b.protocol).draws
+    used = 1 if fast else (b.draws or full)
+    if used < full:  # a cheaper setting than the protocol's: said where the numbers are
+        each = "one draw of n samples (its plain FD)" if used == 1 else f"{used} draws of n samples, pooled"
+        extra += [f"**Quickstart setting: each point is {each}; protocol '{b.protocol}' pools {full} draws for its "
+                  "headline. These numbers compare with each other, not with the protocol's pooled leaderboards.**", ""]
     md = "\n".join([head, *extra, body, "", "## Against the teacher's training-free samplers", "", *[f"* {ln}" for ln in lines], ""])
     (out / "LEADERBOARD.md").write_text(relink_grids(md, out))
     for ln in lines:

@@ -30,7 +30,7 @@ N = 10_000
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options; --help
     set_threads()
-    ref = reference(load_protocol(EVALS / "protocols" / "digits.yaml"))
+    ref = reference(load_protocol("digits", draws=1))
     real = digits_dataset()[:]["image"]
     g = torch.Generator().manual_seed(0)
     images = (real[torch.randint(0, len(real), (N,), generator=g)] + 0.05 * torch.randn(N, 1, 8, 8, generator=g)).clamp(-1, 1)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
 
     from distill.benchmarks.digits.judge import load_digits_net
-    from distill.eval.harness import _draw
+    from distill.eval.harness import point_draw
     from distill.models import open_model
     from distill.eval.protocol import halves, load_protocol, reference
     from distill.eval.sweep import generate
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         path, steps, sampler = parse_spec(spec)
         model = open_model(path)
         sampler = sampler or model.samplers[0]
-        draw = _draw(model, sampler, steps, proto)
+        draw = point_draw(model, sampler, steps, proto)
         shape = tuple(ref.shape)
         own = generate(draw, ref.n, shape, seed=proto.seed)
         others = [generate(draw, ref.n, shape, seed=args.seed_base + i * ref.n) for i in range(args.draws)]

@@ -202,3 +202,31 @@ def test_prompt_accuracy_and_intervals_in_rows(tiny_pipelines, caption_data, tmp
     # the floor: half B of the data, judged against its own digit / color columns
     assert floor["accuracy"] is not None and 0 <= floor["accuracy"] <= 1
     assert floor["value_ci"][0] <= floor["value"] <= floor["value_ci"][1]
+
+
+def brightness(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A toy diagnostics function: each image's mean value and its brightest pixel."""
+    return {"mean": images.mean(dim=(1, 2, 3)), "peak": images.amax(dim=(1, 2, 3))}
+
+
+def test_diagnostics_and_pooled_draws_in_rows_and_the_leaderboard(tiny_pipelines, caption_data, tmp_path, monkeypatch):
+    """A protocol's diagnostics give every row the mean of each aspect over its samples (all draws) and the floor row
+    the real images'; the leaderboard shows them in a table beside FD."""
+    from distill.eval.harness import evaluate
+    from distill.eval.leaderboard import markdown
+    from distill.eval.protocol import halves, load_protocol
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    proto = tmp_path / "diag.yaml"
+    proto.write_text(f"name: diag\ndataset: {caption_data}\nextractor: test_conditioning:zero_judge\nn: 12\n"
+                     "prompts: test_conditioning:tiny_prompts\nguidance: [1]\ndraws: 2\n"
+                     "diagnostics: test_conditioning:brightness\n")
+    protocol = load_protocol(proto)
+    floor, point = evaluate(tiny_pipelines["sd"], protocol, [1], ["ddim"], progress=False)
+    real = halves(protocol)[1]
+    assert floor["aspects"]["mean"] == pytest.approx(float(real.mean(dim=(1, 2, 3)).mean()))
+    assert set(point["aspects"]) == {"mean", "peak"} and point["aspects"]["mean"] <= point["aspects"]["peak"]
+    assert point["pooled_n"] == 24 and point["draws"] == 2
+    md = markdown([floor, point])
+    assert "### Diagnostics on protocol 'diag'" in md and "| point | mean | peak |" in md
+    assert f"| *real images (half B)* | *{floor['aspects']['mean']:.3f}* |" in md

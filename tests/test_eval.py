@@ -79,6 +79,29 @@ def test_evaluate_teacher_rows_and_floor():
     assert again[1]["value"] == ddim[4]
 
 
+def test_a_pooled_protocol_scores_every_draw_and_keeps_the_first_as_a_column():
+    """draws: 3 samples 3n per point from seeds 0..3n-1: the headline is the bias-corrected FD of all of them with
+    its interval, the first draw's plain FD (seeds 0..n-1) is the one-draw protocol's number, KID is over all
+    3n; the floor is on the same corrected scale, over every real image of half B; a pooled protocol is another
+    protocol (its own key, so its rows never share a table with one-draw rows)."""
+    one = evaluate(TEACHER, small(n=120), steps=[2], samplers=["ddim"], progress=False)
+    three = evaluate(TEACHER, small(n=120, draws=3), steps=[2], samplers=["ddim"], progress=False)
+    point, single = three[1], one[1]
+    assert point["draws"] == 3 and point["pooled_n"] == 360 and point["n"] == 120 and "draws" not in single
+    assert point["single"] == pytest.approx(single["value"], rel=1e-4)  # the same seeds, another batch split
+    assert point["single_ci"] == pytest.approx(single["value_ci"], rel=1e-3)
+    assert point["value"] == pytest.approx(point["fd_plain"] - point["fd_bias"]) and point["fd_bias"] > 0
+    lo, hi = point["value_ci"]
+    assert lo < point["value"] < hi and hi - lo < single["value_ci"][1] - single["value_ci"][0]  # 3x the samples
+    assert point["kid_se"] > 0 and single["kid_se"] > point["kid_se"]
+    floor = three[0]
+    assert floor["pooled_n"] == 898 and floor["single"] == pytest.approx(one[0]["value"])
+    assert floor["value"] < floor["single"] and floor["value_ci"][0] <= floor["value"] <= floor["value_ci"][1]
+    assert point["protocol"]["key"] != single["protocol"]["key"]
+    with pytest.raises(DistillError, match="draws must be >= 1"):
+        small(draws=0)
+
+
 def test_evaluate_a_sampler_function_and_a_student_folder(tmp_path):
     D = load_denoiser(TEACHER).eval()
     sig = sigma_grid(D, 2, "trailing")
@@ -165,7 +188,8 @@ def test_leaderboard_outputs(tmp_path):
     loaded = load_rows([f])
     md = markdown(loaded)
     assert "data floor" in md and "**" in md and "| 1 | 2 |" in md
-    assert len(rich_tables(loaded)) == 1
+    assert "### KID x 10^3" in md  # every row carries KID: its own table
+    assert len(rich_tables(loaded)) == 2  # the metric and KID
     paths = plot(loaded, tmp_path / "plots")
     assert all(p.stat().st_size > 1000 for p in paths.values())
     assert (tmp_path / "g" / "digits-teacher" / "ddim-2.png").is_file()

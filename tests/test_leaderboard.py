@@ -231,3 +231,40 @@ def test_prompt_grid_puts_each_prompts_samples_in_its_row(tmp_path, channels):
     assert Image.open(path).mode == ("L" if channels == 1 else "RGB")
     with pytest.raises(DistillError, match="at least one prompt"):
         save_prompt_grid(img, 0, tmp_path / "x.png")
+
+
+def test_a_tie_needs_both_fd_and_kid_intervals_to_overlap():
+    """Rows with KID are tied only where both measures cannot rank them: b's FD interval overlaps a's but its KID
+    is apart (ranked: not bold); c overlaps a in both (tied: bold); a KID table shows each row's KID x 10^3 with its
+    standard error; the quickstart's verdict uses the same rule."""
+    from distill.eval.leaderboard import tied
+
+    rows = [floor(), row("a", 1, 4.00, (3.80, 4.20), kid=0.0010, kid_se=0.0002),
+            row("b", 1, 4.10, (3.90, 4.30), kid=0.0030, kid_se=0.0002),
+            row("c", 1, 4.12, (3.92, 4.33), kid=0.0012, kid_se=0.0002)]
+    assert not tied(rows[1], rows[2]) and tied(rows[1], rows[3])
+    assert tied(row("x", 1, 4.0, (3.8, 4.2)), rows[2])  # a row without KID: the FD intervals decide
+    md = markdown(rows)
+    first = md.split("### KID")[0]
+    cells = table_lines(first)
+    assert cells["a · ddim"][0].startswith("**") and cells["c · ddim"][0].startswith("**")
+    assert not cells["b · ddim"][0].startswith("**")
+    assert "both the FD intervals and the KID intervals overlap" in first
+    kid_cells = table_lines(md.split("### KID")[1])
+    assert kid_cells["a · ddim"] == ["**1.00 ± 0.20**"] and kid_cells["b · ddim"] == ["3.00 ± 0.20"]
+    assert "KID x 10^3" in rich_text(rich_tables(rows))
+
+
+def test_a_pooled_group_says_how_it_pooled_and_shows_the_first_draw():
+    pooled = dict(draws=10, pooled_n=2000, kid=0.001, kid_se=0.0001)
+    rows = [{**floor(0.5, (0.3, 0.7)), "draws": 10, "single": 1.0, "single_ci": [0.8, 1.2], "pooled_n": 898},
+            row("a", 1, 2.0, (1.9, 2.1), single=2.4, single_ci=[2.0, 2.8], **pooled),
+            row("b", 1, 2.6, (2.5, 2.7), single=2.5, single_ci=[2.1, 2.9], **pooled)]
+    md = markdown(rows)
+    assert "FD pooled over 10 draws of n = 200 samples (2000 samples, seeds 0..1999)" in md
+    assert "10 draws of n = 200 (2000 samples per point)" in md
+    single = table_lines(md.split("### FD-toy of the first draw")[1].split("###")[0])
+    assert single["a · ddim"] == ["**2.40 [2.00, 2.80]**"] and single["b · ddim"] == ["**2.50 [2.10, 2.90]**"]
+    assert single["*data floor (real half B vs A)*"] == ["*1.00 [0.80, 1.20]*"]
+    head = table_lines(md.split("### ")[0])
+    assert head["a · ddim"] == ["**2.00 [1.90, 2.10]**"] and head["b · ddim"] == ["2.60 [2.50, 2.70]"]

@@ -19,7 +19,7 @@ import torch
 from distill.errors import DistillError
 
 __all__ = ["FeatureStats", "feature_stats", "frechet_distance", "fd_from_features", "bootstrap_fd",
-           "bootstrap_mean"]
+           "bootstrap_mean", "PooledFD", "pooled_fd", "kid", "KID_GROUPS"]
 
 BOOTSTRAP_REPS = 200  # resamples behind every interval a result row carries
 BOOTSTRAP_LEVEL = 0.95
@@ -164,3 +164,115 @@ def bootstrap_mean(flags: torch.Tensor | np.ndarray, reps: int = BOOTSTRAP_REPS,
     v = np.asarray(flags.detach().cpu().numpy() if isinstance(flags, torch.Tensor) else flags, dtype=np.float64)
     idx = np.random.default_rng(seed).integers(0, len(v), size=(reps, len(v)))
     return _interval(v[idx].mean(axis=1), level)
+
+
+@dataclass(frozen=True)
+class PooledFD:
+    """FD of a large sample set against fixed reference statistics, corrected for its sample-size bias.
+
+    Attributes:
+        value: the bias-corrected estimate of the FD between the samples' distribution and the reference Gaussian
+            (``plain - bias``): what the plug-in FD tends to with ever more samples, so sets of different sizes
+            (a pooled model row, a data floor of fewer real images) compare on one scale.
+        ci: its ``level`` interval (bias-corrected bootstrap; see :func:`pooled_fd`).
+        plain: the plug-in FD of these samples, as :func:`fd_from_features` gives.
+        bias: the bootstrap estimate of the plug-in FD's upward bias at this sample count.
+        n: the number of samples.
+    """
+
+    value: float
+    ci: tuple[float, float]
+    plain: float
+    bias: float
+    n: int
+
+
+def pooled_fd(features: torch.Tensor | np.ndarray, ref: FeatureStats, reps: int = BOOTSTRAP_REPS, seed: int = 0,
+              level: float = BOOTSTRAP_LEVEL) -> PooledFD:
+    """The FD of ``features`` (N, D) against ``ref``, with the bias of a finite sample removed, and its interval.
+
+    The plug-in FD is biased upward: a sample covariance's eigenvalues spread wider than the population's, and
+    ``||mu_hat - mu||^2`` adds about Tr(Sigma)/N, so the plug-in FD of a set of samples exceeds the FD of the
+    distribution they come from by roughly D^2 / (4 N) for well-spread D-dimensional features (on 64-d features and
+    898 samples, a third of a small FD). The bootstrap measures that bias at this N: resampling the samples with
+    replacement (``reps`` times, seeded) adds the same kind of excess once more, so the resamples' mean minus the
+    plug-in value estimates the bias (Efron & Tibshirani 1993, ch. 10). The estimate is the plug-in value minus
+    that bias, and the interval is the resamples' ``level`` percentile interval moved down by twice the bias (once
+    to centre it on the plug-in value, once more to centre it on the corrected one). On Gaussian features whose
+    exact FD is known it covers that FD in about ``level`` of draws (``tests/test_frechet.py``), where the interval
+    around the plug-in value covers it in none at 898 samples.
+
+    The reference statistics are held fixed: they are the protocol's definition of the data (half A), common to every
+    row, so their own sampling noise moves every row alike and does not change a ranking."""
+    x = _as_float64_2d(features)
+    plain = frechet_distance(feature_stats(x), ref)
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(reps, len(x)))
+    values = np.array([frechet_distance(feature_stats(x[i]), ref) for i in idx])
+    bias = float(values.mean() - plain)
+    lo, hi = _interval(values - 2 * bias, level)
+    return PooledFD(value=plain - bias, ci=(lo, hi), plain=plain, bias=bias, n=len(x))
+
+
+KID_GROUPS = 50  # groups of samples behind KID's delete-a-group jackknife standard error
+
+
+def _poly_kernel_sums(x: np.ndarray, y: np.ndarray, block: int = 2048) -> np.ndarray:
+    """Per row of x, the sum of the cubic polynomial kernel k(x_i, y_j) = (x_i . y_j / D + 1)^3 over all rows of y,
+    computed block by block (never a full N x M matrix)."""
+    d = x.shape[1]
+    out = np.empty(len(x))
+    for s in range(0, len(x), block):
+        out[s : s + block] = ((x[s : s + block] @ y.T / d + 1.0) ** 3).sum(axis=1)
+    return out
+
+
+def kid(features: torch.Tensor | np.ndarray, ref_features: torch.Tensor | np.ndarray, groups: int = KID_GROUPS,
+        seed: int = 0, block: int = 1024) -> tuple[float, float]:
+    """Kernel Inception Distance in any feature space (Binkowski et al. 2018): the unbiased estimate of the squared
+    MMD between the samples ``features`` (N, D) and the reference ``ref_features`` (M, D) under the cubic polynomial
+    kernel k(a, b) = (a . b / D + 1)^3, and its standard error.
+
+    Unlike FD, the estimate is unbiased at any sample count: its expectation is 0 when both sets come from one
+    distribution (it can then come out slightly negative). The standard error is the delete-a-group jackknife's
+    over ``groups`` random groups of the samples (seeded), with the reference held fixed as FD holds it: how much
+    the number moves with the sample set. The kernel is summed block by block, so memory stays O(N * block).
+
+    Returns:
+        (KID, its standard error), both as plain floats (papers often print KID x 10^3)."""
+    x, y = _as_float64_2d(features), _as_float64_2d(ref_features, "reference features")
+    n, m, d = len(x), len(y), x.shape[1]
+    if y.shape[1] != d:
+        raise DistillError(f"features have {d} dimensions but the reference features {y.shape[1]}; both must come "
+                           "from the same feature network.")
+    if n < 4 or m < 2:
+        raise DistillError(f"KID needs at least 4 samples and 2 reference samples, got {n} and {m}.")
+    groups = max(2, min(groups, n // 2))
+    # the samples in a random order (seeded), cut into contiguous groups: per group pair (a, b) the sum of
+    # k(x_i, x_j) over i in a, j in b (the diagonal i = j included); per group the sum of k(x_i, x_i) and of k(x_i, y)
+    x = x[np.random.default_rng(seed).permutation(n)]
+    starts = np.linspace(0, n, groups + 1).astype(int)[:-1]
+    pair = np.zeros((groups, groups))
+    for s in range(0, n, block):
+        k = x[s : s + block] @ x.T
+        k /= d
+        k += 1.0
+        k *= k * k
+        cols = np.add.reduceat(k, starts, axis=1)  # (block, groups): each row's sum over each group
+        rows_group = np.searchsorted(starts, np.arange(s, min(s + block, n)), side="right") - 1
+        np.add.at(pair, rows_group, cols)
+    label = np.searchsorted(starts, np.arange(n), side="right") - 1
+    self_k = np.bincount(label, weights=(np.einsum("ij,ij->i", x, x) / d + 1.0) ** 3, minlength=groups)
+    cross = np.bincount(label, weights=_poly_kernel_sums(x, y), minlength=groups)
+    yy = float(_poly_kernel_sums(y, y).sum() - ((np.einsum("ij,ij->i", y, y) / d + 1.0) ** 3).sum())
+    sizes = np.bincount(label, minlength=groups).astype(np.float64)
+
+    def estimate(keep: np.ndarray) -> float:
+        nk = sizes[keep].sum()
+        xx = pair[np.ix_(keep, keep)].sum() - self_k[keep].sum()
+        return float(xx / (nk * (nk - 1)) + yy / (m * (m - 1)) - 2.0 * cross[keep].sum() / (nk * m))
+
+    every = np.ones(groups, dtype=bool)
+    value = estimate(every)
+    loo = np.array([estimate(np.arange(groups) != g) for g in range(groups)])
+    se = float(np.sqrt((groups - 1) / groups * ((loo - loo.mean()) ** 2).sum()))
+    return value, se

@@ -5,6 +5,11 @@ its own seed ``protocol.seed + i`` (so images do not depend on the batch size, a
 step count and every model), scores them against the protocol's reference, and returns one row per point
 plus the protocol's data-vs-data floor row. ``write_rows`` appends rows to a JSONL file.
 
+A protocol with ``draws: K`` samples K * n per point (seeds ``seed .. seed + K n - 1``) and its row's headline
+(``value``, ``value_ci``) is the FD of all of them with its sample-size bias removed
+(:func:`~distill.eval.frechet.pooled_fd`); ``kid`` and ``kid_se`` are KID over the same samples; ``single`` and
+``single_ci`` are the first draw's plain FD, the number a one-draw protocol gives.
+
 A model is a diffusers pipeline folder (or hub id), a denoiser ``D(x, sigma)``, or a sampler function
 ``fn(noise, steps, generators) -> images`` taking standard-normal noise (B, C, H, W). A pipeline folder
 with a ``distill.json`` is a student: it is evaluated with its own sampler at the step counts it supports.
@@ -29,7 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from distill.errors import DistillError
-from distill.eval.frechet import bootstrap_fd, bootstrap_mean
+from distill.eval.frechet import bootstrap_fd, bootstrap_mean, kid, pooled_fd
 from distill.eval.protocol import Protocol, judge, load_protocol, reference
 from distill.eval.sweep import Draw, denoiser_draw, generate, sigma_grid
 from distill.models import Model, open_model
@@ -82,7 +87,11 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} torch threads{gpu}"
 
 
-def _draw(model: Model, sampler: str, steps: int, protocol: Protocol, w: float | None = None) -> Draw:
+def point_draw(model: Model, sampler: str, steps: int, protocol: Protocol, w: float | None = None) -> Draw:
+    """The draw function ``fn(noise, generators, **cond) -> samples`` that scores one point of ``model``: its own
+    sampler function, a student's sigmas, a stock solver on its scheduler's grid, or ``sampler`` on the protocol's
+    grid; with classifier-free guidance at ``w`` where the model does not take ``w`` as an input; latent samples
+    decoded by the pipeline's VAE."""
     if model.sampler_fn is not None:
         return lambda noise, gens, **cond: model.sampler_fn(noise, steps, gens)
     if steps in model.sigmas:
@@ -215,7 +224,9 @@ def evaluate(
             f"{m.name} makes {'x'.join(map(str, makes))} samples, but protocol {proto.name!r} scores "
             f"{'x'.join(map(str, ref.shape))} images of {proto.dataset!r}; evaluate it with a protocol of its own data "
             "(eval.protocol in a recipe, --protocol here), or none (eval.protocol: null).")
-    cond = conditioning(m, proto, ref.n)
+    draws = proto.draws
+    total = draws * ref.n  # samples per point: the first n are the single draw
+    cond = conditioning(m, proto, total)
     targets = proto.prompt_targets() if proto.judge else None
     prompt_list = proto.prompt_list() if cond else None
     n_prompts = len(prompt_list) if prompt_list else (len(proto.labels) if cond and proto.labels else 0)
@@ -225,36 +236,50 @@ def evaluate(
         "metric": ref.extractor.metric, "n": ref.n, "seed": proto.seed, "floor": ref.floor,
         "versions": versions(), "git": git_rev(), "machine": machine(),
     }
+    if draws > 1:
+        common["draws"] = draws
     floor_accuracy_ci = list(ref.floor_accuracy_ci) if ref.floor_accuracy_ci else None
-    rows: list[dict[str, Any]] = [{"model": "real data (half B vs A)", "method": "data-floor", "recipe": None,
-                                   "sampler": None, "steps": None, "nfe": None, "value": ref.floor,
-                                   "value_ci": list(ref.floor_ci) if ref.floor_ci else None,
-                                   "accuracy": ref.floor_accuracy, "accuracy_ci": floor_accuracy_ci, **common,
-                                   "wall_s": None, "samples_per_s": None}]
+    floor_row = {"model": "real data (half B vs A)", "method": "data-floor", "recipe": None, "sampler": None,
+                 "steps": None, "nfe": None, "value": ref.floor, "value_ci": list(ref.floor_ci) if ref.floor_ci else None,
+                 "accuracy": ref.floor_accuracy, "accuracy_ci": floor_accuracy_ci, "kid": ref.pooled_floor["kid"],
+                 "kid_se": ref.pooled_floor["kid_se"], **common, "wall_s": None, "samples_per_s": None}
+    if "aspects" in ref.pooled_floor:
+        floor_row["aspects"] = ref.pooled_floor["aspects" if draws > 1 else "aspects_single"]
+    if draws > 1:  # every real image of half B, on the pooled rows' bias-corrected scale
+        pf = ref.pooled_floor
+        floor_row.update({"single": ref.floor, "single_ci": floor_row["value_ci"], "value": pf["value"],
+                          "value_ci": pf["ci"], "fd_plain": pf["plain"], "fd_bias": pf["bias"], "pooled_n": pf["n"],
+                          "accuracy": pf.get("accuracy", ref.floor_accuracy),
+                          "accuracy_ci": pf.get("accuracy_ci", floor_accuracy_ci)})
+    rows: list[dict[str, Any]] = [floor_row]
     pending_grids = []
     points = [(s, k, w) for s in chosen for k in steps for w in scales]
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    disable=not progress)
     with bar:
-        task = bar.add_task(f"eval {m.name}", total=len(points) * ref.n)
+        task = bar.add_task(f"eval {m.name}", total=len(points) * total)
         for sampler, k, w in points:
             label = f"{sampler} {k} step{'s' if k > 1 else ''}" + (f" w={w:g}" if w is not None else "")
             bar.update(task, description=f"eval {m.name}: {label}")
             t0 = time.perf_counter()
             embedded = w is not None and getattr(m.denoiser, "takes_guidance", False)
             point_cond = {**cond, "guidance": float(w)} if embedded else cond
-            share = _share(ref.n, rank, world)
-            imgs = generate(_draw(m, sampler, k, proto, w), ref.n, noise_shape, seed=proto.seed,
+            share = _share(total, rank, world)
+            imgs = generate(point_draw(m, sampler, k, proto, w), total, noise_shape, seed=proto.seed,
                             batch_size=proto.batch_size, device=device, progress=lambda b: bar.advance(task, b * world),
                             cond=point_cond, rows=share)
             gen_s = time.perf_counter() - t0
-            feats = _gathered_features(ref, imgs, ref.n, world)
-            value = ref.fd_of_features(feats)
-            value_ci = bootstrap_fd(feats, ref.stats)
+            feats = _gathered_features(ref, imgs, total, world)
+            value = ref.fd_of_features(feats[: ref.n])
+            value_ci = bootstrap_fd(feats[: ref.n], ref.stats)
+            kid_value, kid_se = kid(feats, ref.features)
+            local = ref.aspects(imgs)
+            aspects = ({k: float(_gathered(v, total, world).mean()) for k, v in local.items()}
+                       if local is not None else None)
             accuracy = accuracy_ci = None
             if targets is not None:
                 mine = {f: torch.tensor([v[i % len(v)] for i in share]) for f, v in targets.items()}
-                correct = _gathered(judge(ref.extractor, imgs, mine).to(torch.uint8), ref.n, world).bool()
+                correct = _gathered(judge(ref.extractor, imgs, mine).to(torch.uint8), total, world).bool()
                 accuracy, accuracy_ci = float(correct.float().mean()), bootstrap_mean(correct)
             calls = k if m.sampler_fn is not None else nfe(sampler, k)  # a sampler function: one call per step
             if w is not None and w != 1 and not embedded:
@@ -265,11 +290,17 @@ def evaluate(
                 "grid": "student" if k in m.sigmas else ("scheduler" if sampler in SCHEDULER_SAMPLERS else
                                                          proto.grid_for(sampler) if m.sampler_fn is None else None),
                 "value": value, "value_ci": list(value_ci), "accuracy": accuracy,
-                "accuracy_ci": list(accuracy_ci) if accuracy_ci else None,
-                **common, "wall_s": round(time.perf_counter() - t0, 3),
-                "samples_per_s": round(ref.n / gen_s, 1), "processes": world,
+                "accuracy_ci": list(accuracy_ci) if accuracy_ci else None, "kid": kid_value, "kid_se": kid_se,
+                **({"aspects": aspects} if aspects is not None else {}),
+                **common, "wall_s": None, "samples_per_s": round(total / gen_s, 1), "processes": world,
                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             })
+            if draws > 1:
+                pooled = pooled_fd(feats, ref.stats)
+                rows[-1].update({"single": value, "single_ci": list(value_ci), "value": pooled.value,
+                                 "value_ci": list(pooled.ci), "fd_plain": pooled.plain, "fd_bias": pooled.bias,
+                                 "pooled_n": pooled.n})
+            rows[-1]["wall_s"] = round(time.perf_counter() - t0, 3)
             if grids is not None and rank == 0:
                 tag = f"-w{w:g}" if w is not None else ""
                 suffix = MEDIA_SUFFIX[kind_of(imgs)]  # a PNG grid, a GIF of the clips, a WAV of the clips

@@ -7,8 +7,12 @@ protocol's data-vs-data floor.
 
 Conditional models' rows carry their classifier-free guidance scale: each scale is a series of its own
 ("teacher · ddim (w=3)"). Where rows carry 95% bootstrap intervals (``value_ci``, ``accuracy_ci``) a cell reads
-``4.15 [3.95, 4.37]`` and every value whose interval overlaps the best one's is bold with it (a tie, not a
-ranking); rows without intervals (older results) render as they always did. Rows with prompt accuracy get a
+``4.15 [3.95, 4.37]`` and every value tied with the best one is bold with it (a tie, not a ranking): two rows are
+tied where their FD intervals overlap and, where both carry KID (``kid``, ``kid_se``), their KID intervals
+(KID +- 1.96 standard errors) overlap too; either measure that separates them ranks them. Rows with KID get a KID
+table, and rows of a pooled protocol (``draws`` > 1: the headline is FD over all draws, bias-corrected) a table
+of their first draw's plain FD (``single``), the number a one-draw protocol and older rows give. Rows without
+intervals (older results) render as they always did. Rows with prompt accuracy get a
 second table (accuracy as a percentage, higher is better) and, across several guidance scales, a trade-off plot
 of the metric against prompt accuracy.
 """
@@ -103,9 +107,39 @@ def intervals_overlap(a: dict[str, Any], b: dict[str, Any], field: str = "value"
     return ca is not None and cb is not None and ca[0] <= cb[1] and cb[0] <= ca[1]
 
 
+KID_Z = 1.96  # a KID interval is KID +- 1.96 standard errors (95% under a normal approximation)
+
+
+def kid_interval(r: dict[str, Any]) -> tuple[float, float] | None:
+    """The row's 95% KID interval (KID +- 1.96 standard errors), None where it has no KID."""
+    if r.get("kid") is None or r.get("kid_se") is None:
+        return None
+    return r["kid"] - KID_Z * r["kid_se"], r["kid"] + KID_Z * r["kid_se"]
+
+
+def tied(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether the evaluation cannot rank two rows: their FD intervals overlap and, where both rows carry KID, their
+    KID intervals overlap too. A measure that separates them ranks them (False where either row has no FD
+    interval)."""
+    if not intervals_overlap(a, b, "value"):
+        return False
+    ka, kb = kid_interval(a), kid_interval(b)
+    return ka is None or kb is None or (ka[0] <= kb[1] and kb[0] <= ka[1])
+
+
+def _kid_tied(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    ka, kb = kid_interval(a), kid_interval(b)
+    return ka is not None and kb is not None and ka[0] <= kb[1] and kb[0] <= ka[1]
+
+
+def _single_tied(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return intervals_overlap(a, b, "single")
+
+
 def _winners(g: dict[str, Any], k: int, field: str = "value", higher: bool = False) -> set[tuple]:
     """The series that are best at step count ``k`` (lowest ``field``; highest with ``higher``), or tied with
-    the best: their 95% interval overlaps the best one's. Rows without intervals tie only on equal values."""
+    the best: for the headline ("value"), :func:`tied` (FD and, where rows have it, KID); for KID, overlapping KID
+    intervals; otherwise overlapping 95% intervals of ``field``. Rows without intervals tie only on equal values."""
     pts = {s: p[k] for s, p in g["series"].items() if k in p and p[k].get(field) is not None}
     if not pts:
         return set()
@@ -113,11 +147,13 @@ def _winners(g: dict[str, Any], k: int, field: str = "value", higher: bool = Fal
     best_value = pick(r[field] for r in pts.values())
     out = {s for s, r in pts.items() if r[field] == best_value}
     best = [pts[s] for s in out]
-    return out | {s for s, r in pts.items() if any(intervals_overlap(r, w, field) for w in best)}
+    same = {"value": tied, "kid": _kid_tied, "single": _single_tied}.get(
+        field, lambda a, b: intervals_overlap(a, b, field))
+    return out | {s for s, r in pts.items() if any(same(r, w) for w in best)}
 
 
 def _has(g: dict[str, Any], what: str) -> bool:
-    """Whether any point of the group has ``what``: "value_ci", "accuracy" or "guidance"."""
+    """Whether any point of the group has ``what``: "value_ci", "accuracy", "guidance", "kid" or "single"."""
     rows = [r for pts in g["series"].values() for r in pts.values()]
     if what == "value_ci":
         return any(_interval(r, "value") for r in rows)
@@ -141,6 +177,26 @@ def _acc_cell(r: dict[str, Any]) -> str:
     return _pct(r["accuracy"], _interval(r, "accuracy")) if r.get("accuracy") is not None else ""
 
 
+KID_SCALE = 1e3  # KID is printed x 10^3, as papers print it
+
+
+def _kid_cell(r: dict[str, Any]) -> str:
+    if r.get("kid") is None:
+        return ""
+    se = f" ± {KID_SCALE * r['kid_se']:.2f}" if r.get("kid_se") is not None else ""
+    return f"{KID_SCALE * r['kid']:.2f}{se}"
+
+
+def _single_cell(r: dict[str, Any]) -> str:
+    return _fd(r["single"], _interval(r, "single")) if r.get("single") is not None else ""
+
+
+def _pooled(g: dict[str, Any]) -> dict[str, Any] | None:
+    """A pooled group's first row with ``draws`` (its draws and sample counts), None for one-draw rows."""
+    rows = [r for pts in g["series"].values() for r in pts.values()] + ([g["floor"]] if g["floor"] else [])
+    return next((r for r in rows if (r.get("draws") or 1) > 1), None)
+
+
 def title(key: tuple) -> str:
     proto, _, metric, extractor, h = key
     return f"{metric} on protocol '{proto}' ({extractor} {h[:8]}), by sampling steps; lower is better"
@@ -152,14 +208,24 @@ def accuracy_title(key: tuple) -> str:
 
 
 TIE_NOTE = "bold: best, or tied with the best (overlapping 95% intervals)"
+TIE_NOTE_KID = ("bold: best, or tied with the best (both the FD intervals and the KID intervals overlap; a measure "
+                "that separates two rows ranks them)")
 
 
 def _caption(g: dict[str, Any]) -> str | None:
     """What a group's metric table needs said beyond the page header: its interval form, ties, guidance; None
     for rows with none of them (older rows render as they always did)."""
     parts = []
-    if _has(g, "value_ci"):
-        parts.append("Cells: the metric [its 95% bootstrap interval over the samples]; " + TIE_NOTE + ".")
+    pooled = _pooled(g)
+    if pooled is not None:
+        parts.append(f"Cells: FD pooled over {pooled['draws']} draws of n = {pooled['n']} samples "
+                     f"({pooled['draws'] * pooled['n']} samples, seeds {pooled['seed']}..{pooled['seed'] + pooled['draws'] * pooled['n'] - 1}), "
+                     "with its sample-size bias removed, so it does not depend on the sample count (the floor uses "
+                     "every real image of half B) [95% bias-corrected bootstrap interval]; "
+                     + (TIE_NOTE_KID if _has(g, "kid") else TIE_NOTE) + ".")
+    elif _has(g, "value_ci"):
+        parts.append("Cells: the metric [its 95% bootstrap interval over the samples]; "
+                     + (TIE_NOTE_KID if _has(g, "kid") else TIE_NOTE) + ".")
     if _has(g, "guidance"):
         parts.append("Conditional models have a row per classifier-free guidance scale w.")
     return " ".join(parts) or None
@@ -208,11 +274,37 @@ def rich_tables(rows: list[dict[str, Any]]) -> list:
             t.add_row(_label(skey), *cells)
         if g["floor"] is not None:
             f = g["floor"]
-            t.add_row(f"data floor (real half B vs A, n={f['n']})", *[_floor_fd(f)] * max(1, len(cols)), style="dim")
+            t.add_row(f"data floor (real half B vs A, n={f.get('pooled_n', f['n'])})", *[_floor_fd(f)] * max(1, len(cols)),
+                      style="dim")
         tables.append(t)
+        for field in ("kid", "single"):
+            if _has(g, field):
+                tables.append(_rich_measure(key, g, cols, field))
         if _has(g, "accuracy"):
             tables.append(_rich_accuracy(key, g, cols))
     return tables
+
+
+def _rich_measure(key: tuple, g: dict[str, Any], cols: list[int], field: str) -> Any:
+    from rich.markup import escape
+    from rich.table import Table
+
+    cell = {"kid": _kid_cell, "single": _single_cell}[field]
+    heading, caption = _measure_text(key, g, field)
+    t = Table(title=escape(heading), title_justify="left", caption=escape(caption), caption_justify="left")
+    t.add_column("model · sampler")
+    for k in cols:
+        t.add_column(str(k), justify="right")
+    wins = {k: _winners(g, k, field) for k in cols}
+    for skey, pts in g["series"].items():
+        if not any(r.get(field) is not None for r in pts.values()):
+            continue
+        t.add_row(_label(skey), *[(f"[bold green]{escape(cell(pts[k]))}[/bold green]" if skey in wins[k]
+                                   else escape(cell(pts[k]))) if k in pts else "" for k in cols])
+    f = g["floor"]
+    if f is not None and f.get(field) is not None:
+        t.add_row("data floor (real half B vs A)", *[escape(cell(f))] * max(1, len(cols)), style="dim")
+    return t
 
 
 def _rich_accuracy(key: tuple, g: dict[str, Any], cols: list[int]) -> Any:
@@ -254,8 +346,10 @@ def markdown(rows: list[dict[str, Any]], plots: dict[Any, str] | None = None,
             r0 = measured[0]
             machines = sorted({str(r.get("machine", "an unrecorded machine")) for r in measured})
             gits = sorted({str(r.get("git")) for r in measured})
-            out.append(f"n = {r0['n']} samples per point, seeds {r0['seed']}.., measured on {'; '.join(machines)}; "
-                       f"git {', '.join(gits)}.")
+            draws = r0.get("draws") or 1
+            per = (f"n = {r0['n']} samples per point" if draws == 1 else
+                   f"{draws} draws of n = {r0['n']} ({draws * r0['n']} samples per point)")
+            out.append(f"{per}, seeds {r0['seed']}.., measured on {'; '.join(machines)}; git {', '.join(gits)}.")
             out.append("")
         caption = _caption(g)
         if caption:
@@ -276,8 +370,13 @@ def markdown(rows: list[dict[str, Any]], plots: dict[Any, str] | None = None,
             f = g["floor"]
             out.append("| *data floor (real half B vs A)* | " + " | ".join([f"*{_floor_fd(f)}*"] * len(cols)) + " |")
         out.append("")
+        for field in ("kid", "single"):
+            if _has(g, field):
+                out += _markdown_measure(key, g, cols, field)
         if _has(g, "accuracy"):
             out += _markdown_accuracy(key, g, cols)
+        if _has(g, "aspects"):
+            out += _markdown_aspects(key, g)
         if key in plots:
             out += [f"![{title(key)}]({plots[key]})", ""]
         if (key, "tradeoff") in plots:
@@ -289,6 +388,65 @@ def markdown(rows: list[dict[str, Any]], plots: dict[Any, str] | None = None,
                 f"[{_label(s)} {k}]({p})" for s, k, p in grids))
             out.append("")
     return "\n".join(out)
+
+
+def _measure_text(key: tuple, g: dict[str, Any], field: str) -> tuple[str, str]:
+    """(heading, caption) of the KID or the first-draw table of a group."""
+    proto, _, metric, extractor, h = key
+    if field == "kid":
+        pooled = _pooled(g)
+        over = f"the same {pooled['draws'] * pooled['n']} samples" if pooled else "the same samples"
+        return (f"KID x 10^3 on protocol '{proto}' ({extractor} {h[:8]}), by sampling steps; lower is better",
+                f"KID (kernel inception distance in the same features, cubic polynomial kernel; unbiased, so about 0 "
+                f"for samples of the data's own distribution and comparable across sample counts) over {over}, "
+                "x 10^3, +- its standard error (jackknife over the samples); bold: best, or tied with the best "
+                "(KID +- 1.96 standard errors overlap).")
+    return (f"{metric} of the first draw on protocol '{proto}' ({extractor} {h[:8]}), by sampling steps; lower is better",
+            "The plain FD of the first draw alone (n samples, seeds from the protocol's seed): the number a one-draw "
+            "protocol gives and older leaderboards carry, for comparison with them [95% bootstrap interval]; bold: "
+            "best, or overlapping the best's interval.")
+
+
+def _markdown_measure(key: tuple, g: dict[str, Any], cols: list[int], field: str) -> list[str]:
+    cell = {"kid": _kid_cell, "single": _single_cell}[field]
+    heading, caption = _measure_text(key, g, field)
+    out = [f"### {heading}", "", caption, "",
+           "| model · sampler | " + " | ".join(str(k) for k in cols) + " |", "|---|" + "---:|" * len(cols)]
+    wins = {k: _winners(g, k, field) for k in cols}
+    for skey, pts in g["series"].items():
+        if not any(r.get(field) is not None for r in pts.values()):
+            continue
+        cells = []
+        for k in cols:
+            c = cell(pts[k]) if k in pts else ""
+            cells.append(f"**{c}**" if c and skey in wins[k] else c)
+        out.append(f"| {_label(skey)} | " + " | ".join(cells) + " |")
+    f = g["floor"]
+    if f is not None and f.get(field) is not None:
+        out.append("| *data floor (real half B vs A)* | " + " | ".join([f"*{cell(f)}*"] * len(cols)) + " |")
+    out.append("")
+    return out
+
+
+def _markdown_aspects(key: tuple, g: dict[str, Any]) -> list[str]:
+    """The protocol's per-aspect diagnostics: a row per point, a column per aspect, the real images first."""
+    rows = [(f"{_label(skey)}, {k} step{'s' if k != 1 else ''}", r) for skey, pts in g["series"].items()
+            for k, r in sorted(pts.items()) if r.get("aspects")]
+    names = list(dict.fromkeys(a for _, r in rows for a in r["aspects"]))
+    out = [f"### Diagnostics on protocol '{key[0]}': what the samples look like, beside the real images", "",
+           "Each cell is the mean of one per-sample aspect over the point's samples (the protocol's `diagnostics`; "
+           "their definitions are in its module's documentation). A row far from the real images' in an aspect is "
+           "worse in that respect, whatever its FD says.", "",
+           "| point | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    f = g["floor"]
+    if f is not None and f.get("aspects"):
+        out.append("| *real images (half B)* | " + " | ".join(f"*{f['aspects'].get(a, float('nan')):.3f}*"
+                                                           for a in names) + " |")
+    for label, r in rows:
+        out.append(f"| {label} | " + " | ".join(f"{r['aspects'][a]:.3f}" if a in r["aspects"] else "" for a in names)
+                   + " |")
+    out.append("")
+    return out
 
 
 def _markdown_accuracy(key: tuple, g: dict[str, Any], cols: list[int]) -> list[str]:

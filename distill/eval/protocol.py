@@ -2,9 +2,9 @@
 
 A protocol fixes everything a number depends on: the reference data (dataset, split), how it is split
 into halves A (reference) and B (floor), the number of samples per point, the seed base, the feature
-extractor and the preprocessing. Reference statistics (half A's Gaussian and the floor FD(B, A)) are cached
+extractor and the preprocessing, and how many draws of ``n`` samples a row pools (``draws``). Reference statistics (half A's Gaussian and the floor FD(B, A)) are cached
 on disk under a key made of the protocol (with a signature of a local dataset folder's files) and the
-extractor's weights hash; a cache entry whose recorded protocol or extractor differs, or whose statistics file
+extractor's weights hash, with half A's features (for KID); a cache entry whose recorded protocol or extractor differs, or whose statistics file
 does not match its recorded hash, is refused with a warning and recomputed.
 """
 
@@ -24,7 +24,8 @@ import torch
 from distill.config import DataConfig, from_dict, to_plain
 from distill.errors import DistillError
 from distill.eval.extractors import FeatureExtractor, get_extractor
-from distill.eval.frechet import FeatureStats, bootstrap_fd, bootstrap_mean, feature_stats, frechet_distance
+from distill.eval.frechet import (FeatureStats, bootstrap_fd, bootstrap_mean, feature_stats, frechet_distance, kid,
+                                  pooled_fd)
 
 GRIDS = ("leading", "trailing", "linspace", "karras")
 DEFAULT_GRIDS = {"ddim": "trailing", "euler": "trailing", "heun": "karras", "consistency": "trailing"}
@@ -46,6 +47,10 @@ class Protocol:
     split_seed: int = 0  # random split of the data into halves A (reference) and B (floor)
     n: int | None = None  # samples per point; null = len(half B); the floor uses the same n
     seed: int = 0  # sample i starts from torch.Generator().manual_seed(seed + i)
+    # draws of n samples per point (seeds seed .. seed + draws * n - 1), pooled into the headline: the FD of all of
+    # them, bias-corrected, with its interval (frechet.pooled_fd), and KID. The first draw's plain FD stays a column
+    # (the number a protocol without draws gives). 1: the headline is that single draw's plain FD.
+    draws: int = 1
     extractor_args: dict[str, Any] = field(default_factory=dict)
     # sigma grid per teacher sampler: the teacher's own timesteps (leading | trailing | linspace) or karras.
     # Heun needs a bounded sigma_max: from a VP teacher's sigma_max (2e4 for the cosine schedule) its
@@ -61,11 +66,17 @@ class Protocol:
     # prompt accuracy: the fields the extractor's predict() judges (e.g. [digit, color]); each prompt names its own
     # (package.module:function giving objects with .text and these fields) and the reference data has such columns
     judge: list[str] = field(default_factory=list)
+    # per-aspect diagnostics beside FD (package.module:function, images -> {aspect: (N,) values}): each row carries the
+    # mean of every aspect over its samples, the floor row the real images' (half B), so a leaderboard says in plain
+    # terms how a row differs from the data (e.g. distill.benchmarks.text_digits.diagnostics:aspects)
+    diagnostics: str | None = None
 
     def check(self) -> list[str]:
         errs = []
         if self.n is not None and self.n < 2:
             errs.append(f"n must be >= 2 or null, got {self.n}")
+        if self.draws < 1:
+            errs.append(f"draws must be >= 1 (1: one draw of n samples, no pooling), got {self.draws}")
         errs += [e for e in self.data_config().check() if e.startswith("layout")]
         if self.batch_size < 1:
             errs.append(f"batch_size must be >= 1, got {self.batch_size}")
@@ -139,6 +150,8 @@ class Protocol:
             fields["judge"] = self.judge
         if self.layout != "image":  # image protocols keep the keys (and cached statistics) they always had
             fields["layout"] = self.layout
+        if self.draws != 1:  # a pooled headline is another number: its rows never share a table with single draws
+            fields["draws"] = self.draws
         folder = Path(self.dataset).expanduser()
         from distill.registry import is_benchmark_dataset
 
@@ -191,6 +204,18 @@ class Reference:
     floor_ci: tuple[float, float] | None = None  # bootstrap interval of the floor (frechet.bootstrap_fd)
     floor_accuracy: float | None = None  # the judge's accuracy on half B's real images (protocols with a judge)
     floor_accuracy_ci: tuple[float, float] | None = None
+    features: torch.Tensor | None = None  # half A's features (n_ref, D), for KID
+    # the floor as a pooled protocol's rows are measured: all of half B (pooled_n images), the bias-corrected FD and its
+    # interval, and KID with its standard error (frechet.pooled_fd, frechet.kid)
+    pooled_floor: dict[str, Any] | None = None
+
+    @property
+    def draws(self) -> int:
+        return self.protocol.draws
+
+    def aspects(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The protocol's per-sample diagnostics of ``images`` ({aspect: (N,) float}), None without ``diagnostics``."""
+        return aspects_of(self.protocol, images)
 
     def fd(self, images: torch.Tensor) -> float:
         """FD of images (N, C, H, W) in [-1, 1] against half A."""
@@ -232,7 +257,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-REFERENCE_VERSION = 3  # of the cached reference statistics; bumped when what they hold is computed anew
+REFERENCE_VERSION = 4  # of the cached reference statistics; bumped when what they hold is computed anew
 
 
 def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, use_cache: bool = True,
@@ -245,7 +270,8 @@ def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, 
     key = f"{protocol.name}-{protocol.key()}-{extractor.name}-{extractor.weights_hash()}"
     meta_path, tensor_path = cache_dir() / f"{key}.json", cache_dir() / f"{key}.safetensors"
     # version 3: the floor's interval is bias-corrected (frechet.bootstrap_fd); entries of version 2 hold the plain
-    # percentile interval, which on few samples in many dimensions does not contain the floor itself
+    # percentile interval, which on few samples in many dimensions does not contain the floor itself. Version 4: half
+    # A's features (for KID) and the pooled floor.
     expected = {"protocol_key": protocol.key(), "extractor": extractor.describe(), "version": REFERENCE_VERSION}
     if use_cache and meta_path.is_file() and tensor_path.is_file():
         try:
@@ -257,6 +283,8 @@ def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, 
                 problem = "it was made with another protocol or feature network"
             elif meta.get("sha256") != _sha256(tensor_path):
                 problem = "its statistics file does not match the recorded hash"
+            elif bool(protocol.diagnostics) != ("aspects" in (meta.get("pooled_floor") or {})):
+                problem = "it was made with other diagnostics"  # they describe the data; they do not change the key
         except (OSError, json.JSONDecodeError):
             problem = "its metadata is unreadable"
         if problem is None:
@@ -264,7 +292,7 @@ def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, 
             stats = FeatureStats(t["mu"].numpy(), t["sigma"].numpy(), int(meta["n_ref"]))
             return Reference(protocol, extractor, stats, meta["floor"], meta["n"], meta["n_ref"], meta["fingerprint"],
                              tuple(meta["shape"]), _pair(meta.get("floor_ci")), meta.get("floor_accuracy"),
-                             _pair(meta.get("floor_accuracy_ci")))
+                             _pair(meta.get("floor_accuracy_ci")), t["features"], meta["pooled_floor"])
         warnings.warn(f"refusing cached reference statistics {tensor_path}: {problem}; recomputing.", stacklevel=2)
 
     a, b, b_columns, fingerprint = halves(protocol)
@@ -280,29 +308,65 @@ def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, 
             f"the covariance would be singular. Use n > {extractor.dim} (and a dataset with more than "
             f"{2 * extractor.dim} images) or a feature network with fewer dimensions."
         )
-    stats = feature_stats(extractor.features(a))
-    b_features = extractor.features(b[:n])
+    a_features = extractor.features(a).detach().cpu().to(torch.float64)
+    stats = feature_stats(a_features)
+    all_b = extractor.features(b).detach().cpu().to(torch.float64)
+    b_features = all_b[:n]
     floor = frechet_distance(feature_stats(b_features), stats)
     floor_ci = bootstrap_fd(b_features, stats)
+    # the pooled floor: every real image of half B, as many as a pooled row's samples or fewer, on the bias-corrected
+    # scale that does not depend on the count
+    pooled = pooled_fd(all_b, stats)
+    kid_value, kid_se = kid(all_b, a_features)
+    pooled_floor = {"value": pooled.value, "ci": list(pooled.ci), "plain": pooled.plain, "bias": pooled.bias,
+                    "n": pooled.n, "kid": kid_value, "kid_se": kid_se}
+    real_aspects = aspects_of(protocol, b)
+    if real_aspects is not None:  # the real images' means: every image of half B, and the first n (one draw's)
+        pooled_floor["aspects"] = {k: float(v.mean()) for k, v in real_aspects.items()}
+        pooled_floor["aspects_single"] = {k: float(v[:n].mean()) for k, v in real_aspects.items()}
     floor_accuracy = floor_accuracy_ci = None
     if protocol.judge:
         correct = judge(extractor, b[:n], {c: v[:n] for c, v in b_columns.items()})
         floor_accuracy, floor_accuracy_ci = float(correct.float().mean()), bootstrap_mean(correct)
+        if len(b) > n:
+            every = judge(extractor, b, b_columns)
+            pooled_floor["accuracy"], pooled_floor["accuracy_ci"] = float(every.float().mean()), list(bootstrap_mean(every))
+        else:
+            pooled_floor["accuracy"], pooled_floor["accuracy_ci"] = floor_accuracy, list(floor_accuracy_ci)
     cache_dir().mkdir(parents=True, exist_ok=True)
     # each process writes its own temporary files and renames them into place, so two processes filling the same
     # entry at once (the quickstart's lanes, parallel tests) never leave a torn or mixed entry
     tmp = tensor_path.with_name(f"{tensor_path.name}.{os.getpid()}.tmp")
-    save_file({"mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)}, str(tmp))
+    save_file({"mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma),
+               "features": a_features.contiguous()}, str(tmp))
     os.replace(tmp, tensor_path)
     meta = {**expected, "protocol": to_plain(protocol), "floor": floor, "n": n, "n_ref": len(a),
             "fingerprint": fingerprint, "shape": list(a.shape[1:]), "sha256": _sha256(tensor_path),
             "floor_ci": list(floor_ci), "floor_accuracy": floor_accuracy,
-            "floor_accuracy_ci": list(floor_accuracy_ci) if floor_accuracy_ci else None}
+            "floor_accuracy_ci": list(floor_accuracy_ci) if floor_accuracy_ci else None, "pooled_floor": pooled_floor}
     tmp_meta = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
     tmp_meta.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_meta, meta_path)
     return Reference(protocol, extractor, stats, floor, n, len(a), fingerprint, tuple(a.shape[1:]), floor_ci,
-                     floor_accuracy, floor_accuracy_ci)
+                     floor_accuracy, floor_accuracy_ci, a_features, pooled_floor)
+
+
+def aspects_of(protocol: Protocol, images: torch.Tensor, batch_size: int = 2048) -> dict[str, torch.Tensor] | None:
+    """``protocol.diagnostics`` applied to ``images`` in batches: {aspect: (N,) float64 values}; None without one."""
+    if not protocol.diagnostics:
+        return None
+    from distill.plugins import load_object
+
+    fn = load_object(protocol.diagnostics, "diagnostics function")
+    parts: dict[str, list[torch.Tensor]] = {}
+    for lo in range(0, len(images), batch_size):
+        got = fn(images[lo : lo + batch_size])
+        if not isinstance(got, dict) or not got:
+            raise DistillError(f"diagnostics {protocol.diagnostics} must return a dict of per-sample values, got "
+                               f"{type(got).__name__}.")
+        for k, v in got.items():
+            parts.setdefault(k, []).append(torch.as_tensor(v).detach().cpu().to(torch.float64).reshape(-1))
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def _pair(v: Any) -> tuple[float, float] | None:

@@ -51,6 +51,7 @@ BENCHMARK = Benchmark(
         teacher_samplers=["ddim", "dpmpp_2m", "unipc"],
         teacher_guidance=[1.0, 1.5],
         n=700,
+        draws=1,  # one draw per point, as its committed leaderboard; the protocol pools more (labelled)
         fast={
             "progressive": ["method.start_steps=4", "method.iters_per_phase=[10, 10]", CKPT0],
             "consistency": ["method.iters=20", "method.optimizer.warmup_steps=5", CKPT0],
