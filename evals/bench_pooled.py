@@ -41,8 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
 
-    import torch
-
     from distill.eval.frechet import bootstrap_fd, kid, pooled_fd
     from distill.eval.harness import conditioning, point_draw
     from distill.eval.protocol import load_protocol, reference

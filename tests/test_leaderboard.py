@@ -268,3 +268,20 @@ def test_a_pooled_group_says_how_it_pooled_and_shows_the_first_draw():
     assert single["*data floor (real half B vs A)*"] == ["*1.00 [0.80, 1.20]*"]
     head = table_lines(md.split("### ")[0])
     assert head["a · ddim"] == ["**2.00 [1.90, 2.10]**"] and head["b · ddim"] == ["2.60 [2.50, 2.70]"]
+
+
+def test_two_feature_spaces_that_rank_a_pair_in_opposite_orders_are_flagged():
+    """The same protocol key scored by two feature networks: a pair ranked apart in both, in opposite orders, is
+    named; a pair tied in one space is not."""
+    other = {"metric": "FD-toy-b", "extractor": {"name": "toy-net-b", "weights_hash": "fedcba9876543210"},
+             "protocol": {"name": "toy-b", "key": BASE["protocol"]["key"]}}
+    rows = [floor(), row("a", 4, 2.0, (1.9, 2.1)), row("b", 4, 3.0, (2.9, 3.1)), row("c", 4, 3.05, (2.95, 3.15)),
+            {**floor(), **other}, {**row("a", 4, 5.0, (4.9, 5.1)), **other}, {**row("b", 4, 4.0, (3.9, 4.1)), **other},
+            {**row("c", 4, 5.02, (4.92, 5.12)), **other}]
+    md = markdown(rows)
+    section = md.split("## Rankings in two feature spaces: FD-toy and FD-toy-b")[1]
+    line = next(ln for ln in section.splitlines() if ln.startswith("| 4 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "a · ddim < b · ddim = c · ddim" and cells[2] == "b · ddim < a · ddim = c · ddim"
+    assert cells[3] == "**a · ddim vs b · ddim**"  # b vs c is tied in the first space: not a contradiction
+    assert "Rankings in two feature spaces" not in markdown(rows[:4])  # one feature space: no section

@@ -387,7 +387,61 @@ def markdown(rows: list[dict[str, Any]], plots: dict[Any, str] | None = None,
             out.append("Sample grids (first 64 samples of each point): " + ", ".join(
                 f"[{_label(s)} {k}]({p})" for s, k, p in grids))
             out.append("")
+    out += rank_comparison(rows)
     return "\n".join(out)
+
+
+def _ranked(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether the evaluation ranks two rows: both carry intervals and they are not :func:`tied`."""
+    return _interval(a, "value") is not None and _interval(b, "value") is not None and not tied(a, b)
+
+
+def _order(pts: dict[tuple, dict[str, Any]]) -> str:
+    """Series from best to worst: ``<`` between ranked neighbours, ``=`` between tied ones, ``<=`` where a row has
+    no interval (older rows: the order of the values, not a ranking)."""
+    ranked = sorted(pts.items(), key=lambda kv: kv[1]["value"])
+    text = _label(ranked[0][0])
+    for (_, prev), (skey, r) in zip(ranked, ranked[1:]):
+        sep = "<" if _ranked(prev, r) else "=" if intervals_overlap(prev, r) else "<="
+        text += f" {sep} {_label(skey)}"
+    return text
+
+
+def rank_comparison(rows: list[dict[str, Any]]) -> list[str]:
+    """Where one protocol's samples are scored in two feature spaces (groups with the same protocol key and another
+    feature network, e.g. 'digits' and 'digits-b'), a section per pair: at each step count the order of the series in
+    each space, and the pairs the two spaces rank in opposite orders, each ranking them apart (neither tied). A
+    ranking that only one feature network supports is an artefact of that network's features, and says so here."""
+    groups = group(rows)
+    out: list[str] = []
+    keys = list(groups)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            if a[1] != b[1] or (a[3], a[4]) == (b[3], b[4]):
+                continue
+            ga, gb = groups[a], groups[b]
+            lines = []
+            for k in sorted(set(_columns(ga)) & set(_columns(gb))):
+                pa = {s: p[k] for s, p in ga["series"].items() if k in p}
+                pb = {s: p[k] for s, p in gb["series"].items() if k in p}
+                common = [s for s in pa if s in pb]
+                if len(common) < 2:
+                    continue
+                pa, pb = {s: pa[s] for s in common}, {s: pb[s] for s in common}
+                flips = [f"{_label(x)} vs {_label(y)}" for j, x in enumerate(common) for y in common[j + 1 :]
+                         if _ranked(pa[x], pa[y]) and _ranked(pb[x], pb[y])
+                         and (pa[x]["value"] - pa[y]["value"]) * (pb[x]["value"] - pb[y]["value"]) < 0]
+                lines.append(f"| {k} | {_order(pa)} | {_order(pb)} | {'**' + '; '.join(flips) + '**' if flips else 'none'} |")
+            if not lines:
+                continue
+            out += [f"## Rankings in two feature spaces: {a[2]} and {b[2]} (protocols '{a[0]}' and '{b[0]}')", "",
+                    "The same samples (the same protocol key) scored by two independently trained feature networks, "
+                    "best first at each step count (`<`: ranked, `=`: tied, `<=`: a row without an interval, "
+                    "whose order is not a ranking). Where the two rank a pair in opposite "
+                    "orders, each apart, the last column names it: that ranking is an artefact of one network's "
+                    "features, not a fact about the samples.", "",
+                    f"| steps | {a[2]} | {b[2]} | ranked in opposite orders |", "|---:|---|---|---|", *lines, ""]
+    return out
 
 
 def _measure_text(key: tuple, g: dict[str, Any], field: str) -> tuple[str, str]:
