@@ -9,7 +9,8 @@ first draw's plain FD, the pooled bias-corrected FD with its 95% interval (:func
 the interval's half-width as a share of the value, and KID with its standard error. The width shrinks about as
 1 / sqrt(K n); the report projects the K at which it reaches ``--target`` (10% on digits, 20% on text-digits) and
 what sampling that many costs at this point on this machine. Writes evals/bench_pooled-<benchmark>.md and .json
-(``--out DIR``: there instead).
+(``--out DIR``: there instead); ``--render FILE.json`` writes a
+report's markdown again from its JSON.
 """
 
 from __future__ import annotations
@@ -36,9 +37,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--benchmark", choices=sorted(BEST), default="digits")
     parser.add_argument("--draws", type=int, default=40, help="draws of n samples to generate (default 40)")
     parser.add_argument("--n", type=int, default=None, help="samples per draw (default: the protocol's)")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="write the markdown of an earlier run's JSON again beside it, without sampling")
     add_threads(parser)
     add_out(parser, "bench_pooled-<benchmark>.md and .json")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        import json
+
+        args.render.with_suffix(".md").write_text(render(json.loads(args.render.read_text())))
+        return
     threads = set_threads(args.threads)
 
     from distill.eval.frechet import bootstrap_fd, kid, pooled_fd
@@ -78,31 +86,41 @@ def main(argv: list[str] | None = None) -> None:
     info.update({"benchmark": args.benchmark, "point": {k: best[k] for k in ("teacher", "sampler", "steps", "guidance")},
                  "n": ref.n, "target": best["target"], "sampling_s_per_draw": round(per_draw_s, 2),
                  "draws_for_target": need, "rows": rows, "threads": threads})
-    w = f", w = {best['guidance']:g}" if best["guidance"] is not None else ""
-    lines = [f"# How many draws the '{proto.name}' protocol pools", "",
+    info["seed"] = proto.seed
+    text = render(info)
+    write_report(out_dir(args.out), f"bench_pooled-{args.benchmark}", text, info)
+    print(text)
+
+
+def render(info: dict) -> str:
+    """The report's markdown from its JSON (``--render FILE`` writes it again without sampling)."""
+    point, rows, n, draws = info["point"], info["rows"], info["n"], info["rows"][-1]["draws"]
+    per_draw_s, need, target, last = info["sampling_s_per_draw"], info["draws_for_target"], info["target"], info["rows"][-1]
+    seed = info.get("seed", 0)
+    w = f", w = {point['guidance']:g}" if point["guidance"] is not None else ""
+    lines = [f"# How many draws the '{BEST[info['benchmark']]['protocol']}' protocol pools", "",
              measured_by(info, ("diffusers",)), "",
-             f"The teacher's best training-free point ({best['sampler']}, {best['steps']} steps{w}) sampled as "
-             f"{args.draws} draws of n = {ref.n} (seeds {proto.seed}..{proto.seed + total - 1}); each row scores the "
+             f"The teacher's best training-free point ({point['sampler']}, {point['steps']} steps{w}) sampled as "
+             f"{draws} draws of n = {n} (seeds {seed}..{seed + draws * n - 1}); each row scores the "
              "first K draws. Pooled: the FD of all K n samples with its sample-size bias removed, and its 95% "
-             "bias-corrected bootstrap interval; half-width: half the interval over the value; KID x 10^3 +- its "
+             "bias-corrected bootstrap interval; half-width: half the interval over the value; KID +- its "
              f"standard error; single: the first draw's plain FD. Sampling took {per_draw_s:.1f} s a draw "
-             f"({ref.n / per_draw_s:.0f} samples/s).", "",
-             "| draws K | samples | single draw (plain) | pooled, plain | pooled, bias-corrected [95%] | half-width | KID x 10^3 |",
+             f"({n / per_draw_s:.0f} samples/s).", "",
+             "| draws K | samples | single draw (plain) | pooled, plain | pooled, bias-corrected [95%] | half-width | KID |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         hw = f"{100 * r['half_width']:.0f}%" if r["half_width"] is not None else "—"
         lines.append(f"| {r['draws']} | {r['samples']} | {r['single']:.3f} | {r['plain']:.3f} | {r['value']:.3f} "
-                     f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {hw} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_se']:.2f} |")
+                     f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {hw} | {r['kid']:.3g} ± {r['kid_se']:.2g} |")
     lines.append("")
     if need is not None:
-        verdict = "met" if last["half_width"] <= best["target"] else "not met"
-        lines.append(f"Target: a half-width of at most {100 * best['target']:.0f}% of the value; at {args.draws} draws "
+        verdict = "met" if last["half_width"] <= target else "not met"
+        lines.append(f"Target: a half-width of at most {100 * target:.0f}% of the value; at {draws} draws "
                      f"it is {100 * last['half_width']:.0f}% ({verdict}). Scaling as 1 / sqrt(samples), about {need} "
-                     f"draws ({need * ref.n} samples) reach it; sampling them at this point takes about "
+                     f"draws ({need * n} samples) reach it; sampling them at this point takes about "
                      f"{need * per_draw_s / 60:.0f} min here.")
         lines.append("")
-    write_report(out_dir(args.out), f"bench_pooled-{args.benchmark}", "\n".join(lines), info)
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def test_leaderboard_outputs(tmp_path):
     loaded = load_rows([f])
     md = markdown(loaded)
     assert "data floor" in md and "**" in md and "| 1 | 2 |" in md
-    assert "### KID x 10^3" in md  # every row carries KID: its own table
+    assert "### KID on protocol" in md  # every row carries KID: its own table
     assert len(rich_tables(loaded)) == 2  # the metric and KID
     paths = plot(loaded, tmp_path / "plots")
     assert all(p.stat().st_size > 1000 for p in paths.values())

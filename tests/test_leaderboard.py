@@ -235,7 +235,7 @@ def test_prompt_grid_puts_each_prompts_samples_in_its_row(tmp_path, channels):
 
 def test_a_tie_needs_both_fd_and_kid_intervals_to_overlap():
     """Rows with KID are tied only where both measures cannot rank them: b's FD interval overlaps a's but its KID
-    is apart (ranked: not bold); c overlaps a in both (tied: bold); a KID table shows each row's KID x 10^3 with its
+    is apart (ranked: not bold); c overlaps a in both (tied: bold); a KID table shows each row's KID with its
     standard error; the quickstart's verdict uses the same rule."""
     from distill.eval.leaderboard import tied
 
@@ -251,8 +251,8 @@ def test_a_tie_needs_both_fd_and_kid_intervals_to_overlap():
     assert not cells["b · ddim"][0].startswith("**")
     assert "both the FD intervals and the KID intervals overlap" in first
     kid_cells = table_lines(md.split("### KID")[1])
-    assert kid_cells["a · ddim"] == ["**1.00 ± 0.20**"] and kid_cells["b · ddim"] == ["3.00 ± 0.20"]
-    assert "KID x 10^3" in rich_text(rich_tables(rows))
+    assert kid_cells["a · ddim"] == ["**0.001 ± 0.0002**"] and kid_cells["b · ddim"] == ["0.003 ± 0.0002"]
+    assert "KID on protocol" in rich_text(rich_tables(rows))
 
 
 def test_a_pooled_group_says_how_it_pooled_and_shows_the_first_draw():

@@ -177,14 +177,13 @@ def _acc_cell(r: dict[str, Any]) -> str:
     return _pct(r["accuracy"], _interval(r, "accuracy")) if r.get("accuracy") is not None else ""
 
 
-KID_SCALE = 1e3  # KID is printed x 10^3, as papers print it
-
-
 def _kid_cell(r: dict[str, Any]) -> str:
+    """KID to three significant digits, +- its standard error: its scale is the feature network's (the cubic kernel
+    of unnormalised features), so no fixed factor such as Inception KID's x 10^3 suits every network."""
     if r.get("kid") is None:
         return ""
-    se = f" ± {KID_SCALE * r['kid_se']:.2f}" if r.get("kid_se") is not None else ""
-    return f"{KID_SCALE * r['kid']:.2f}{se}"
+    se = f" ± {r['kid_se']:.2g}" if r.get("kid_se") is not None else ""
+    return f"{r['kid']:.3g}{se}"
 
 
 def _single_cell(r: dict[str, Any]) -> str:
@@ -450,10 +449,10 @@ def _measure_text(key: tuple, g: dict[str, Any], field: str) -> tuple[str, str]:
     if field == "kid":
         pooled = _pooled(g)
         over = f"the same {pooled['draws'] * pooled['n']} samples" if pooled else "the same samples"
-        return (f"KID x 10^3 on protocol '{proto}' ({extractor} {h[:8]}), by sampling steps; lower is better",
+        return (f"KID on protocol '{proto}' ({extractor} {h[:8]}), by sampling steps; lower is better",
                 f"KID (kernel inception distance in the same features, cubic polynomial kernel; unbiased, so about 0 "
-                f"for samples of the data's own distribution and comparable across sample counts) over {over}, "
-                "x 10^3, +- its standard error (jackknife over the samples); bold: best, or tied with the best "
+                f"for samples of the data's own distribution and comparable across sample counts; its scale is the feature "
+                f"network's) over {over}, +- its standard error (jackknife over the samples); bold: best, or tied with the best "
                 "(KID +- 1.96 standard errors overlap).")
     return (f"{metric} of the first draw on protocol '{proto}' ({extractor} {h[:8]}), by sampling steps; lower is better",
             "The plain FD of the first draw alone (n samples, seeds from the protocol's seed): the number a one-draw "
