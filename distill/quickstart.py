@@ -231,7 +231,8 @@ def _do_job(job: dict[str, Any], progress: Any, on_step: Any) -> None:
         task = progress.add_task("teacher baselines: training-free samplers", total=None,
                                  info=f"{len(b.teacher_samplers)} samplers x {len(b.teacher_steps)} step counts"
                                       + (f" x {len(b.teacher_guidance)} guidance scales" if b.teacher_guidance else ""))
-        rows = evaluate(b.teacher, load_protocol(b.protocol, n=job["n"], draws=job["draws"]), b.teacher_steps, b.teacher_samplers,
+        protocol = load_protocol(b.protocol, n=job["n"], draws=job["draws"])
+        rows = evaluate(b.teacher, protocol, b.teacher_steps, b.teacher_samplers,
                         name="teacher", grids=Path(job["out"]) / "grids", progress=False, guidance=b.teacher_guidance)
         write_rows(rows, teacher_rows.with_suffix(".tmp"))
         teacher_rows.with_suffix(".tmp").replace(teacher_rows)

@@ -382,7 +382,8 @@ class Trainer:
 
         try:
             with rng:
-                rows = evaluate(folder, load_protocol(proto, n=self.config.eval.n, draws=self.config.eval.draws), steps or info["steps"],
+                protocol = load_protocol(proto, n=self.config.eval.n, draws=self.config.eval.draws)
+                rows = evaluate(folder, protocol, steps or info["steps"],
                                 name=self.out.name, grids=self.out / "grids",
                                 progress=self.tc.progress and not live and main, device=self.device,
                                 processes=PartialState() if self.world > 1 else None)

@@ -274,7 +274,7 @@ def evaluate(
             value_ci = bootstrap_fd(feats[: ref.n], ref.stats)
             kid_value, kid_se = kid(feats, ref.features)
             local = ref.aspects(imgs)
-            aspects = ({k: float(_gathered(v, total, world).mean()) for k, v in local.items()}
+            aspects = ({name: float(_gathered(v, total, world).mean()) for name, v in local.items()}
                        if local is not None else None)
             accuracy = accuracy_ci = None
             if targets is not None:

@@ -217,8 +217,9 @@ def _caption(g: dict[str, Any]) -> str | None:
     parts = []
     pooled = _pooled(g)
     if pooled is not None:
+        total = pooled["draws"] * pooled["n"]
         parts.append(f"Cells: FD pooled over {pooled['draws']} draws of n = {pooled['n']} samples "
-                     f"({pooled['draws'] * pooled['n']} samples, seeds {pooled['seed']}..{pooled['seed'] + pooled['draws'] * pooled['n'] - 1}), "
+                     f"({total} samples, seeds {pooled['seed']}..{pooled['seed'] + total - 1}), "
                      "with its sample-size bias removed, so it does not depend on the sample count (the floor uses "
                      "every real image of half B) [95% bias-corrected bootstrap interval]; "
                      + (TIE_NOTE_KID if _has(g, "kid") else TIE_NOTE) + ".")

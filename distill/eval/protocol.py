@@ -1,11 +1,12 @@
 """Evaluation protocols and their cached reference statistics.
 
 A protocol fixes everything a number depends on: the reference data (dataset, split), how it is split
-into halves A (reference) and B (floor), the number of samples per point, the seed base, the feature
-extractor and the preprocessing, and how many draws of ``n`` samples a row pools (``draws``). Reference statistics (half A's Gaussian and the floor FD(B, A)) are cached
-on disk under a key made of the protocol (with a signature of a local dataset folder's files) and the
-extractor's weights hash, with half A's features (for KID); a cache entry whose recorded protocol or extractor differs, or whose statistics file
-does not match its recorded hash, is refused with a warning and recomputed.
+into halves A (reference) and B (floor), the number of samples per point, how many draws of them a point pools
+(``draws``), the seed base, the feature extractor and the preprocessing. Reference statistics (half A's Gaussian
+and features, for KID; the floor FD(B, A)) are cached on disk under a key made of the protocol (with a signature
+of a local dataset folder's files) and the extractor's weights hash; a cache entry whose recorded protocol or
+extractor differs, or whose statistics file does not match its recorded hash, is refused with a warning and
+recomputed.
 """
 
 from __future__ import annotations
@@ -330,7 +331,8 @@ def reference(protocol: Protocol, extractor: FeatureExtractor | None = None, *, 
         floor_accuracy, floor_accuracy_ci = float(correct.float().mean()), bootstrap_mean(correct)
         if len(b) > n:
             every = judge(extractor, b, b_columns)
-            pooled_floor["accuracy"], pooled_floor["accuracy_ci"] = float(every.float().mean()), list(bootstrap_mean(every))
+            pooled_floor["accuracy"] = float(every.float().mean())
+            pooled_floor["accuracy_ci"] = list(bootstrap_mean(every))
         else:
             pooled_floor["accuracy"], pooled_floor["accuracy_ci"] = floor_accuracy, list(floor_accuracy_ci)
     cache_dir().mkdir(parents=True, exist_ok=True)
