@@ -193,9 +193,10 @@ def pooled_fd(features: torch.Tensor | np.ndarray, ref: FeatureStats, reps: int 
 
     The plug-in FD is biased upward: a sample covariance's eigenvalues spread wider than the population's, and
     ``||mu_hat - mu||^2`` adds about Tr(Sigma)/N, so the plug-in FD of a set of samples exceeds the FD of the
-    distribution they come from by roughly D^2 / (4 N) for well-spread D-dimensional features (on 64-d features and
-    898 samples, a third of a small FD). The bootstrap measures that bias at this N: resampling the samples with
-    replacement (``reps`` times, seeded) adds the same kind of excess once more, so the resamples' mean minus the
+    distribution they come from by roughly D^2 / (4 N) for well-spread D-dimensional features (on the digits
+    teacher's 64-d features and 898 samples, 0.85 of its 1.22). The bootstrap measures that bias at this N:
+    resampling the samples with replacement (``reps`` times, seeded) adds the same kind of excess once more, so the
+    resamples' mean minus the
     plug-in value estimates the bias (Efron & Tibshirani 1993, ch. 10). The estimate is the plug-in value minus
     that bias, and the interval is the resamples' ``level`` percentile interval moved down by twice the bias (once
     to centre it on the plug-in value, once more to centre it on the corrected one). On Gaussian features whose
