@@ -196,8 +196,7 @@ def pooled_fd(features: torch.Tensor | np.ndarray, ref: FeatureStats, reps: int 
     distribution they come from by roughly D^2 / (4 N) for well-spread D-dimensional features (on the digits
     teacher's 64-d features and 898 samples, 0.85 of its 1.22). The bootstrap measures that bias at this N:
     resampling the samples with replacement (``reps`` times, seeded) adds the same kind of excess once more, so the
-    resamples' mean minus the
-    plug-in value estimates the bias (Efron & Tibshirani 1993, ch. 10). The estimate is the plug-in value minus
+    resamples' mean minus the plug-in value estimates the bias (Efron & Tibshirani 1993, ch. 10). The estimate is the plug-in value minus
     that bias, and the interval is the resamples' ``level`` percentile interval moved down by twice the bias (once
     to centre it on the plug-in value, once more to centre it on the corrected one). On Gaussian features whose
     exact FD is known it covers that FD in about ``level`` of draws (``tests/test_frechet.py``), where the interval
