@@ -118,3 +118,13 @@ def load_judge(cls: type[J], folder: Path, what: str, module: str) -> J:
     except (TypeError, RuntimeError) as e:
         raise DistillError(f"{weights} does not match the architecture in {folder / CONFIG_FILE}: {e}") from e
     return net.eval()
+
+
+def shipped_folder(folder: str | Path | None, default: Path) -> Path:
+    """A judge's folder: ``default`` for None, else ``folder`` itself, or the shipped asset of that name beside
+    ``default`` (``digits-features-b``, ``text-digits-features-b``) where no such path exists."""
+    if folder is None:
+        return default
+    path = Path(folder)
+    shipped = default.parent / str(folder)
+    return shipped if not path.exists() and shipped.is_dir() else path

@@ -374,7 +374,7 @@ def markdown(rows: list[dict[str, Any]], plots: dict[Any, str] | None = None,
             if _has(g, field):
                 out += _markdown_measure(key, g, cols, field)
         if _has(g, "accuracy"):
-            out += _markdown_accuracy(key, g, cols)
+            out += _markdown_measure(key, g, cols, "accuracy")
         if _has(g, "aspects"):
             out += _markdown_aspects(key, g)
         if key in plots:
@@ -462,11 +462,18 @@ def _measure_text(key: tuple, g: dict[str, Any], field: str) -> tuple[str, str]:
 
 
 def _markdown_measure(key: tuple, g: dict[str, Any], cols: list[int], field: str) -> list[str]:
-    cell = {"kid": _kid_cell, "single": _single_cell}[field]
-    heading, caption = _measure_text(key, g, field)
+    """A group's table of a second measure: "kid", "single" (the first draw's FD) or "accuracy" (higher is better),
+    a row per series that has it, bold where best or tied with the best, the real data's row last."""
+    if field == "accuracy":
+        heading, caption = accuracy_title(key), _accuracy_caption(g)
+        cell, higher, floor_label = _acc_cell, True, "judge on real images (half B)"
+    else:
+        heading, caption = _measure_text(key, g, field)
+        cell, higher = {"kid": _kid_cell, "single": _single_cell}[field], False
+        floor_label = "data floor (real half B vs A)"
     out = [f"### {heading}", "", caption, "",
            "| model · sampler | " + " | ".join(str(k) for k in cols) + " |", "|---|" + "---:|" * len(cols)]
-    wins = {k: _winners(g, k, field) for k in cols}
+    wins = {k: _winners(g, k, field, higher=higher) for k in cols}
     for skey, pts in g["series"].items():
         if not any(r.get(field) is not None for r in pts.values()):
             continue
@@ -477,7 +484,7 @@ def _markdown_measure(key: tuple, g: dict[str, Any], cols: list[int], field: str
         out.append(f"| {_label(skey)} | " + " | ".join(cells) + " |")
     f = g["floor"]
     if f is not None and f.get(field) is not None:
-        out.append("| *data floor (real half B vs A)* | " + " | ".join([f"*{cell(f)}*"] * len(cols)) + " |")
+        out.append(f"| *{floor_label}* | " + " | ".join([f"*{cell(f)}*"] * len(cols)) + " |")
     out.append("")
     return out
 
@@ -499,25 +506,6 @@ def _markdown_aspects(key: tuple, g: dict[str, Any]) -> list[str]:
     for label, r in rows:
         out.append(f"| {label} | " + " | ".join(f"{r['aspects'][a]:.3f}" if a in r["aspects"] else "" for a in names)
                    + " |")
-    out.append("")
-    return out
-
-
-def _markdown_accuracy(key: tuple, g: dict[str, Any], cols: list[int]) -> list[str]:
-    out = [f"### {accuracy_title(key)}", "", _accuracy_caption(g), "",
-           "| model · sampler | " + " | ".join(str(k) for k in cols) + " |", "|---|" + "---:|" * len(cols)]
-    wins = {k: _winners(g, k, "accuracy", higher=True) for k in cols}
-    for skey, pts in g["series"].items():
-        if not any(r.get("accuracy") is not None for r in pts.values()):
-            continue
-        cells = []
-        for k in cols:
-            c = _acc_cell(pts[k]) if k in pts else ""
-            cells.append(f"**{c}**" if c and skey in wins[k] else c)
-        out.append(f"| {_label(skey)} | " + " | ".join(cells) + " |")
-    f = g["floor"]
-    if f is not None and f.get("accuracy") is not None:
-        out.append("| *judge on real images (half B)* | " + " | ".join([f"*{_acc_cell(f)}*"] * len(cols)) + " |")
     out.append("")
     return out
 

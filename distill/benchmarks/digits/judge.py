@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.benchmarks.judges import JudgeNet, load_judge, load_judge_config, save_judge
+from distill.benchmarks.judges import JudgeNet, load_judge, load_judge_config, save_judge, shipped_folder
 from distill.tensors import weights_hash
 
 __all__ = [
@@ -214,11 +214,7 @@ def save_digits_net(net: DigitsNet, folder: str | Path, report: dict[str, Any] |
 def resolve_folder(folder: str | Path | None) -> Path:
     """A DigitsNet folder: ``folder`` itself, or the shipped asset of that name (``digits-features-b``);
     None is the default network."""
-    if folder is None:
-        return DEFAULT_FOLDER
-    path = Path(folder)
-    shipped = DEFAULT_FOLDER.parent / str(folder)
-    return shipped if not path.exists() and shipped.is_dir() else path
+    return shipped_folder(folder, DEFAULT_FOLDER)
 
 
 def load_digits_config(folder: str | Path | None = None) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.benchmarks.judges import JudgeNet, load_judge, load_judge_config, save_judge
+from distill.benchmarks.judges import JudgeNet, load_judge, load_judge_config, save_judge, shipped_folder
 from distill.benchmarks.digits.judge import shift_augment
 from distill.tensors import weights_hash
 
@@ -214,11 +214,7 @@ def save_text_digits_net(net: TextDigitsNet, folder: str | Path, report: dict[st
 def resolve_folder(folder: str | Path | None) -> Path:
     """A TextDigitsNet folder: ``folder`` itself, or the shipped asset of that name (``text-digits-features-b``);
     None is the default network."""
-    if folder is None:
-        return DEFAULT_FOLDER
-    path = Path(folder)
-    shipped = DEFAULT_FOLDER.parent / str(folder)
-    return shipped if not path.exists() and shipped.is_dir() else path
+    return shipped_folder(folder, DEFAULT_FOLDER)
 
 
 def load_text_digits_config(folder: str | Path | None = None) -> dict[str, Any]:
