@@ -123,8 +123,7 @@ def tied(a: dict[str, Any], b: dict[str, Any]) -> bool:
     interval)."""
     if not intervals_overlap(a, b, "value"):
         return False
-    ka, kb = kid_interval(a), kid_interval(b)
-    return ka is None or kb is None or (ka[0] <= kb[1] and kb[0] <= ka[1])
+    return kid_interval(a) is None or kid_interval(b) is None or _kid_tied(a, b)
 
 
 def _kid_tied(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -281,21 +280,30 @@ def rich_tables(rows: list[dict[str, Any]]) -> list:
             if _has(g, field):
                 tables.append(_rich_measure(key, g, cols, field))
         if _has(g, "accuracy"):
-            tables.append(_rich_accuracy(key, g, cols))
+            tables.append(_rich_measure(key, g, cols, "accuracy"))
     return tables
+
+
+def _measure_spec(key: tuple, g: dict[str, Any], field: str) -> tuple[str, str, Any, bool, str]:
+    """(heading, caption, cell formatter, higher is better, the real data's row label) of a group's table of a
+    second measure: "kid", "single" (the first draw's FD) or "accuracy"."""
+    if field == "accuracy":
+        return accuracy_title(key), _accuracy_caption(g), _acc_cell, True, "judge on real images (half B)"
+    heading, caption = _measure_text(key, g, field)
+    cell = {"kid": _kid_cell, "single": _single_cell}[field]
+    return heading, caption, cell, False, "data floor (real half B vs A)"
 
 
 def _rich_measure(key: tuple, g: dict[str, Any], cols: list[int], field: str) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
-    cell = {"kid": _kid_cell, "single": _single_cell}[field]
-    heading, caption = _measure_text(key, g, field)
+    heading, caption, cell, higher, floor_label = _measure_spec(key, g, field)
     t = Table(title=escape(heading), title_justify="left", caption=escape(caption), caption_justify="left")
     t.add_column("model · sampler")
     for k in cols:
         t.add_column(str(k), justify="right")
-    wins = {k: _winners(g, k, field) for k in cols}
+    wins = {k: _winners(g, k, field, higher=higher) for k in cols}
     for skey, pts in g["series"].items():
         if not any(r.get(field) is not None for r in pts.values()):
             continue
@@ -303,29 +311,8 @@ def _rich_measure(key: tuple, g: dict[str, Any], cols: list[int], field: str) ->
                                    else escape(cell(pts[k]))) if k in pts else "" for k in cols])
     f = g["floor"]
     if f is not None and f.get(field) is not None:
-        t.add_row("data floor (real half B vs A)", *[escape(cell(f))] * max(1, len(cols)), style="dim")
-    return t
-
-
-def _rich_accuracy(key: tuple, g: dict[str, Any], cols: list[int]) -> Any:
-    from rich.markup import escape
-    from rich.table import Table
-
-    t = Table(title=escape(accuracy_title(key)), title_justify="left", caption=escape(_accuracy_caption(g)),
-              caption_justify="left")
-    t.add_column("model · sampler")
-    for k in cols:
-        t.add_column(str(k), justify="right")
-    wins = {k: _winners(g, k, "accuracy", higher=True) for k in cols}
-    for skey, pts in g["series"].items():
-        if not any(r.get("accuracy") is not None for r in pts.values()):
-            continue
-        cells = [(f"[bold green]{_acc_cell(pts[k])}[/bold green]" if skey in wins[k] else _acc_cell(pts[k]))
-                 if k in pts else "" for k in cols]
-        t.add_row(_label(skey), *cells)
-    f = g["floor"]
-    if f is not None and f.get("accuracy") is not None:
-        t.add_row(f"judge on real images (half B, n={f['n']})", *[_acc_cell(f)] * max(1, len(cols)), style="dim")
+        label = floor_label.replace("half B", f"half B, n={f.get('pooled_n', f['n'])}", 1)
+        t.add_row(label, *[escape(cell(f))] * max(1, len(cols)), style="dim")
     return t
 
 
@@ -464,13 +451,7 @@ def _measure_text(key: tuple, g: dict[str, Any], field: str) -> tuple[str, str]:
 def _markdown_measure(key: tuple, g: dict[str, Any], cols: list[int], field: str) -> list[str]:
     """A group's table of a second measure: "kid", "single" (the first draw's FD) or "accuracy" (higher is better),
     a row per series that has it, bold where best or tied with the best, the real data's row last."""
-    if field == "accuracy":
-        heading, caption = accuracy_title(key), _accuracy_caption(g)
-        cell, higher, floor_label = _acc_cell, True, "judge on real images (half B)"
-    else:
-        heading, caption = _measure_text(key, g, field)
-        cell, higher = {"kid": _kid_cell, "single": _single_cell}[field], False
-        floor_label = "data floor (real half B vs A)"
+    heading, caption, cell, higher, floor_label = _measure_spec(key, g, field)
     out = [f"### {heading}", "", caption, "",
            "| model · sampler | " + " | ".join(str(k) for k in cols) + " |", "|---|" + "---:|" * len(cols)]
     wins = {k: _winners(g, k, field, higher=higher) for k in cols}

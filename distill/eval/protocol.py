@@ -210,10 +210,6 @@ class Reference:
     # interval, and KID with its standard error (frechet.pooled_fd, frechet.kid)
     pooled_floor: dict[str, Any] | None = None
 
-    @property
-    def draws(self) -> int:
-        return self.protocol.draws
-
     def aspects(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """The protocol's per-sample diagnostics of ``images`` ({aspect: (N,) float}), None without ``diagnostics``."""
         return aspects_of(self.protocol, images)
